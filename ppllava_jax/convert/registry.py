@@ -1,0 +1,76 @@
+"""Model families the converter knows, each described once by a ``Family``.
+
+Family modules (``llama_keys``, ``clip_keys``, ``ppllava_keys``) each expose ``FAMILIES``; the
+converter detects which one a Hugging Face ``config.json`` belongs to with ``Family.detect``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ppllava_jax.convert.mapping import KeyMap
+
+FAMILY_MODULES = (
+    "ppllava_jax.convert.llama_keys",
+    "ppllava_jax.convert.clip_keys",
+    "ppllava_jax.convert.ppllava_keys",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How to convert one model family.
+
+    name: short name written to the converted directory ('llama', 'clip', ...).
+    detect: ``hf_config_dict -> bool``; True when a transformers config.json is this family.
+    config_from_hf: ``hf_config_dict -> model config`` (a dataclass from models/config.py).
+    config_to_hf: ``model config -> hf_config_dict`` that transformers loads back.
+    abstract_params: ``model config -> pytree of jax.ShapeDtypeStruct`` (eval_shape of init).
+    keymap: ``(model config, checkpoint keys) -> KeyMap``; the keys let it pick between the
+      transformers 4 and 5 layouts.
+    export_keymap: ``model config -> KeyMap`` used to write PyTorch names back.
+    ignore: regexes of checkpoint keys that are buffers, not parameters.
+    """
+
+    name: str
+    detect: Callable[[dict], bool]
+    config_from_hf: Callable[[dict], Any]
+    config_to_hf: Callable[[Any], dict]
+    abstract_params: Callable[[Any], Any]
+    keymap: Callable[[Any, Iterable[str]], KeyMap]
+    export_keymap: Callable[[Any], KeyMap]
+    ignore: tuple[str, ...] = ()
+
+
+def families() -> list[Family]:
+    out: list[Family] = []
+    for mod in FAMILY_MODULES:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:  # that family is not written yet
+                continue
+            raise
+        out.extend(m.FAMILIES)
+    return out
+
+
+def get_family(name: str) -> Family:
+    for f in families():
+        if f.name == name:
+            return f
+    raise ValueError(f"unknown model family {name!r}; known: {[f.name for f in families()]}")
+
+
+def detect_family(hf_config: dict) -> Family:
+    hits = [f for f in families() if f.detect(hf_config)]
+    if not hits:
+        raise ValueError(
+            f"config.json with model_type={hf_config.get('model_type')!r} and architectures="
+            f"{hf_config.get('architectures')} is not a family this converter knows "
+            f"({[f.name for f in families()]})"
+        )
+    return hits[0]

@@ -1,0 +1,226 @@
+"""Building blocks shared by every tower: dense layers with logical axes, norms, attention.
+
+Conventions (read before adding a module):
+- Parameters are float32 unless ``cfg.param_dtype`` says otherwise; activations are computed in
+  ``cfg.dtype``; softmax, normalisation statistics and losses are computed in float32.
+- Every parameter carries logical axis names (see ``ppllava_jax.sharding.LOGICAL_RULES``).
+- Activations are ``[batch, length, ...]``; attention heads are ``[B, S, N, H]``.
+- Dense kernels are ``(in, out)``: the transpose of PyTorch's ``nn.Linear.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+# Logical axis names used by parameters (P) and activations (A). The rules that map them to mesh
+# axes live in ppllava_jax/sharding.py; keep this list and that table in step.
+#   P: vocab, embed, mlp, heads, kv_heads, norm, layers, patch, conv_in, time, pos
+#   A: act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab, act_head_dim
+ACT_BLE = ("act_batch", "act_length", "act_embed")
+
+
+def dtype_of(name: str | Dtype) -> Dtype:
+    """``'bfloat16'`` -> ``jnp.bfloat16``; dtypes pass through."""
+    return jnp.dtype(name) if isinstance(name, str) else name
+
+
+def constrain(x: Array, names: Sequence[str | None]) -> Array:
+    """Logical sharding constraint on an activation; a no-op outside a mesh/rules context."""
+    return nn.with_logical_constraint(x, tuple(names))
+
+
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    cfg: Any,
+    *,
+    use_bias: bool = True,
+    name: str | None = None,
+    kernel_init: Callable = default_kernel_init,
+) -> nn.Dense:
+    """``nn.Dense`` whose kernel ``(in, out)`` and bias ``(out,)`` carry logical axis names."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )
+
+
+def layer_norm(cfg: Any, eps: float, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm with ``scale``/``bias`` on the ``norm`` axis; statistics in float32."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        use_fast_variance=False,
+        force_float32_reductions=True,
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm as transformers computes it: ``w * (x_f32 * rsqrt(mean(x^2) + eps)).astype(x)``."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.param(
+            "weight",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (weight.astype(self.dtype) * xf.astype(x.dtype)).astype(self.dtype)
+
+
+def quick_gelu(x: Array) -> Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+def attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    is_causal: bool = False,
+    impl: str = "xla",
+) -> Array:
+    """Scaled dot-product attention through ``jax.nn.dot_product_attention``.
+
+    Args:
+      q: ``[B, T, N, H]``; k, v: ``[B, S, K, H]`` with ``N % K == 0`` (grouped-query attention).
+      mask: bool, broadcastable to ``[B, N, T, S]``; True = may attend.
+      impl: ``"xla"`` (any backend), ``"cudnn"`` (NVIDIA flash attention, bf16/fp16 only) or
+        ``"auto"`` (let JAX choose).
+    Returns:
+      ``[B, T, N, H]`` in q's dtype. Logits and softmax are float32 inside the XLA path.
+    """
+    implementation = None if impl == "auto" else impl
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
+    )
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no rematerialisation: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stack_layers(
+    layer_cls: type[nn.Module],
+    cfg: Any,
+    length: int,
+    *,
+    in_axes: tuple = (),
+    static_argnums: tuple[int, ...] = (),
+) -> type[nn.Module]:
+    """Wrap ``layer_cls`` in ``nn.remat`` (per ``cfg.remat_policy``) and, if ``cfg.scan_layers``,
+    ``nn.scan`` over ``length`` layers with parameters stacked on a leading ``layers`` axis.
+
+    ``layer_cls.__call__(carry, *args) -> (carry, y)``. ``in_axes`` gives, for each extra argument,
+    ``nn.broadcast`` (same for every layer) or ``0`` (sliced per layer). ``static_argnums`` counts
+    arguments after ``self`` for ``nn.remat``. Without scan the caller loops over ``length``
+    instances named ``{name}_{i}``::
+
+        Block = stack_layers(EncoderLayer, cfg, n, in_axes=(nn.broadcast,))
+        if cfg.scan_layers:
+            x, ys = Block(cfg, name="layers")(x, mask)
+        else:
+            for i in range(n):
+                x, y = Block(cfg, name=f"layers_{i}")(x, mask)
+
+    The two layouts hold the same numbers: ``layers/<leaf>[i] == layers_{i}/<leaf>``
+    (``ppllava_jax.convert.mapping`` converts between them).
+    """
+    policy_name = getattr(cfg, "remat_policy", "none")
+    if policy_name not in REMAT_POLICIES:
+        raise ValueError(
+            f"remat_policy={policy_name!r} is not one of {sorted(REMAT_POLICIES)}"
+        )
+    block = layer_cls
+    if policy_name != "none":
+        block = nn.remat(
+            block,
+            policy=REMAT_POLICIES[policy_name],
+            prevent_cse=not cfg.scan_layers,
+            static_argnums=static_argnums,
+        )
+    if cfg.scan_layers:
+        block = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=in_axes,
+            length=length,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+    return block
+
+
+def rotate_half(x: Array) -> Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def rope_cos_sin(
+    positions: Array, head_dim: int, theta: float, dtype: Dtype = jnp.float32
+) -> tuple[Array, Array]:
+    """cos/sin tables ``[B, S, head_dim]`` for int ``positions[B, S]`` (transformers' layout)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate ``x[B, S, N, H]`` by ``cos/sin[B, S, H]`` (rotate-half layout)."""
+    return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
+
+
+def xavier_like(fan_in: int) -> Callable:
+    return nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
