@@ -1,0 +1,337 @@
+"""Host-side planning of the visual-token merge: per-sample inputs -> one static-shape batch.
+
+The model never sees Python lists or variable lengths. Every variable thing (how many visual
+tokens each sample gets, where they go, which rows of an any-resolution grid survive unpadding,
+where the ``image_newline`` tokens stand, padding side, sequence bucket) is decided here in NumPy.
+
+Visual inputs are grouped by kind; each group is one static array that the vision tower and the
+projector process in one go:
+
+    video_pixels   float32[Nv, T, S, S, 3]   one video per item, T frames
+    image_pixels   float32[Ni, V, S, S, 3]   any-resolution image: base view + grid crops (V max)
+    image_views    bool[Ni, V]               which views are real
+    multi_pixels   float32[Nm, N, S, S, 3]   multi-image sample: N images
+    multi_frames   bool[Nm, N]               which images are real
+    <group>_clip_ids / <group>_clip_mask  int32[N_g, Lc]  the CLIP prompt of each item
+
+The projector turns group ``g`` into ``tokens[N_g, n_g, D]``; the model concatenates the groups in
+the order of ``GROUPS`` into one pool ``[sum_g N_g * n_g + 1, D]`` whose last row is
+``image_newline``. ``visual_index[b, l]`` is the pool row that fills merged position ``(b, l)``
+(-1: a text token, embedded from ``input_ids``). Text arrays are in the merged layout:
+
+    input_ids      int32[B, L]   text ids (pad id at visual and padding positions)
+    visual_index   int32[B, L]
+    attention_mask int32[B, L]   1 on text and visual tokens, 0 on padding
+    positions      int32[B, L]   running count of attended tokens (0 on left padding)
+    labels         int32[B, L]   -100 on visual tokens, padding and unsupervised text (optional)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+GROUPS = ("video", "image", "multi")
+IGNORE = -100
+NEWLINE = -1  # marks an image_newline token in a local layout
+
+
+@dataclasses.dataclass
+class Media:
+    """One visual input of a sample.
+
+    kind: 'video' (frames [T,S,S,3]), 'image' (any-resolution views [V,S,S,3], base view first;
+      ``image_size`` = original (height, width)), or 'multi' (images [N,S,S,3], one image token
+      each in the prompt).
+    """
+
+    kind: str
+    pixels: np.ndarray
+    image_size: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass
+class Sample:
+    """One sample before collation.
+
+    input_ids: int[S] with ``image_token_index`` where each visual input goes.
+    labels: int[S] or None (-100 = not supervised).
+    media: the sample's visual input or None (text only).
+    clip_ids, clip_mask: int[Lc], the CLIP prompt.
+    """
+
+    input_ids: np.ndarray
+    labels: np.ndarray | None = None
+    media: Media | None = None
+    clip_ids: np.ndarray | None = None
+    clip_mask: np.ndarray | None = None
+
+
+def _pooled(size: int, k: int, s: int) -> int:
+    return (size - k) // s + 1
+
+
+def select_best_resolution(original: tuple[int, int], pinpoints: Sequence[Sequence[int]]):
+    """LLaVA-NeXT's choice of grid resolution (height, width) for an image of (height, width)."""
+    oh, ow = original
+    best, best_eff, best_waste = None, 0, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / ow, h / oh)
+        dw, dh = int(ow * scale), int(oh * scale)
+        eff = min(dw * dh, ow * oh)
+        waste = w * h - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (h, w), eff, waste
+    return best
+
+
+def anyres_grid(image_size: tuple[int, int], pinpoints, tower_size: int) -> tuple[int, int]:
+    """(rows, cols) of crops LLaVA-NeXT cuts an image of ``image_size`` (h, w) into."""
+    h, w = select_best_resolution(image_size, pinpoints)
+    return h // tower_size, w // tower_size
+
+
+def unpad_slices(current: tuple[int, int], original: tuple[int, int]) -> tuple[slice, slice]:
+    """Rows/cols of a (H, W) feature grid that survive LLaVA-NeXT's unpadding of an image that was
+    letter-boxed from ``original`` (h, w)."""
+    ch, cw = current
+    oh, ow = original
+    if ow / oh > cw / ch:
+        new_h = int(round(oh * (cw / ow), 7))
+        pad = (ch - new_h) // 2
+        return slice(pad, ch - pad), slice(0, cw)
+    new_w = int(round(ow * (ch / oh), 7))
+    pad = (cw - new_w) // 2
+    return slice(0, ch), slice(pad, cw - pad)
+
+
+class Planner:
+    """Computes token layouts from a ``PPLLaVAConfig`` (everything static comes from it)."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.grid = cfg.vision.image_size // cfg.vision.patch_size
+
+    def item_grid(self, kind: str, num_frames: int) -> tuple[int, int, int]:
+        """(t, h, w) of the projector's output for one item of a group with ``num_frames``
+        frames/views per item."""
+        cfg, g = self.cfg, self.grid
+        mode = cfg.pooling
+        if mode == "ppllava":
+            k, s = (
+                (cfg.pooling_kernel, cfg.pooling_stride)
+                if kind == "video"
+                else (cfg.image_pooling_kernel, cfg.image_pooling_stride)
+            )
+            return (_pooled(num_frames, k[0], s[0]), _pooled(g, k[1], s[1]), _pooled(g, k[2], s[2]))
+        if mode == "none":
+            return (num_frames, g, g)
+        if mode == "avp":
+            return (1, g, g) if kind == "video" else (num_frames, g, g)
+        if mode == "pllava":
+            t, h, w = cfg.pllava_pooling_shape
+            return (t, h, w) if kind == "video" else (num_frames, h, w)
+        raise ValueError(f"pooling={mode!r} is not one of ppllava, avp, none, pllava")
+
+    def local_layout(self, media: Media, num_frames: int) -> list[np.ndarray]:
+        """For each image token of the sample, the item-local token indices (into the item's
+        flattened ``[t, h, w]`` output) that replace it, ``NEWLINE`` for ``image_newline``."""
+        t, h, w = self.item_grid(media.kind, num_frames)
+        if media.kind == "video":
+            return [np.arange(t * h * w)]
+        if media.kind == "multi":
+            n = media.pixels.shape[0]
+            per = (t // num_frames) * h * w if t == num_frames else None
+            if per is None:
+                raise ValueError("multi-image pooling must keep one output per image")
+            return [np.arange(i * per, (i + 1) * per) for i in range(n)]
+        if media.kind == "image":
+            return [self._anyres_layout(media, h, w)]
+        raise ValueError(f"media kind {media.kind!r} is not one of {GROUPS}")
+
+    def _anyres_layout(self, media: Media, h: int, w: int) -> np.ndarray:
+        cfg = self.cfg
+        views = media.pixels.shape[0]
+        base = np.arange(h * w)
+        if views == 1:
+            return base
+        if media.image_size is None:
+            raise ValueError("an any-resolution image needs its original image_size (h, w)")
+        rows, cols = anyres_grid(media.image_size, cfg.image_grid_pinpoints, cfg.vision.image_size)
+        if rows * cols != views - 1:
+            raise ValueError(
+                f"image of size {media.image_size} should have {rows}x{cols} crops for pinpoints "
+                f"{cfg.image_grid_pinpoints}, got {views - 1} views besides the base view"
+            )
+        # crop (r, c) holds output tokens [(1 + r*cols + c) * h*w, ...) in (h, w) order
+        rr, cc = np.meshgrid(np.arange(rows * h), np.arange(cols * w), indexing="ij")
+        view = 1 + (rr // h) * cols + (cc // w)
+        local = view * h * w + (rr % h) * w + (cc % w)
+        rs, cs = unpad_slices(local.shape, tuple(media.image_size))
+        local = local[rs, cs]
+        local = np.concatenate([local, np.full((local.shape[0], 1), NEWLINE)], axis=1)
+        return np.concatenate([base, local.reshape(-1)])
+
+
+def _pad_to(a: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
+    if a.shape[axis] == n:
+        return a
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, n - a.shape[axis])
+    return np.pad(a, pad)
+
+
+def pick_bucket(length: int, buckets: Sequence[int]) -> int:
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise ValueError(
+        f"merged sequence of {length} tokens is longer than the largest bucket {max(buckets)}; "
+        "raise data.max_length / data.buckets or drop the sample in the pipeline"
+    )
+
+
+def collate(
+    samples: Sequence[Sample],
+    cfg: Any,
+    *,
+    buckets: Sequence[int] | None = None,
+    padding_side: str = "right",
+    capacity: dict[str, int] | None = None,
+    num_frames: dict[str, int] | None = None,
+    clip_length: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Collate samples into the static-shape batch described in the module docstring.
+
+    buckets: allowed merged lengths L (smallest that fits is used); None = exact longest.
+    padding_side: 'right' (training) or 'left' (generation).
+    capacity: items per group (padded with empty items); default = items present, rounded up to
+      a power of two so few shapes are compiled.
+    num_frames: frames/views per item of each group (default: the largest present).
+    clip_length: CLIP prompt length (default: the longest present).
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side={padding_side!r}; use 'left' or 'right'")
+    planner = Planner(cfg)
+    image_token = cfg.image_token_index
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+
+    members: dict[str, list[int]] = {g: [] for g in GROUPS}
+    for i, s in enumerate(samples):
+        if s.media is not None:
+            members[s.media.kind].append(i)
+    frames = {
+        g: max(samples[i].media.pixels.shape[0] for i in idx) for g, idx in members.items() if idx
+    }
+    if num_frames:
+        for g, n in num_frames.items():
+            if g in frames and frames[g] > n:
+                raise ValueError(f"{g} group: an item has {frames[g]} frames/views > {n}")
+            if g in frames:
+                frames[g] = n
+    caps = {}
+    for g, idx in members.items():
+        if not idx:
+            continue
+        want = (capacity or {}).get(g) or 1 << (len(idx) - 1).bit_length()
+        if want < len(idx):
+            raise ValueError(f"{len(idx)} {g} items do not fit capacity {want}")
+        caps[g] = want
+
+    # pool offsets of every group's items, and of the newline row
+    offsets, start = {}, 0
+    for g in GROUPS:
+        if g in caps:
+            t, h, w = planner.item_grid(g, frames[g])
+            offsets[g] = (start, t * h * w)
+            start += caps[g] * t * h * w
+    newline_row = start
+
+    seqs = []
+    for i, s in enumerate(samples):
+        ids = np.asarray(s.input_ids)
+        labels = np.full(ids.shape, IGNORE) if s.labels is None else np.asarray(s.labels)
+        slots = np.flatnonzero(ids == image_token)
+        pieces_ids, pieces_vis, pieces_lab = [], [], []
+        if s.media is None:
+            if len(slots):
+                raise ValueError(f"sample {i} has {len(slots)} image tokens but no visual input")
+            layouts = []
+        else:
+            g = s.media.kind
+            layouts = planner.local_layout(s.media, frames[g])
+            if len(slots) != len(layouts):
+                raise ValueError(
+                    f"sample {i} ({g}) has {len(slots)} image tokens in its prompt, its visual "
+                    f"input needs {len(layouts)} (one per video / image / image of a set)"
+                )
+            base, per = offsets[g]
+            item = members[g].index(i)
+            row0 = base + item * per
+        prev = 0
+        for slot, local in zip(slots, layouts, strict=True):
+            pieces_ids.append(ids[prev:slot])
+            pieces_vis.append(np.full(slot - prev, -1))
+            pieces_lab.append(labels[prev:slot])
+            rows = np.where(local == NEWLINE, newline_row, row0 + local)
+            pieces_ids.append(np.full(len(rows), pad_id))
+            pieces_vis.append(rows)
+            pieces_lab.append(np.full(len(rows), IGNORE))
+            prev = slot + 1
+        pieces_ids.append(ids[prev:])
+        pieces_vis.append(np.full(len(ids) - prev, -1))
+        pieces_lab.append(labels[prev:])
+        seqs.append(tuple(np.concatenate(p) for p in (pieces_ids, pieces_vis, pieces_lab)))
+
+    longest = max(len(q[0]) for q in seqs)
+    length = pick_bucket(longest, buckets) if buckets else longest
+    b = len(samples)
+    out = {
+        "input_ids": np.full((b, length), pad_id, np.int32),
+        "visual_index": np.full((b, length), -1, np.int32),
+        "attention_mask": np.zeros((b, length), np.int32),
+        "labels": np.full((b, length), IGNORE, np.int32),
+    }
+    for i, (ids, vis, lab) in enumerate(seqs):
+        n = len(ids)
+        sl = slice(0, n) if padding_side == "right" else slice(length - n, length)
+        out["input_ids"][i, sl] = ids
+        out["visual_index"][i, sl] = vis
+        out["attention_mask"][i, sl] = 1
+        out["labels"][i, sl] = lab
+    out["positions"] = np.maximum(np.cumsum(out["attention_mask"], axis=1) - 1, 0).astype(np.int32)
+    if all(s.labels is None for s in samples):
+        del out["labels"]
+
+    lc = clip_length or max((len(s.clip_ids) for s in samples if s.clip_ids is not None), default=1)
+    for g in GROUPS:
+        if g not in caps:
+            continue
+        idx = members[g]
+        px = [samples[i].media.pixels.astype(np.float32) for i in idx]
+        real = [np.ones(p.shape[0], bool) for p in px]
+        px = np.stack([_pad_to(p, frames[g]) for p in px])
+        real = np.stack([_pad_to(r, frames[g]) for r in real])
+        out[f"{g}_pixels"] = _pad_to(px, caps[g])
+        mask_key = {"video": "video_frames", "image": "image_views", "multi": "multi_frames"}[g]
+        out[mask_key] = _pad_to(real, caps[g])
+        cid = np.zeros((caps[g], lc), np.int32)
+        cm = np.zeros((caps[g], lc), np.int32)
+        for j, i in enumerate(idx):
+            s = samples[i]
+            if s.clip_ids is None:
+                continue
+            n = min(len(s.clip_ids), lc)
+            cid[j, :n] = s.clip_ids[:n]
+            cm[j, :n] = np.ones(n) if s.clip_mask is None else s.clip_mask[:n]
+        out[f"{g}_clip_ids"] = cid
+        out[f"{g}_clip_mask"] = cm
+    if "image" in caps:
+        sizes = np.zeros((caps["image"], 2), np.int32)
+        for j, i in enumerate(members["image"]):
+            sizes[j] = samples[i].media.image_size or samples[i].media.pixels.shape[1:3]
+        out["image_sizes"] = sizes
+    return out

@@ -1,0 +1,113 @@
+"""The host-side merge plan against transformers' LLaVA-NeXT packing and hand-checked layouts."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlavaNextConfig, LlavaNextModel
+
+from ppllava_jax.data.collate import GROUPS, Media, Planner, Sample, collate
+
+IMG = 99
+
+
+def _cfg(pooling="none", tower=24, patch=4, pinpoints=((24, 48), (48, 24), (48, 48), (72, 24))):
+    return SimpleNamespace(
+        vision=SimpleNamespace(image_size=tower, patch_size=patch),
+        pooling=pooling,
+        pooling_kernel=(2, 3, 3),
+        pooling_stride=(2, 3, 3),
+        image_pooling_kernel=(1, 3, 3),
+        image_pooling_stride=(1, 3, 3),
+        pllava_pooling_shape=None,
+        image_grid_pinpoints=tuple(tuple(p) for p in pinpoints),
+        image_token_index=IMG,
+        pad_token_id=0,
+    )
+
+
+def _hf_pack(cfg, image_size, views):
+    """transformers' own pack_image_features applied to features that hold their local index."""
+    hf_cfg = LlavaNextConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            image_size=cfg.vision.image_size,
+            patch_size=cfg.vision.patch_size,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+        ),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            vocab_size=128,
+        ),
+        image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
+    )
+    model = LlavaNextModel(hf_cfg)
+    g = cfg.vision.image_size // cfg.vision.patch_size
+    feats = torch.arange(views * g * g, dtype=torch.float32).reshape(views, g * g, 1)
+    packed, _ = model.pack_image_features(
+        [feats], torch.tensor([image_size]), "default", image_newline=torch.tensor([-1.0])
+    )
+    return packed[0][:, 0].numpy().astype(np.int64)
+
+
+@pytest.mark.parametrize("image_size", [(30, 70), (70, 30), (50, 50), (100, 20), (24, 24)])
+def test_anyres_layout_matches_transformers_pack(image_size):
+    cfg = _cfg()
+    planner = Planner(cfg)
+    from ppllava_jax.data.collate import anyres_grid
+
+    rows, cols = anyres_grid(image_size, cfg.image_grid_pinpoints, cfg.vision.image_size)
+    views = 1 + rows * cols
+    px = np.zeros((views, 24, 24, 3), np.float32)
+    (layout,) = planner.local_layout(Media("image", px, image_size), views)
+    np.testing.assert_array_equal(layout, _hf_pack(cfg, image_size, views))
+
+
+def test_collate_merges_in_place_with_padding_sides():
+    cfg = _cfg(pooling="ppllava")
+    vid = Media("video", np.ones((4, 24, 24, 3), np.float32))  # -> (2, 2, 2) = 8 tokens
+    multi = Media("multi", np.ones((2, 24, 24, 3), np.float32))  # 2 images x 4 tokens
+    s0 = Sample(np.array([1, 5, IMG, 6, 7]), np.array([-100, -100, -100, 6, 7]), vid)
+    s1 = Sample(np.array([1, IMG, 8, IMG, 9]), np.array([-100, -100, 8, -100, 9]), multi)
+    s2 = Sample(np.array([1, 3, 4]), np.array([-100, 3, 4]))
+    for side in ("right", "left"):
+        b = collate([s0, s1, s2], cfg, padding_side=side, clip_length=4)
+        assert b["input_ids"].shape == (3, 12)
+        assert b["video_pixels"].shape == (1, 4, 24, 24, 3)
+        assert b["multi_pixels"].shape == (1, 2, 24, 24, 3)
+        # pool: video rows 0-7, multi rows 8-15, newline 16
+        m = b["attention_mask"].astype(bool)
+        v0 = b["visual_index"][0][m[0]]
+        np.testing.assert_array_equal(v0, [-1, -1, *range(8), -1, -1])
+        v1 = b["visual_index"][1][m[1]]
+        np.testing.assert_array_equal(v1, [-1, 8, 9, 10, 11, -1, 12, 13, 14, 15, -1])
+        ids1 = b["input_ids"][1][m[1]]
+        assert ids1[0] == 1 and ids1[5] == 8 and ids1[-1] == 9
+        lab1 = b["labels"][1][m[1]]
+        np.testing.assert_array_equal(lab1[[5, 10]], [8, 9])
+        assert (lab1[b["visual_index"][1][m[1]] >= 0] == -100).all()
+        assert m.sum(1).tolist() == [12, 11, 3]
+        np.testing.assert_array_equal(b["positions"][2][m[2]], [0, 1, 2])
+        if side == "left":
+            assert not m[2, :9].any() and b["positions"][2, 0] == 0
+        else:
+            assert not m[2, 3:].any()
+
+
+def test_collate_refuses_wrong_number_of_image_tokens():
+    cfg = _cfg(pooling="ppllava")
+    multi = Media("multi", np.ones((3, 24, 24, 3), np.float32))
+    with pytest.raises(ValueError, match="3 image tokens|needs 3"):
+        collate([Sample(np.array([1, IMG, IMG]), media=multi)], cfg)
+
+
+def test_groups_order_is_documented():
+    assert GROUPS == ("video", "image", "multi")
