@@ -6,7 +6,10 @@ sharding, ZeRO-3 style), ``tensor`` (Megatron-style model parallel over heads an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -76,3 +79,82 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules=LOGICAL_RULES) -> Iterator[Mesh]:
+    """Activate ``mesh`` and the logical rules, so ``layers.constrain`` shards activations."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        yield mesh
+
+
+def logical_specs(abstract_tree: Any) -> Any:
+    """Logical ``PartitionSpec`` of every leaf of a boxed (``nn.LogicallyPartitioned``) tree."""
+    return nn.get_partition_spec(abstract_tree)
+
+
+def param_shardings(abstract_boxed: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """``NamedSharding`` per parameter (unboxed tree layout) from an ``eval_shape`` of init."""
+    return logical_to_sharding(logical_specs(abstract_boxed), mesh, rules)
+
+
+def sharded_init(
+    init_fn: Callable[..., Any], mesh: Mesh, *args: Any, rules=LOGICAL_RULES
+) -> tuple[Any, Any]:
+    """Initialise parameters directly in their shards: ``jax.eval_shape`` finds shapes and logical
+    names, then ``jit(init, out_shardings=...)`` materialises each shard on its device, so no
+    host or device ever holds the whole model. Returns ``(params, shardings)`` (unboxed)."""
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = param_shardings(abstract, mesh, rules)
+    with mesh_context(mesh, rules):
+        params = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    return params, shardings
+
+
+def abstract_with_shardings(abstract_boxed: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """``ShapeDtypeStruct``s carrying their target shardings (for AOT lowering and for restoring
+    checkpoints straight onto a mesh)."""
+    shardings = param_shardings(abstract_boxed, mesh, rules)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.unbox(abstract_boxed),
+        shardings,
+    )
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Put host arrays (e.g. a converted checkpoint) onto the mesh, one leaf at a time."""
+    return jax.tree.map(lambda a, s: jax.device_put(a, s), tree, shardings)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) axis split over ``data`` x ``fsdp``; other axes replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays from each host's slice of the batch (``make_array_from_process_local_data``).
+
+    On one host this is a plain sharded ``device_put``; on many hosts each process passes its
+    own rows and the global batch is their concatenation in process order.
+    """
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+        for k, v in local_batch.items()
+    }
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call ``jax.distributed.initialize()`` when the environment describes a multi-process job
+    (a coordinator address, SLURM, or a multi-host TPU slice). Returns True when it did."""
+    env = os.environ
+    multi = (
+        "JAX_COORDINATOR_ADDRESS" in env
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+        or "MEGASCALE_COORDINATOR_ADDRESS" in env
+    )
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+        return True
+    return False
