@@ -1,0 +1,88 @@
+"""Convert PyTorch / Hugging Face checkpoints to ppllava-jax parameter directories and back.
+
+    # transformers directory (config.json + safetensors or .bin) -> JAX (orbax) directory
+    python convert_torch_weights.py --source hf/vicuna-7b --output ckpt/vicuna --dtype bfloat16
+
+    # converted directory -> transformers directory (safetensors + config.json)
+    python convert_torch_weights.py --to_torch --source ckpt/vicuna --output hf_out/vicuna
+
+The model family is detected from config.json (``--family`` overrides). Errors (a missing
+directory, an unknown family, tensors that do not fit the config) are printed and the exit code
+is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--source", required=True, help="directory to read")
+    p.add_argument("--output", required=True, help="directory to write (overwritten)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="storage dtype (default: float32 for JAX, as stored for --to_torch)",
+    )
+    p.add_argument("--family", default=None, help="model family; default: from config.json")
+    p.add_argument(
+        "--no-scan",
+        dest="scan",
+        action="store_false",
+        help="store layers as layers_0..N-1 instead of one stacked (scanned) tree",
+    )
+    p.add_argument(
+        "--to_torch",
+        "--to-torch",
+        action="store_true",
+        help="reverse: --source is a converted directory, --output a transformers directory",
+    )
+    p.add_argument(
+        "--max_shard_gb",
+        type=float,
+        default=5.0,
+        help="with --to_torch: largest safetensors shard, in GiB",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    # Imported after argument parsing so that --help is fast.
+    from ppllava_jax.convert import api
+    from ppllava_jax.convert.torch_io import CheckpointError
+
+    try:
+        if args.to_torch:
+            if args.family:
+                raise ValueError("--family is read from the converted directory with --to_torch")
+            out = api.export_checkpoint(
+                args.source,
+                args.output,
+                dtype=args.dtype,
+                max_shard_bytes=int(args.max_shard_gb * 2**30),
+            )
+        else:
+            out = api.convert_checkpoint(
+                args.source,
+                args.output,
+                dtype=args.dtype or "float32",
+                family=args.family,
+                scan_layers=args.scan,
+            )
+    except (FileNotFoundError, NotImplementedError, ValueError, CheckpointError) as e:
+        # ConversionError and CheckpointError are ValueErrors with messages for people.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Convert Hugging Face / PyTorch checkpoints to JAX parameter directories and back.
+
+    from ppllava_jax.convert.api import convert_checkpoint, load_checkpoint, export_checkpoint
+
+    convert_checkpoint("hf/llava-v1.6-vicuna-7b-hf", "ckpt/vicuna", dtype="bfloat16")
+    family, config, params = load_checkpoint("ckpt/vicuna")   # 'llama', LlamaConfig, dict
+    export_checkpoint("ckpt/vicuna", "hf_out/")                # safetensors + config.json
+
+Conversion reads one tensor at a time from the checkpoint (memory-mapped safetensors or an
+mmap'ed ``.bin``) into the final parameter tree, so peak host memory stays near one copy of the
+model; export streams tensors into shards the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from flax import traverse_util
+
+from ppllava_jax.convert import params_io, registry
+from ppllava_jax.convert.mapping import convert_state_dict, export_state_dict
+from ppllava_jax.convert.torch_io import TorchCheckpoint, write_safetensors
+from ppllava_jax.models.config import Runtime
+
+DTYPES = ("float32", "bfloat16", "float16")
+_UNSCANNED = re.compile(r"^\w*layers_\d+$")
+_SCANNED = re.compile(r"^\w*layers$")
+
+
+def with_runtime(cfg: Any, **runtime: Any) -> Any:
+    """Set runtime fields (``scan_layers``, ``dtype``, ...) on ``cfg`` and on every nested
+    ``Runtime`` config (a CLIP or PPLLaVA config holds several towers)."""
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    kw = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            nv = with_runtime(v, **runtime)
+            if nv is not v:
+                kw[f.name] = nv
+    if isinstance(cfg, Runtime):
+        kw.update({k: v for k, v in runtime.items() if v is not None})
+    return dataclasses.replace(cfg, **kw) if kw else cfg
+
+
+def _check_dtype(dtype: str | None) -> None:
+    if dtype is not None and str(dtype) not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}")
+
+
+def convert_checkpoint(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    family: str | None = None,
+    scan_layers: bool = True,
+) -> Path:
+    """Convert a transformers checkpoint directory to a JAX parameter directory.
+
+    Args:
+      source: directory with ``config.json`` and ``*.safetensors`` (single, sharded with or
+        without an index) or ``pytorch_model*.bin``.
+      output: directory to write (``config.json`` + orbax ``params/``); overwritten.
+      dtype: storage dtype of the parameters, ``'float32'`` | ``'bfloat16'`` | ``'float16'``.
+      family: a name from ``registry.families()``; default: detected from ``config.json``.
+      scan_layers: store repeated layers stacked (``layers``) or one per layer (``layers_i``).
+    Returns:
+      the absolute output path.
+    Raises:
+      FileNotFoundError (no such directory / no config.json), ValueError (unknown family or
+      dtype), ``mapping.ConversionError`` (the weights do not fit the config; lists every
+      missing, unused and mis-shaped tensor), ``torch_io.CheckpointError``.
+    """
+    _check_dtype(dtype)
+    source = Path(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"source checkpoint directory {source} does not exist")
+    cfg_path = source / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(
+            f"{cfg_path} not found: --source must be a Hugging Face model directory "
+            "(config.json next to the weights)"
+        )
+    hf = json.loads(cfg_path.read_text())
+    fam = registry.get_family(family) if family else registry.detect_family(hf)
+    cfg = with_runtime(fam.config_from_hf(hf), scan_layers=scan_layers)
+    abstract = fam.abstract_params(cfg)
+    ckpt = TorchCheckpoint(source)
+    params = convert_state_dict(
+        ckpt,
+        fam.keymap(cfg, list(ckpt)),
+        abstract,
+        dtype=jnp.dtype(dtype),
+        ignore=fam.ignore,
+        source=str(source),
+    )
+    return params_io.save_params(output, params, fam.name, fam.config_to_hf(cfg))
+
+
+def _scan_layout(params: Any) -> bool | None:
+    """True if the tree holds stacked ``layers``, False for ``layers_i``, None if neither."""
+    segs = {s for k in traverse_util.flatten_dict(params) for s in k}
+    if any(_UNSCANNED.match(s) for s in segs):
+        return False
+    if any(_SCANNED.match(s) for s in segs):
+        return True
+    return None
+
+
+def load_checkpoint(
+    ckpt_dir: str | os.PathLike, *, abstract: Any = None, **runtime: Any
+) -> tuple[str, Any, Any]:
+    """Read a directory written by ``convert_checkpoint`` (or training).
+
+    Args:
+      ckpt_dir: the converted directory.
+      abstract: optional pytree of ``jax.ShapeDtypeStruct`` with shardings to restore onto a mesh.
+      runtime: runtime config fields to set (``dtype='bfloat16'``, ``attention_impl=...``).
+        ``scan_layers`` is taken from the stored layout.
+    Returns:
+      ``(family name, model config, params)``; params is the nested dict the model's ``apply``
+      takes. ``registry.get_family(name)`` gives the family.
+    """
+    name, hf = params_io.read_config(ckpt_dir)
+    fam = registry.get_family(name)
+    params = params_io.load_params(ckpt_dir, abstract)
+    scan = _scan_layout(params)
+    cfg = with_runtime(fam.config_from_hf(hf), **{**runtime, "scan_layers": scan})
+    return name, cfg, params
+
+
+def export_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write a converted directory back as a transformers checkpoint: safetensors with the
+    original tensor names (``model-0000k-of-0000n.safetensors`` + index when larger than
+    ``max_shard_bytes``) and a ``config.json`` that ``from_pretrained`` loads.
+
+    dtype: dtype of the written tensors (default: as stored).
+    """
+    _check_dtype(dtype)
+    name, cfg, params = load_checkpoint(ckpt_dir)
+    fam = registry.get_family(name)
+    out = Path(out_dir).absolute()
+    np_dtype = jnp.dtype(dtype) if dtype else None
+    written: set[str] = set()
+
+    def tensors():
+        for key, arr in export_state_dict(params, fam.export_keymap(cfg), dtype=np_dtype):
+            written.add(str(arr.dtype))
+            yield key, arr
+
+    write_safetensors(tensors(), out, max_shard_bytes=max_shard_bytes)
+    hf = fam.config_to_hf(cfg)
+    if len(written) == 1:
+        hf["dtype"] = written.pop()
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    return out
