@@ -1,0 +1,321 @@
+"""The original annotation format, validated, and weighted mixtures of annotation files.
+
+An annotation file is a JSON list of samples::
+
+    [{"video": "clips/00001.mp4",            # or "image": "a.jpg", or "image": ["a.jpg", "b.jpg"]
+      "media_type": "video",                  # optional: video | image | multi-image | text
+      "QA": [{"i": "system instruction (optional, first turn)", "q": "...", "a": "..."}, ...],
+      "start": 3.0, "end": 9.5,               # optional bound in seconds (MVBench style)
+      ...}]                                   # any other field is kept in Sample.extra
+
+Media paths are relative to the file's data root (absolute paths are kept). A file's
+``media_type`` is the default for its samples. A malformed sample raises
+:class:`AnnotationError` naming the file and the sample index; when loading with
+``on_error="skip"`` it is skipped, counted and logged instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ppllava_jax.data.errors import AnnotationError
+from ppllava_jax.data.templates import Turn
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPES = ("video", "image", "multi-image", "text")
+ON_ERROR = ("skip", "raise")
+_KNOWN_KEYS = {"video", "image", "media_type", "QA", "start", "end", "bound"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One validated sample.
+
+    Attributes:
+      media_type: video | image | multi-image | text.
+      media: paths (data root applied): one for a video or an image, N for multi-image, none
+        for text.
+      turns: the QA turns.
+      system: the first turn's ``"i"`` (None when absent or empty).
+      bound: optional (start, end) seconds within the video.
+      source: the annotation file.
+      index: the sample's index in that file.
+      extra: the sample's other fields (e.g. the synthetic set's answer metadata).
+    """
+
+    media_type: str
+    media: tuple[str, ...]
+    turns: tuple[Turn, ...]
+    system: str | None
+    bound: tuple[float, float] | None
+    source: str
+    index: int
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    @property
+    def num_images(self) -> int:
+        """Image tokens in the prompt: 1 for a video or image, N for multi-image, 0 for text."""
+        return {"video": 1, "image": 1, "text": 0}.get(self.media_type, len(self.media))
+
+
+def _join(root: str, p: str) -> str:
+    return p if os.path.isabs(p) or not root else os.path.join(root, p)
+
+
+def parse_sample(
+    raw: Any,
+    source: str,
+    index: int,
+    data_root: str = "",
+    media_type: str | None = None,
+) -> Sample:
+    """Validate one raw JSON sample; raises AnnotationError(source, index, reason)."""
+
+    def bad(reason: str) -> AnnotationError:
+        return AnnotationError(source, index, reason)
+
+    if not isinstance(raw, Mapping):
+        raise bad(f"a sample must be an object, got {type(raw).__name__}")
+    mt = raw.get("media_type", media_type)
+    if mt is not None and mt not in MEDIA_TYPES:
+        raise bad(f"media_type {mt!r} is not one of {MEDIA_TYPES}")
+    has_video, has_image = "video" in raw, "image" in raw
+    if has_video and has_image:
+        raise bad("both 'video' and 'image' given")
+    media: tuple[str, ...]
+    if has_video:
+        v = raw["video"]
+        if not isinstance(v, str) or not v:
+            raise bad("'video' must be a non-empty path string")
+        media = (_join(data_root, v),)
+        inferred = "video"
+    elif has_image:
+        v = raw["image"]
+        if isinstance(v, str) and v:
+            media, inferred = (_join(data_root, v),), "image"
+        elif isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
+            media, inferred = tuple(_join(data_root, x) for x in v), "multi-image"
+        else:
+            raise bad("'image' must be a path or a non-empty list of paths")
+    else:
+        media, inferred = (), "text"
+    if mt is None:
+        mt = inferred
+    elif mt != inferred:
+        if {mt, inferred} != {"image", "multi-image"}:
+            raise bad(f"media_type {mt!r} does not match the sample's media ({inferred})")
+        mt = "multi-image"  # a list under media_type "image", or one image as multi-image
+    qa = raw.get("QA")
+    if not isinstance(qa, list) or not qa:
+        raise bad("'QA' must be a non-empty list of {'q', 'a'} turns")
+    turns = []
+    system = None
+    for j, t in enumerate(qa):
+        if not isinstance(t, Mapping):
+            raise bad(f"QA[{j}] must be an object")
+        q, a = t.get("q", ""), t.get("a")
+        if not isinstance(q, str):
+            raise bad(f"QA[{j}]['q'] must be a string")
+        if not isinstance(a, str) or not a.strip():
+            raise bad(f"QA[{j}]['a'] must be a non-empty string")
+        if not q.strip() and j > 0:
+            raise bad(f"QA[{j}]['q'] is empty (only the first question may be)")
+        if j == 0 and isinstance(t.get("i"), str) and t["i"].strip():
+            system = t["i"].strip()
+        turns.append(Turn(q, a))
+    bound = None
+    if "bound" in raw or "start" in raw or "end" in raw:
+        b = raw.get("bound", (raw.get("start"), raw.get("end")))
+        if (
+            not isinstance(b, (list, tuple))
+            or len(b) != 2
+            or not all(isinstance(x, (int, float)) for x in b)
+            or b[1] < b[0]
+        ):
+            raise bad(f"bound must be [start, end] seconds with start <= end, got {b!r}")
+        bound = (float(b[0]), float(b[1]))
+    extra = {k: v for k, v in raw.items() if k not in _KNOWN_KEYS}
+    return Sample(mt, media, tuple(turns), system, bound, source, index, extra)
+
+
+@dataclasses.dataclass
+class SkipCounter:
+    """Counts of skipped samples (by reason class) and the first few messages."""
+
+    total: int = 0
+    by_kind: dict[str, int] = dataclasses.field(default_factory=dict)
+    messages: list[str] = dataclasses.field(default_factory=list)
+    max_messages: int = 20
+
+    def add(self, err: Exception) -> None:
+        self.total += 1
+        kind = type(err).__name__
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+        if len(self.messages) < self.max_messages:
+            self.messages.append(str(err))
+        log.warning("skipping sample: %s", err)
+
+
+def load_annotation_file(
+    path: str | os.PathLike,
+    data_root: str = "",
+    media_type: str | None = None,
+    on_error: str = "skip",
+    skipped: SkipCounter | None = None,
+) -> list[Sample]:
+    """Read and validate one annotation file.
+
+    A missing or unparsable file, or one that is not a JSON list, always raises
+    AnnotationError. Bad samples are skipped and counted in ``skipped`` (or raise when
+    ``on_error="raise"``).
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise AnnotationError(path, None, "annotation file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise AnnotationError(path, None, f"cannot parse JSON ({e})") from e
+    if not isinstance(raw, list):
+        raise AnnotationError(path, None, f"expected a JSON list, got {type(raw).__name__}")
+    out = []
+    for i, r in enumerate(raw):
+        try:
+            out.append(parse_sample(r, path, i, data_root, media_type))
+        except AnnotationError as e:
+            if on_error == "raise":
+                raise
+            (skipped if skipped is not None else SkipCounter()).add(e)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotationSource:
+    """One annotation file of a mixture (the config's ``data.sources`` entries).
+
+    Attributes:
+      path: the JSON file.
+      data_root: prefix of its media paths ("" = paths as written, absolute or relative to
+        the working directory).
+      media_type: default media type of its samples (None: inferred per sample).
+      weight: how many times each sample is used per epoch on average (1.0 = once, 0.5 = a
+        random half, 2.0 = twice); also the relative probability of :attr:`Mixture.probabilities`.
+      name: a short name for logs (default: the file name).
+    """
+
+    path: str
+    data_root: str = ""
+    media_type: str | None = None
+    weight: float = 1.0
+    name: str | None = None
+
+    @classmethod
+    def from_config(cls, c: Mapping[str, Any] | Sequence[Any] | str) -> AnnotationSource:
+        """From a mapping (unknown keys rejected), a (path, root, media_type[, weight]) list
+        as in the original configs, or a bare path."""
+        if isinstance(c, str):
+            return cls(path=c)
+        if isinstance(c, Mapping) or hasattr(c, "to_dict"):
+            d = dict(c.to_dict() if hasattr(c, "to_dict") else c)
+            unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise ValueError(
+                    f"unknown annotation source fields {sorted(unknown)}; allowed: "
+                    f"{[f.name for f in dataclasses.fields(cls)]}"
+                )
+            if "path" not in d:
+                raise ValueError(f"annotation source {d} has no 'path'")
+            return cls(**d)
+        c = list(c)
+        if not 1 <= len(c) <= 4:
+            raise ValueError(f"annotation source {c!r}: use [path, data_root, media_type, weight]")
+        return cls(*c)
+
+    def __post_init__(self):
+        if not self.weight >= 0:
+            raise ValueError(f"{self.path}: weight must be >= 0, got {self.weight}")
+        if self.media_type is not None and self.media_type not in MEDIA_TYPES:
+            raise ValueError(f"{self.path}: media_type {self.media_type!r} not in {MEDIA_TYPES}")
+
+
+@dataclasses.dataclass
+class Mixture:
+    """Validated samples of several annotation files with their weights."""
+
+    sources: list[AnnotationSource]
+    samples: list[list[Sample]]
+    skipped: SkipCounter
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(s) for s in self.samples]
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """float64[num_sources]: weight x size, normalized (probability that a draw comes
+        from each source when sampling by weight)."""
+        w = np.array([s.weight * n for s, n in zip(self.sources, self.sizes)], np.float64)
+        if w.sum() <= 0:
+            raise ValueError("the mixture has no samples with positive weight")
+        return w / w.sum()
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def get(self, source: int, index: int) -> Sample:
+        return self.samples[source][index]
+
+    def epoch_order(self, seed: int, epoch: int = 0, shuffle: bool = True) -> np.ndarray:
+        """int64[N, 2] (source, index) pairs of one epoch, deterministic in (seed, epoch).
+
+        Each source contributes ``floor(weight * size)`` samples plus one more with
+        probability ``frac(weight * size)``: whole repetitions first, then a random subset.
+        """
+        rng = np.random.default_rng([seed, epoch])
+        parts = []
+        for k, (src, n) in enumerate(zip(self.sources, self.sizes)):
+            if n == 0:
+                continue
+            want = src.weight * n
+            count = int(want) + int(rng.random() < want - int(want))
+            reps, rest = divmod(count, n)
+            idx = np.concatenate([np.tile(np.arange(n), reps), rng.permutation(n)[:rest]])
+            parts.append(np.stack([np.full(len(idx), k), idx], axis=1))
+        if not parts:
+            return np.zeros((0, 2), np.int64)
+        order = np.concatenate(parts).astype(np.int64)
+        if shuffle:
+            order = order[rng.permutation(len(order))]
+        return order
+
+
+def load_mixture(
+    sources: Iterable[AnnotationSource | Mapping[str, Any] | Sequence[Any] | str],
+    on_error: str = "skip",
+) -> Mixture:
+    """Load and validate every source; bad samples skipped and counted (or raised)."""
+    srcs = [
+        s if isinstance(s, AnnotationSource) else AnnotationSource.from_config(s) for s in sources
+    ]
+    if not srcs:
+        raise ValueError("no annotation sources given")
+    skipped = SkipCounter()
+    samples = [
+        load_annotation_file(s.path, s.data_root, s.media_type, on_error, skipped) for s in srcs
+    ]
+    for s, lst in zip(srcs, samples):
+        log.info(
+            "%s: %d samples (weight %g)", s.name or os.path.basename(s.path), len(lst), s.weight
+        )
+    return Mixture(srcs, samples, skipped)

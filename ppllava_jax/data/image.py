@@ -1,0 +1,169 @@
+"""Image loading and CLIP / LLaVA-NeXT preprocessing (host side, numpy + Pillow).
+
+Two preprocessors (SPEC §1), both channels-last float32:
+
+- :func:`preprocess_frames`: each frame squashed (no crop) to S x S, bicubic, scaled to
+  [0, 1], normalized with the CLIP mean/std -> float32[T, S, S, 3]. Used for video frames
+  and for each image of a multi-image sample.
+- :func:`preprocess_anyres`: LLaVA-NeXT any-resolution, numerically equal to transformers'
+  ``LlavaNextImageProcessor`` (checked in tests): the best-fit pinpoint, resize keeping the
+  aspect ratio + centred zero padding, a base view squashed to S x S followed by the
+  row-major S x S crops of the grid -> float32[1 + rows * cols, S, S, 3], the grid
+  (rows, cols) and the original (height, width).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from ppllava_jax.data.errors import MediaError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as uint8[H, W, 3] RGB; raises MediaError naming the file."""
+    from PIL import Image
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MediaError(path, "file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:
+        raise MediaError(path, f"cannot read image ({type(e).__name__}: {e})") from e
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bicubic resize of uint8[H, W, 3] with Pillow (as transformers' PIL backend does)."""
+    from PIL import Image
+
+    if image.shape[0] == height and image.shape[1] == width:
+        return image
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    return np.asarray(pil.resize((width, height), resample=Image.Resampling.BICUBIC))
+
+
+def normalize(
+    images: np.ndarray,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> np.ndarray:
+    """uint8[..., 3] -> float32[..., 3]: x / 255, then (x - mean) / std per channel."""
+    x = images.astype(np.float32) * np.float32(1 / 255)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def preprocess_frames(
+    frames: np.ndarray | Sequence[np.ndarray],
+    size: int = 336,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> np.ndarray:
+    """Squash-resize frames to the tower size and CLIP-normalize.
+
+    Args:
+      frames: uint8[T, H, W, 3] (or a list of uint8[H_i, W_i, 3], e.g. multi-image).
+      size: S, the vision tower's input size.
+
+    Returns:
+      float32[T, S, S, 3].
+    """
+    resized = np.stack([_resize(np.asarray(f, np.uint8), size, size) for f in frames])
+    return normalize(resized, mean, std)
+
+
+def select_best_resolution(
+    original_size: tuple[int, int], pinpoints: Sequence[Sequence[int]]
+) -> tuple[int, int]:
+    """The (height, width) pinpoint keeping the most pixels and wasting the fewest.
+
+    Same rule as LLaVA-NeXT / transformers ``select_best_resolution``.
+    """
+    oh, ow = original_size
+    best, best_eff, best_waste = None, 0, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / ow, h / oh)
+        dw, dh = int(ow * scale), int(oh * scale)
+        eff = min(dw * dh, ow * oh)
+        waste = w * h - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (int(h), int(w)), eff, waste
+    if best is None:
+        raise ValueError("no image_grid_pinpoints given")
+    return best
+
+
+def _fit_size(original_size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """Size after resizing into ``target`` keeping the aspect ratio (transformers' rounding)."""
+    oh, ow = original_size
+    th, tw = target
+    sw, sh = tw / ow, th / oh
+    if sw < sh:
+        return min(math.ceil(oh * sw), th), tw
+    return th, min(math.ceil(ow * sh), tw)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyResImage:
+    """Any-resolution views of one image.
+
+    Attributes:
+      pixel_values: float32[1 + rows * cols, S, S, 3]: the base view, then the crops row-major.
+      grid: (rows, cols) of the crop grid.
+      image_size: (height, width) of the original image (for unpadding, SPEC §5).
+    """
+
+    pixel_values: np.ndarray
+    grid: tuple[int, int]
+    image_size: tuple[int, int]
+
+
+def preprocess_anyres(
+    image: np.ndarray,
+    size: int = 336,
+    pinpoints: Sequence[Sequence[int]] = DEFAULT_PINPOINTS,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> AnyResImage:
+    """LLaVA-NeXT any-resolution preprocessing of uint8[H, W, 3] (see module docstring)."""
+    image = np.asarray(image, np.uint8)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected uint8[H, W, 3], got {image.shape}")
+    oh, ow = image.shape[:2]
+    th, tw = select_best_resolution((oh, ow), pinpoints)
+    if th % size or tw % size:
+        raise ValueError(f"pinpoint {(th, tw)} is not a multiple of the tower size {size}")
+    nh, nw = _fit_size((oh, ow), (th, tw))
+    resized = _resize(image, nh, nw)
+    py, ry = divmod(th - nh, 2)
+    px, rx = divmod(tw - nw, 2)
+    padded = np.pad(resized, ((py, py + ry), (px, px + rx), (0, 0)))
+    rows, cols = th // size, tw // size
+    crops = (
+        padded.reshape(rows, size, cols, size, 3)
+        .transpose(0, 2, 1, 3, 4)
+        .reshape(-1, size, size, 3)
+    )
+    base = _resize(image, size, size)[None]
+    views = np.concatenate([base, crops], axis=0)
+    return AnyResImage(normalize(views, mean, std), (rows, cols), (int(oh), int(ow)))
+
+
+def anyres_num_views(
+    image_size: tuple[int, int],
+    size: int = 336,
+    pinpoints: Sequence[Sequence[int]] = DEFAULT_PINPOINTS,
+) -> int:
+    """1 + rows * cols for an image of (height, width), without touching pixels."""
+    th, tw = select_best_resolution(image_size, pinpoints)
+    return 1 + (th // size) * (tw // size)

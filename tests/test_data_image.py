@@ -1,0 +1,75 @@
+"""CLIP frame preprocessing and LLaVA-NeXT any-resolution, against transformers' processors."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from ppllava_jax.data import image as I
+from ppllava_jax.data.errors import MediaError
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
+
+S = 24
+PINS = [[24, 48], [48, 24], [48, 48], [72, 24], [24, 72]]
+
+
+@pytest.mark.parametrize(
+    "hw", [(24, 24), (40, 44), (17, 90), (100, 31), (50, 50), (13, 7), (300, 200)]
+)
+def test_anyres_equals_transformers(hw):
+    rng = np.random.default_rng(hw[0] * 1000 + hw[1])
+    image = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+    proc = LlavaNextImageProcessorPil(
+        size={"shortest_edge": S}, crop_size={"height": S, "width": S}, image_grid_pinpoints=PINS
+    )
+    ref = proc(images=[image], return_tensors="np")
+    ours = I.preprocess_anyres(image, S, PINS)
+    expected = ref["pixel_values"][0].transpose(0, 2, 3, 1)
+    assert ours.pixel_values.shape == expected.shape and ours.pixel_values.dtype == np.float32
+    np.testing.assert_allclose(ours.pixel_values, expected, atol=1e-5)
+    assert ours.image_size == tuple(ref["image_sizes"][0])
+    rows, cols = ours.grid
+    assert 1 + rows * cols == len(expected) == I.anyres_num_views(hw, S, PINS)
+
+
+def test_select_best_resolution_matches():
+    from transformers.image_processing_utils import select_best_resolution
+
+    for hw in [(10, 10), (336, 1000), (1000, 336), (700, 640), (5, 3000)]:
+        assert I.select_best_resolution(hw, I.DEFAULT_PINPOINTS) == tuple(
+            select_best_resolution(hw, [list(p) for p in I.DEFAULT_PINPOINTS])
+        )
+
+
+def test_preprocess_frames_squash_and_normalize():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 20, 50, 3), dtype=np.uint8)
+    out = I.preprocess_frames(frames, size=S)
+    assert out.shape == (3, S, S, 3) and out.dtype == np.float32
+    # squash = the any-res base view (a plain S x S bicubic resize), same normalization
+    for f, o in zip(frames, out):
+        np.testing.assert_allclose(o, I.preprocess_anyres(f, S, PINS).pixel_values[0], atol=1e-6)
+    flat = np.full((1, S, S, 3), 255, np.uint8)
+    np.testing.assert_allclose(
+        I.preprocess_frames(flat, S)[0, 0, 0],
+        (1 - np.array(I.CLIP_MEAN)) / np.array(I.CLIP_STD),
+        rtol=1e-6,
+    )
+
+
+def test_load_image_errors(tmp_path):
+    from PIL import Image
+
+    p = tmp_path / "a.png"
+    Image.fromarray(np.zeros((5, 6), np.uint8)).save(p)  # grey -> RGB
+    assert I.load_image(p).shape == (5, 6, 3)
+    bad = tmp_path / "b.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    for path in (bad, tmp_path / "missing.png"):
+        with pytest.raises(MediaError, match=str(path)):
+            I.load_image(path)

@@ -1,0 +1,131 @@
+"""The synthetic video-QA dataset: parseable, decodable, balanced, deterministic, correct."""
+
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from ppllava_jax.data import synthetic as S
+from ppllava_jax.data.annotations import load_annotation_file
+from ppllava_jax.data.templates import encode_conversation, get_template
+from ppllava_jax.data.video import load_video
+
+ARGS = dict(num_train=48, num_eval=24, frames=8, size=32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn")
+    info = S.ensure_dataset(out, **ARGS)
+    return str(out), info
+
+
+def test_layout_and_annotations(dataset):
+    out, info = dataset
+    assert info["splits"] == {"train": 48, "eval": 24}
+    for split, n in info["splits"].items():
+        samples = load_annotation_file(os.path.join(out, f"{split}.json"), out, on_error="raise")
+        assert len(samples) == n
+        for s in samples[:6]:
+            clip = load_video(s.media[0], 8)
+            assert clip.frames.shape == (8, 32, 32, 3)
+            cands, letter = s.extra["candidates"], s.extra["answer_letter"]
+            assert len(cands) == 4 and len(set(cands)) == 4
+            assert cands["ABCD".index(letter)] == s.extra["answer"]
+            assert s.turns[0].a == f"({letter}) {s.extra['answer']}"
+            assert "(A) " in s.turns[0].q and s.turns[0].q.endswith(S.MC_SUFFIX)
+
+
+def test_answers_balanced(dataset):
+    out, _ = dataset
+    for split in ("train", "eval"):
+        anns = json.load(open(os.path.join(out, f"{split}.json")))
+        by_type = collections.defaultdict(list)
+        for a in anns:
+            by_type[a["qtype"]].append(a)
+        assert set(by_type) == set(S.QTYPES)
+        assert max(map(len, by_type.values())) - min(map(len, by_type.values())) <= 1
+        for qtype, items in by_type.items():
+            letters = collections.Counter(a["answer_letter"] for a in items)
+            assert len(letters) == 4 and max(letters.values()) - min(letters.values()) <= 1
+            values = collections.Counter(a["answer"] for a in items)
+            assert len(values) == S._num_values(qtype) or len(items) < S._num_values(qtype)
+            assert max(values.values()) - min(values.values()) <= 1
+            if qtype == "first_colour":  # both colours shown are among the options
+                assert all(len(set(a["candidates"]) & set(S.COLOURS)) == 4 for a in items)
+
+
+def _centroid(frame, colour):
+    m = np.abs(frame.astype(int) - np.array(S.COLOURS[colour])).sum(-1) < 90
+    ys, xs = np.nonzero(m)
+    return (ys.mean(), xs.mean()) if len(ys) else None
+
+
+def test_clip_content_matches_answers(dataset):
+    out, _ = dataset
+    anns = json.load(open(os.path.join(out, "train.json")))
+    checked = collections.Counter()
+    for a in anns:
+        clip = load_video(os.path.join(out, a["video"]), 8).frames
+        if a["qtype"] == "direction":
+            colour = a["question"].split()[-3]
+            (y0, x0), (y1, x1) = _centroid(clip[0], colour), _centroid(clip[-1], colour)
+            dy, dx = y1 - y0, x1 - x0
+            moved = (
+                ("right" if dx > 0 else "left")
+                if abs(dx) > abs(dy)
+                else ("down" if dy > 0 else "up")
+            )
+            assert moved == a["answer"] and max(abs(dx), abs(dy)) > 8
+        elif a["qtype"] == "first_colour":
+            first = a["answer"]
+            second = next(c for c in a["candidates"] if c != first and _centroid(clip[-1], c))
+            assert _centroid(clip[0], first) is not None and _centroid(clip[-1], first) is None
+            assert _centroid(clip[0], second) is None
+        elif a["qtype"] == "colour":
+            assert _centroid(clip[4], a["answer"]) is not None
+        checked[a["qtype"]] += 1
+    assert len(checked) == 4
+
+
+def test_tokenizers_and_encoding(dataset):
+    out, info = dataset
+    tok = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
+    clip = AutoTokenizer.from_pretrained(os.path.join(out, "clip_tokenizer"))
+    assert tok.convert_tokens_to_ids("<image>") == info["image_token_id"]
+    assert clip.eos_token_id == len(clip) - 1 == info["clip_eos_token_id"]
+    s = load_annotation_file(os.path.join(out, "train.json"), out)[0]
+    enc = encode_conversation(tok, s.turns, get_template("plain_v1"), info["image_token_id"])
+    sup = enc.input_ids[enc.labels != -100]
+    assert tok.decode(sup).strip() == s.turns[0].a + "</s>"
+    assert (enc.input_ids == tok.unk_token_id).sum() == 0
+
+
+def test_deterministic_and_idempotent(dataset, tmp_path):
+    out, _ = dataset
+    marker = os.path.join(out, S.MARKER)
+    mtime = os.path.getmtime(marker)
+    S.ensure_dataset(out, **ARGS)  # complete: nothing is redone
+    assert os.path.getmtime(marker) == mtime
+    with pytest.raises(ValueError, match="another directory"):
+        S.ensure_dataset(out, **{**ARGS, "seed": 4})
+    small = dict(ARGS, num_train=8, num_eval=4)
+    S.main(
+        ["--out", str(tmp_path / "a")] + [f"--{k.replace('_', '-')}={v}" for k, v in small.items()]
+    )
+    S.ensure_dataset(tmp_path / "b", **small)
+    for split in ("train", "eval"):
+        ja = json.load(open(tmp_path / "a" / f"{split}.json"))
+        jb = json.load(open(tmp_path / "b" / f"{split}.json"))
+        assert ja == jb
+    va = load_video(str(tmp_path / "a" / ja[0]["video"]), 8).frames
+    vb = load_video(str(tmp_path / "b" / jb[0]["video"]), 8).frames
+    np.testing.assert_array_equal(va, vb)
+    other = S.generate(tmp_path / "c", **dict(small, seed=99))
+    assert other["splits"] == {"train": 8, "eval": 4}
+    assert json.load(open(tmp_path / "c" / "train.json")) != json.load(
+        open(tmp_path / "a" / "train.json")
+    )
