@@ -42,7 +42,8 @@ class Runtime:
 def _pick(cls: type, d: dict[str, Any], **overrides: Any) -> Any:
     """Build ``cls`` from the keys of ``d`` it knows; unknown keys are ignored (HF configs carry
     dozens of generation fields), ``None`` values keep the default."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
+    # runtime fields come only from ``overrides``: HF configs carry "dtype" (the storage dtype)
     kw = {k: v for k, v in d.items() if k in names and v is not None}
     kw.update({k: v for k, v in overrides.items() if v is not None})
     for k, v in list(kw.items()):
