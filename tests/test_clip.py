@@ -274,7 +274,9 @@ def test_conversion_is_strict(clip):
     missing = dict(sd)
     del missing["text_model.encoder.layers.1.mlp.fc1.weight"]
     with pytest.raises(
-        ConversionError, match=r"text_model/encoder/layers/mlp/fc1/kernel \(layers \[1\]\)"
+        ConversionError,
+        match=r"text_model/encoder/layers/mlp/fc1/kernel "
+        r"\(torch: text_model\.encoder\.layers\.1\.mlp\.fc1\.weight\) \(layers \[1\]\)",
     ):
         convert("clip", cfg, missing)
     with pytest.raises(ConversionError, match="text_model/encoder/layers_1/mlp/fc1/kernel"):

@@ -32,7 +32,9 @@ class ConversionError(ValueError):
 
 
 # name -> (torch -> jax, jax -> torch)
-TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
+TRANSFORMS: dict[
+    str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+] = {
     "none": (lambda a: a, lambda a: a),
     "linear": (lambda a: a.T, lambda a: a.T),  # (out, in) <-> (in, out)
     "conv2d": (  # OIHW <-> HWIO
@@ -62,9 +64,7 @@ class KeyMap:
     """Bidirectional key table built from ``Rule``s (optionally under a common prefix)."""
 
     def __init__(self, rules: Iterable[Rule], torch_prefix: str = "", jax_prefix: str = ""):
-        self.rules = [
-            Rule(torch_prefix + r.torch, jax_prefix + r.jax, r.transform) for r in rules
-        ]
+        self.rules = [Rule(torch_prefix + r.torch, jax_prefix + r.jax, r.transform) for r in rules]
         for r in self.rules:
             if r.transform not in TRANSFORMS:
                 raise ValueError(f"rule {r}: unknown transform {r.transform!r}")
@@ -108,6 +108,19 @@ def _locate(path: str, expected: Mapping[str, Any]) -> tuple[str, int | None] | 
             if cand in expected:
                 return cand, int(m.group(2))
     return None
+
+
+def _with_torch_name(path: str, row: int | None, keymap: KeyMap) -> str:
+    """``jax/path (torch: key)`` for error messages; for a scanned stack, names layer ``row``."""
+    probe = path
+    if row is not None or keymap.to_torch(path) is None:
+        segs = path.split("/")
+        for n, s in enumerate(segs):
+            if _STACKED_SEG.match(s):
+                probe = "/".join([*segs[:n], f"{s}_{row or 0}", *segs[n + 1 :]])
+                break
+    hit = keymap.to_torch(probe)
+    return f"{path} (torch: {hit[0]})" if hit else path
 
 
 def _fmt(items: list[str], limit: int = 25) -> str:
@@ -176,16 +189,17 @@ def convert_state_dict(
                 continue
             out[path][row] = arr
             rows[path].add(row)
-    missing = [p for p in exp if p not in out]
-    missing += [
-        f"{p} (layers {sorted(set(range(exp[p].shape[0])) - r)})"
-        for p, r in rows.items()
-        if len(r) != exp[p].shape[0]
-    ]
+    missing = [_with_torch_name(p, None, keymap) for p in exp if p not in out]
+    for p, r in rows.items():
+        gaps = sorted(set(range(exp[p].shape[0])) - r)
+        if gaps:
+            missing.append(f"{_with_torch_name(p, gaps[0], keymap)} (layers {gaps})")
     if strict and (unused or missing or mismatched):
         msg = [f"{source} does not fit the model:"]
         if missing:
-            msg.append(f"  {len(missing)} model parameters not found in the checkpoint:{_fmt(missing)}")
+            msg.append(
+                f"  {len(missing)} model parameters not found in the checkpoint:{_fmt(missing)}"
+            )
         if unused:
             msg.append(f"  {len(unused)} checkpoint tensors not used:{_fmt(unused)}")
         if mismatched:
@@ -234,4 +248,5 @@ def export_state_dict(
         arr = np.asarray(flat[path] if row is None else flat[path][row])
         if dtype is not None:
             arr = arr.astype(dtype)
-        yield key, np.ascontiguousarray(TRANSFORMS[transform][1](arr))
+        arr = TRANSFORMS[transform][1](arr)
+        yield key, np.ascontiguousarray(arr).reshape(np.shape(arr))  # keeps 0-d scalars 0-d

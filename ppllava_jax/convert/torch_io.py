@@ -53,7 +53,9 @@ class _SafetensorsFile:
     def get(self, key: str) -> np.ndarray:
         info = self.header[key]
         if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {info['dtype']}")
+            raise CheckpointError(
+                f"{self.path}: tensor {key} has unsupported dtype {info['dtype']}"
+            )
         if self._mm is None:
             self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         start, end = info["data_offsets"]
@@ -166,7 +168,7 @@ def write_safetensors(
     weight_map: dict[str, int] = {}
     total = 0
     for name, arr in items:
-        arr = np.ascontiguousarray(arr)
+        arr = np.ascontiguousarray(arr).reshape(np.shape(arr))  # keeps 0-d scalars 0-d
         if shards[-1] and size + arr.nbytes > max_shard_bytes:
             flush()
             shards[-1] = []
