@@ -71,6 +71,13 @@ def test_anyres_layout_matches_transformers_pack(image_size):
     np.testing.assert_array_equal(layout, _hf_pack(cfg, image_size, views))
 
 
+def test_single_view_image_gets_one_newline():
+    cfg = _cfg()
+    px = np.zeros((1, 24, 24, 3), np.float32)
+    (layout,) = Planner(cfg).local_layout(Media("image", px, (24, 24)), 1)
+    np.testing.assert_array_equal(layout, _hf_pack(cfg, (24, 24), 1))
+
+
 def test_collate_merges_in_place_with_padding_sides():
     cfg = _cfg(pooling="ppllava")
     vid = Media("video", np.ones((4, 24, 24, 3), np.float32))  # -> (2, 2, 2) = 8 tokens

@@ -156,8 +156,8 @@ class Planner:
         cfg = self.cfg
         views = media.pixels.shape[0]
         base = np.arange(h * w)
-        if views == 1:
-            return base
+        if views == 1:  # no crops: the base view, then one image_newline (as LLaVA-NeXT)
+            return np.concatenate([base, [NEWLINE]])
         if media.image_size is None:
             raise ValueError("an any-resolution image needs its original image_size (h, w)")
         rows, cols = anyres_grid(media.image_size, cfg.image_grid_pinpoints, cfg.vision.image_size)
