@@ -1,0 +1,333 @@
+"""Checkpointing with orbax: the train state, the data iterator's state and the config.
+
+Layout: ``workdir/checkpoints/<step>/{state,data,config}``. ``state`` is the ``TrainState`` as a
+dict (``step, params, opt_state`` and, as configured, ``frozen`` and ``ref_params``); ``data``
+holds one JSON file per process with the iterator's ``get_state()`` (any object with
+``get_state()/set_state()``: a grain ``DataLoader`` iterator returns bytes, a grain
+``DatasetIterator`` a dict; both round-trip); ``config`` is the run's config as JSON.
+
+Saves are asynchronous (the arrays are copied to host before ``save`` returns, so the state
+may be donated to the next step right away). Restoring takes an abstract target whose
+``jax.ShapeDtypeStruct`` leaves carry the *new* shardings, so a checkpoint written on one
+mesh restores onto another.
+
+Preemption: ``PreemptionWatcher`` installs a SIGTERM handler that only sets a flag; the loop
+asks ``watcher.should_stop(step)`` each step, saves, and returns cleanly. On several
+processes the decision is taken at a step all processes agree on (JAX's preemption sync
+point, which needs ``jax.distributed.initialize()``).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from ppllava_jax.train.state import TrainState
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------- data state
+
+
+def encode_iterator_state(state: Any) -> str:
+    """``get_state()`` result (bytes or a JSON-able object) -> a JSON string."""
+    if isinstance(state, (bytes, bytearray)):
+        try:
+            return json.dumps({"format": "utf8", "value": bytes(state).decode("utf-8")})
+        except UnicodeDecodeError:
+            return json.dumps({"format": "base64", "value": base64.b64encode(state).decode()})
+    return json.dumps({"format": "json", "value": state})
+
+
+def decode_iterator_state(text: str) -> Any:
+    d = json.loads(text)
+    if d["format"] == "utf8":
+        return d["value"].encode("utf-8")
+    if d["format"] == "base64":
+        return base64.b64decode(d["value"])
+    return d["value"]
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """One ``process_<i>-of-<n>.json`` per process (each host has its own data shard)."""
+
+    def _file(self, directory: epath.Path) -> epath.Path:
+        return epath.Path(directory) / (
+            f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        )
+
+    def save(self, directory: epath.Path, args: DataStateSave) -> None:
+        epath.Path(directory).mkdir(parents=True, exist_ok=True)
+        self._file(directory).write_text(args.state)
+
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> str:
+        f = self._file(directory)
+        if not f.exists():
+            raise FileNotFoundError(
+                f"{f} is missing: the checkpoint was written by a different number of "
+                "processes; the data iterator cannot be resumed exactly"
+            )
+        return f.read_text()
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: str
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+# ----------------------------------------------------------------------------- state <-> dict
+
+
+def state_to_tree(state: TrainState, *, save_frozen: bool = True, save_reference: bool = True):
+    """The saved part of a ``TrainState`` as a dict (None fields and excluded parts left out)."""
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if save_frozen and state.frozen:
+        tree["frozen"] = state.frozen
+    if save_reference and state.ref_params is not None:
+        tree["ref_params"] = state.ref_params
+    return tree
+
+
+def config_to_dict(config: Any) -> dict:
+    if config is None:
+        return {}
+    if hasattr(config, "to_json_best_effort"):
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(config, default=str))
+
+
+# ----------------------------------------------------------------------------- manager
+
+
+class Checkpointer:
+    """A thin wrapper over ``orbax.checkpoint.CheckpointManager``.
+
+    Args:
+      directory: where the step folders go (e.g. ``workdir/checkpoints``).
+      save_every: ``should_save(step)`` is true every this many steps.
+      keep: keep the last ``keep`` checkpoints (None: all).
+      async_save: write in a background thread.
+      save_frozen: also save the frozen parameters (a self-contained checkpoint); else they
+        come from the initial parameters on restore.
+      save_reference: also save the DPO reference; else it is rebuilt from the initial
+        parameters on restore (it is a copy of them).
+    """
+
+    def __init__(
+        self,
+        directory: str | epath.Path,
+        *,
+        save_every: int = 1000,
+        keep: int | None = 3,
+        async_save: bool = True,
+        save_frozen: bool = True,
+        save_reference: bool = False,
+    ):
+        self.directory = epath.Path(directory)
+        self.save_frozen, self.save_reference = save_frozen, save_reference
+        self._last_saved: int | None = None
+        self.save_every = max(int(save_every), 1)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(int(save_every), 1),
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "config", "meta")
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Every ``save_every`` steps (orbax's own rule would also save the first step)."""
+        return step > 0 and step % self.save_every == 0
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        data_iterator: Any = None,
+        config: Any = None,
+        force: bool = False,
+    ) -> bool:
+        """Save (asynchronously) if ``should_save(step)`` or ``force``; True if a save started.
+
+        The iterator's state is read now, synchronously, so the loop may advance it at once.
+        """
+        if not force and not self.should_save(step):
+            return False
+        if step == self._last_saved or step in self.all_steps():
+            return False
+        items = {
+            "state": ocp.args.StandardSave(
+                state_to_tree(
+                    state, save_frozen=self.save_frozen, save_reference=self.save_reference
+                )
+            )
+        }
+        items["meta"] = ocp.args.JsonSave({"state_keys": sorted(items["state"].item)})
+        if data_iterator is not None:
+            items["data"] = DataStateSave(encode_iterator_state(data_iterator.get_state()))
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config_to_dict(config))
+        saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+        if saved:
+            self._last_saved = int(step)
+        return saved
+
+    def restore(
+        self,
+        target: TrainState,
+        *,
+        step: int | None = None,
+        data_iterator: Any = None,
+        initial: TrainState | None = None,
+    ) -> TrainState:
+        """Restore the state at ``step`` (default: latest) onto ``target``'s shapes/shardings.
+
+        Args:
+          target: an abstract ``TrainState`` (``jax.ShapeDtypeStruct`` leaves with the
+            shardings wanted now) or a concrete one.
+          data_iterator: if given, its ``set_state`` receives the saved iterator state.
+          initial: supplies ``frozen`` / ``ref_params`` when they were not saved.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        step_dir = self.directory / str(step)
+        saved = {p.name for p in step_dir.iterdir()} if step_dir.exists() else set()
+        keys = self._state_keys(step)
+        have_frozen, have_ref = "frozen" in keys, "ref_params" in keys
+        tree_target = state_to_tree(target, save_frozen=have_frozen, save_reference=have_ref)
+        tree_target = jax.tree.map(_as_abstract, tree_target)
+        items = {"state": ocp.args.StandardRestore(tree_target)}
+        if data_iterator is not None:
+            if "data" not in saved:
+                raise FileNotFoundError(f"checkpoint {step_dir} has no data-iterator state")
+            items["data"] = DataStateRestore()
+        out = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+        tree = out["state"]
+        if data_iterator is not None:
+            data_iterator.set_state(decode_iterator_state(out["data"]))
+
+        def from_initial(name):
+            if initial is None or getattr(initial, name) is None:
+                raise ValueError(
+                    f"checkpoint {step_dir} has no {name}: pass initial= to restore them"
+                )
+            return getattr(initial, name)
+
+        frozen = tree["frozen"] if "frozen" in tree else (target.frozen and from_initial("frozen"))
+        ref = None
+        if target.ref_params is not None:
+            ref = tree["ref_params"] if "ref_params" in tree else from_initial("ref_params")
+        return TrainState(
+            step=tree["step"],
+            params=tree["params"],
+            frozen=frozen if frozen else {},
+            opt_state=tree["opt_state"],
+            ref_params=ref,
+        )
+
+    def _state_keys(self, step: int) -> list[str]:
+        meta = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return list(meta["meta"]["state_keys"])
+
+    def restore_config(self, step: int | None = None) -> dict | None:
+        step = self.latest_step() if step is None else step
+        if step is None or not (self.directory / str(step) / "config").exists():
+            return None
+        return self.manager.restore(
+            int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )["config"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _as_abstract(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        if x.sharding is None:
+            dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev)
+        return x
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class PreemptionWatcher:
+    """SIGTERM sets a flag; ``should_stop(step)`` tells the loop to save and leave.
+
+    Use as a context manager (the previous handler comes back on exit). Signal handlers can
+    only be installed from the main thread; elsewhere the watcher only uses JAX's sync point.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.signals = signals
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        del frame
+        self.requested = True
+        print(f"[train] received signal {signum}: saving a checkpoint and stopping", flush=True)
+
+    def __enter__(self) -> PreemptionWatcher:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            try:
+                from jax.experimental import multihost_utils
+
+                return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+            except Exception:  # noqa: BLE001 - no preemption service: use the local flag
+                return self.requested
+        return self.requested

@@ -1,0 +1,177 @@
+"""Training metrics: ``workdir/metrics.jsonl``, TensorBoard events, a console line, MFU.
+
+MFU = (FLOPs of one step per device, from the compiled step's ``cost_analysis()``) /
+(step time) / (the chip's peak dense bf16 FLOP/s). ``cost_analysis`` reports the
+per-device program of an SPMD step, and XLA counts the body of a ``while`` loop (a
+``lax.scan``) once: ``step_flops`` multiplies by the number of micro-batches; a model with
+scanned layers is still under-counted by its layer count — pass ``flops_per_step``
+to the trainer (e.g. an analytic count) in that case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+# Peak dense bf16 FLOP/s per chip (per device as JAX sees it), from the vendors' data sheets.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("tpu v6 lite", 918e12),  # v6e (Trillium)
+    ("tpu v6e", 918e12),
+    ("tpu v5 lite", 197e12),  # v5e
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),  # v5p reports "TPU v5"
+    ("tpu v4", 275e12),  # per chip (one JAX device = one megacore chip)
+    ("h200", 989e12),
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),  # SXM
+    ("a100", 312e12),
+)
+
+
+def peak_flops_per_device(device: Any = None) -> float | None:
+    """Peak bf16 dense FLOP/s of ``device`` (default: the first one); None if unknown (CPU)."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    kind = str(getattr(device, "device_kind", "")).lower()
+    for key, flops in PEAK_FLOPS:
+        if key in kind:
+            return flops
+    return None
+
+
+def compiled_flops(compiled: Any) -> float | None:
+    """FLOPs of a compiled (``jit(...).lower(...).compile()``) program, per device."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends have no cost model
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    if not ca or "flops" not in ca:
+        return None
+    f = float(ca["flops"])
+    return f if f > 0 else None
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, (int, float, str, bool)) or v is None:
+        return v
+    a = np.asarray(v)
+    if a.size == 1:
+        x = a.reshape(()).item()
+        return x
+    return a.tolist()
+
+
+class MetricsWriter:
+    """Writes one JSON line per logging step (and TensorBoard scalars), prints a progress line.
+
+    Only process 0 writes files and prints (others are no-ops).
+    """
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, console: bool = True):
+        self.workdir = workdir
+        self.active = jax.process_index() == 0
+        self.console = console
+        self._tb = None
+        self._file = None
+        if self.active:
+            os.makedirs(workdir, exist_ok=True)
+            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            if tensorboard:
+                try:
+                    from tensorboardX import SummaryWriter
+
+                    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                except ImportError:  # pragma: no cover
+                    print("[train] tensorboardX not installed: no TensorBoard events")
+
+    def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "") -> dict:
+        """Write ``metrics`` (scalars; arrays are fetched) for ``step``; returns the record."""
+        rec = {"step": int(step), "time": time.time()}
+        rec.update({prefix + k: _scalar(v) for k, v in metrics.items()})
+        if not self.active:
+            return rec
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(k, v, int(step))
+            self._tb.flush()
+        if self.console:
+            print(format_progress(rec), flush=True)
+        return rec
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def format_progress(rec: Mapping[str, Any]) -> str:
+    """One console line.
+
+    ``step 100 | loss 2.34 | lr 2.0e-05 | 1,234 tok/s | 3.20 samples/s | 0.512 s/step | MFU 41%``
+    """
+
+    def f(key, fmt):
+        v = rec.get(key)
+        return None if v is None else fmt.format(v)
+
+    parts = [f"step {rec['step']}"]
+    for key, label, fmt in (
+        ("loss", "loss", "{:.4f}"),
+        ("eval/loss", "eval loss", "{:.4f}"),
+        ("lr", "lr", "{:.2e}"),
+        ("grad_norm", "gnorm", "{:.3f}"),
+        ("tokens_per_sec", None, "{:,.0f} tok/s"),
+        ("samples_per_sec", None, "{:.2f} samples/s"),
+        ("step_time", None, "{:.3f} s/step"),
+    ):
+        s = f(key, fmt)
+        if s is not None:
+            parts.append(f"{label} {s}" if label else s)
+    if rec.get("mfu") is not None:
+        parts.append(f"MFU {100 * rec['mfu']:.1f}%")
+    elif rec.get("flops_per_sec_per_device") is not None:
+        parts.append(f"{rec['flops_per_sec_per_device'] / 1e9:.2f} GFLOP/s/device")
+    return " | ".join(parts)
+
+
+def throughput(
+    *,
+    steps: int,
+    seconds: float,
+    tokens: float,
+    samples: float,
+    flops_per_step: float | None,
+    peak: float | None,
+) -> dict[str, float | None]:
+    """Speed metrics over a logging window of ``steps`` steps taking ``seconds``."""
+    seconds = max(seconds, 1e-9)
+    step_time = seconds / max(steps, 1)
+    out: dict[str, float | None] = {
+        "step_time": step_time,
+        "tokens_per_sec": tokens / seconds,
+        "samples_per_sec": samples / seconds,
+        "flops_per_step": flops_per_step,
+        "flops_per_sec_per_device": None,
+        "mfu": None,
+    }
+    if flops_per_step:
+        out["flops_per_sec_per_device"] = flops_per_step / step_time
+        if peak:
+            out["mfu"] = flops_per_step / step_time / peak
+    return out
