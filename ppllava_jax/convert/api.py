@@ -91,6 +91,7 @@ def convert_checkpoint(
         )
     hf = json.loads(cfg_path.read_text())
     fam = registry.get_family(family) if family else registry.detect_family(hf)
+    hf = fam.read_hf_config(source)
     cfg = with_runtime(fam.config_from_hf(hf), scan_layers=scan_layers)
     abstract = fam.abstract_params(cfg)
     ckpt = TorchCheckpoint(source)
@@ -108,10 +109,11 @@ def convert_checkpoint(
 def _scan_layout(params: Any) -> bool | None:
     """True if the tree holds stacked ``layers``, False for ``layers_i``, None if neither."""
     segs = {s for k in traverse_util.flatten_dict(params) for s in k}
-    if any(_UNSCANNED.match(s) for s in segs):
-        return False
+    # stacks win: a scanned PPLLaVA still has unscanned BT-Adapter layers (btadapter_S_layers_0)
     if any(_SCANNED.match(s) for s in segs):
         return True
+    if any(_UNSCANNED.match(s) for s in segs):
+        return False
     return None
 
 
@@ -167,4 +169,6 @@ def export_checkpoint(
     if len(written) == 1:
         hf["dtype"] = written.pop()
     (out / "config.json").write_text(json.dumps(hf, indent=2))
+    if fam.write_hf_extras is not None:
+        fam.write_hf_extras(cfg, out)
     return out

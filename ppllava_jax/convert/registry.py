@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from ppllava_jax.convert.mapping import KeyMap
 
 FAMILY_MODULES = (
+    "ppllava_jax.convert.ppllava_family",
     "ppllava_jax.convert.llama_keys",
     "ppllava_jax.convert.clip_keys",
-    "ppllava_jax.convert.ppllava_keys",
 )
+
+
+def read_json_config(source: Path) -> dict:
+    """The ``config.json`` of a Hugging Face model directory."""
+    return json.loads((Path(source) / "config.json").read_text())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +40,9 @@ class Family:
       transformers 4 and 5 layouts.
     export_keymap: ``model config -> KeyMap`` used to write PyTorch names back.
     ignore: regexes of checkpoint keys that are buffers, not parameters.
+    read_hf_config: ``source dir -> hf_config_dict`` (default: its config.json; PPLLaVA also
+      reads the CLIP config its ``clip_weight`` names).
+    write_hf_extras: ``(model config, out dir) -> None``, files besides config.json on export.
     """
 
     name: str
@@ -43,6 +53,8 @@ class Family:
     keymap: Callable[[Any, Iterable[str]], KeyMap]
     export_keymap: Callable[[Any], KeyMap]
     ignore: tuple[str, ...] = ()
+    read_hf_config: Callable[[Path], dict] = read_json_config
+    write_hf_extras: Callable[[Any, Path], None] | None = None
 
 
 def families() -> list[Family]:

@@ -1,0 +1,177 @@
+"""Parity with the authors' PyTorch PPLLaVA through the reference fixtures.
+
+The fixture directory comes from ``PPLLAVA_REFERENCE_DIR`` (default
+``tests/fixtures/reference_ppllava``); every size, kernel, stride, temperature, depth, token id
+and pinpoint is read from its ``config.json``, so another directory of the same layout but a
+different configuration runs unchanged. The checkpoint is converted with the project's converter.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ppllava_jax.convert.api import convert_checkpoint, load_checkpoint
+from ppllava_jax.data.collate import Media, Sample, collate
+from ppllava_jax.generate import SamplingConfig, generate
+from ppllava_jax.models.longclip import extend_positions
+from ppllava_jax.models.ppllava import PPLLaVA
+from ppllava_jax.models.pooling import pool_windows, weighted_pool3d
+
+REF = Path(
+    os.environ.get("PPLLAVA_REFERENCE_DIR", Path(__file__).parent / "fixtures/reference_ppllava")
+)
+KINDS = {"video": "video", "image": "image", "multi-image": "multi", "multi_image": "multi"}
+
+
+def _load(name):
+    return dict(np.load(REF / f"{name}.npz", allow_pickle=False))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ckpt"
+    convert_checkpoint(REF, out)
+    family, cfg, params = load_checkpoint(out)
+    assert family == "ppllava"
+    return cfg, params
+
+
+def _samples(data, cfg, with_labels):
+    samples = []
+    for i, kind in enumerate(data["media_types"]):
+        m = data["attention_mask"][i].astype(bool)
+        px = data[f"pixel_values_{i}"]
+        kind = KINDS[str(kind)]
+        if kind == "image":  # (1, V, 3, H, W)
+            pixels = px[0].transpose(0, 2, 3, 1)
+        else:  # (T, 1, 3, H, W)
+            pixels = px[:, 0].transpose(0, 2, 3, 1)
+        media = Media(kind, pixels, tuple(int(v) for v in data["image_sizes"][i]))
+        samples.append(
+            Sample(
+                input_ids=data["input_ids"][i][m],
+                labels=data["labels"][i][m] if with_labels else None,
+                media=media,
+                clip_ids=data["clip_ids"][i],
+                clip_mask=data["clip_mask"][i],
+            )
+        )
+    return samples
+
+
+def _padding_side(data):
+    return "left" if (data["attention_mask"][:, 0] == 0).any() else "right"
+
+
+_FORWARD_CACHE = {}
+
+
+def _forward(converted, name):
+    if name not in _FORWARD_CACHE:
+        cfg, params = converted
+        data = _load(name)
+        side = _padding_side(data)
+        batch = collate(_samples(data, cfg, "labels" in data), cfg, padding_side=side)
+        model = PPLLaVA(cfg)
+        out = jax.jit(lambda p, b: model.apply({"params": p}, b, return_visual_attention=True))(
+            params, batch
+        )
+        emb, _ = jax.jit(lambda p, b: model.apply({"params": p}, b, method="embed_inputs"))(
+            params, batch
+        )
+        _FORWARD_CACHE[name] = (name, data, batch, jax.device_get(out), np.asarray(emb), side)
+    return _FORWARD_CACHE[name]
+
+
+@pytest.fixture(params=["forward_train_batch", "forward_infer_batch"])
+def forward(request, converted):
+    return _forward(converted, request.param)
+
+
+def test_pooling_cases():
+    data = _load("pooling")
+    cases = sorted({k.split("_")[0] for k in data})
+    assert cases
+    for c in cases:
+        args = json.loads(str(data[f"{c}_args"]))
+        x = data[f"{c}_input"].transpose(0, 2, 3, 4, 1)  # (N,C,D,H,W) -> (N,D,H,W,C)
+        w = data.get(f"{c}_weights")
+        k, s, _ = pool_windows(
+            x.shape[1:4],
+            kernel=args.get("kernel"),
+            stride=args.get("stride"),
+            output_size=args.get("output_size"),
+        )
+        temp = args.get("temperature")
+        y = weighted_pool3d(
+            jnp.asarray(x), None if w is None else jnp.asarray(w), k, s, temp or 1.0
+        )
+        np.testing.assert_allclose(
+            np.asarray(y).transpose(0, 4, 1, 2, 3), data[f"{c}_output"], atol=1e-5, err_msg=c
+        )
+
+
+def test_longclip_table(converted):
+    cfg, _ = converted
+    data = _load("longclip")
+    ext = extend_positions(data["position_embedding_77"], keep=cfg.clip_text.position_keep)
+    np.testing.assert_allclose(ext, data["position_embedding_248"], atol=1e-6)
+
+
+def test_visual_tokens(forward):
+    name, data, batch, _, emb, _ = forward
+    n = len(data["media_types"])
+    for i in range(n):
+        ref = data[f"visual_tokens_{i}"].reshape(-1, data[f"visual_tokens_{i}"].shape[-1])
+        got = emb[i][batch["visual_index"][i] >= 0]
+        assert got.shape == ref.shape, f"{name} sample {i}: {got.shape} vs {ref.shape}"
+        np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=f"{name} sample {i}")
+
+
+def test_logits_at_attended_positions(forward):
+    name, data, batch, out, _, side = forward
+    ref = data["logits"]
+    for i in range(ref.shape[0]):
+        m = batch["attention_mask"][i].astype(bool)
+        n = int(m.sum())
+        ref_i = ref[i, :n] if side == "right" else ref[i, ref.shape[1] - n :]
+        np.testing.assert_allclose(out["logits"][i][m], ref_i, atol=1e-4, err_msg=f"{name} {i}")
+
+
+def test_loss(converted):
+    _, data, _, out, _, _ = _forward(converted, "forward_train_batch")
+    np.testing.assert_allclose(out["loss"], data["loss"], rtol=1e-5)
+
+
+def test_visual_attention(forward):
+    name, data, batch, out, _, _ = forward
+    kind = KINDS[str(data["media_types"][0])]
+    ref = data["visual_attention_0"]
+    got = out["visual_attention"][kind][0]
+    t = ref.shape[1]
+    np.testing.assert_allclose(got[:t], ref[0], atol=1e-5, err_msg=name)
+
+
+def test_greedy_generation(converted):
+    cfg, params = converted
+    data = _load("generate_greedy")
+    px = data["pixel_values_0"][:, 0].transpose(0, 2, 3, 1)
+    sample = Sample(
+        input_ids=data["input_ids"][0],
+        media=Media("video", px),
+        clip_ids=data["clip_ids"][0],
+        clip_mask=data["clip_mask"][0],
+    )
+    batch = collate([sample], cfg, padding_side="left")
+    n_new = data["step_logits"].shape[1]
+    sc = SamplingConfig(max_new_tokens=n_new, eos_token_id=cfg.llm.eos_token_id, return_logits=True)
+    model = PPLLaVA(cfg)
+    out = jax.jit(lambda p, b: generate(model, p, b, sc))(params, batch)
+    prompt = data["input_ids"].shape[1]
+    np.testing.assert_array_equal(np.asarray(out["tokens"][0]), data["output_ids"][0, prompt:])
+    np.testing.assert_allclose(np.asarray(out["logits"]), data["step_logits"], atol=1e-4)
