@@ -184,3 +184,224 @@ class LlamaConfig(Runtime):
 
 
 LN_100 = math.log(100.0)
+
+
+_OPENAI_CLIP_L336_TEXT = dict(  # text tower of openai/clip-vit-large-patch14-336
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    layer_norm_eps=1e-5,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=0,  # the legacy ids of that config.json: pooling at argmax(ids)
+    eos_token_id=2,
+    pad_token_id=1,
+)
+
+# PPLLaVA fields of the original's config.json, with the original's class defaults where the
+# 7B model does not differ (pooling/btadapter/extend_clip are the 7B model's values).
+_PPLLAVA_FIELDS = (
+    "image_token_index",
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+    "image_grid_pinpoints",
+    "projector_hidden_act",
+    "pooling",
+    "pooling_kernel",
+    "pooling_stride",
+    "image_pooling_kernel",
+    "image_pooling_stride",
+    "pllava_pooling_shape",
+    "frame_shape",
+    "pooling_temp",
+    "btadapter",
+    "btadapter_depth",
+    "max_T",
+    "extend_clip",
+    "clip_weight",
+    "clip_post_pretrain",
+    "ignore_index",
+    "pad_token_id",
+)
+
+# an explicit null in config.json means "not set" for these (the image kernel then falls back to
+# the video one, as in the original)
+_NULLABLE_FIELDS = (
+    "pooling_kernel",
+    "pooling_stride",
+    "image_pooling_kernel",
+    "image_pooling_stride",
+    "pllava_pooling_shape",
+    "clip_weight",
+    "clip_post_pretrain",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPLLaVAConfig(Runtime):
+    """The whole PPLLaVA model (a LLaVA-NeXT config.json plus the PPLLaVA fields).
+
+    vision: the CLIP vision tower (``vision_config``); clip_text: the projector's CLIP text tower
+      (from ``clip/config.json`` that ``clip_weight`` names; 248 positions when ``extend_clip``);
+      llm: the decoder (``text_config``).
+    pooling: 'ppllava' (prompt-guided) | 'avp' (mean over frames) | 'none' (all tokens) |
+      'pllava' (adaptive average pool to ``pllava_pooling_shape``).
+    pooling_kernel/stride: video windows (t, h, w); image_pooling_kernel/stride: still images,
+      any-resolution views and multi-image samples (None: the video ones).
+    frame_shape: patch grid (rows, cols) of one frame.
+    pooling_temp: temperature of the in-window softmax.
+    btadapter, btadapter_depth, max_T: the BT-Adapter (SPEC section 2); max_T rows of time
+      embedding = the most frames one sample may have.
+    Runtime fields (dtype, scan_layers, ...) are copied to the three sub-configs.
+    """
+
+    vision: CLIPVisionConfig = dataclasses.field(default_factory=CLIPVisionConfig)
+    clip_text: CLIPTextConfig = dataclasses.field(
+        default_factory=lambda: CLIPTextConfig(
+            **{**_OPENAI_CLIP_L336_TEXT, "max_position_embeddings": 248}, extended=True
+        )
+    )
+    llm: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
+    image_token_index: int = 32000
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = (
+        (336, 672),
+        (672, 336),
+        (672, 672),
+        (1008, 336),
+        (336, 1008),
+    )
+    projector_hidden_act: str = "gelu"
+    pooling: str = "ppllava"
+    pooling_kernel: tuple[int, int, int] | None = (2, 3, 3)
+    pooling_stride: tuple[int, int, int] | None = (2, 3, 3)
+    image_pooling_kernel: tuple[int, int, int] | None = (1, 3, 3)
+    image_pooling_stride: tuple[int, int, int] | None = (1, 3, 3)
+    pllava_pooling_shape: tuple[int, int, int] | None = None
+    frame_shape: tuple[int, int] = (24, 24)
+    pooling_temp: float = 0.01
+    btadapter: bool = True
+    btadapter_depth: int = 4
+    max_T: int = 128
+    extend_clip: bool = True
+    clip_weight: str | None = None
+    clip_post_pretrain: str | None = None
+    ignore_index: int = -100
+    pad_token_id: int = 0
+    # Not in config.json: reproduce the original BT-Adapter's reading of a sample with exactly 3
+    # frames/images as channels-first (its ``x.shape[1] == 3`` test), which swaps the frame and
+    # colour axes of those 3 frames. The released model ran (and was trained) that way, and the
+    # fixtures' 3-image sample depends on it; False gives the evident intent.
+    legacy_three_frame_swap: bool = True
+
+    def __post_init__(self) -> None:
+        rt = self.runtime()
+        for name in ("vision", "clip_text", "llm"):
+            sub = getattr(self, name)
+            if sub.runtime() != rt:
+                object.__setattr__(self, name, sub.replace(**rt))
+        if self.pooling not in ("ppllava", "avp", "none", "pllava"):
+            raise ValueError(
+                f"pooling={self.pooling!r} is not supported; use 'ppllava', 'avp', 'none' or "
+                "'pllava'"
+            )
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(
+                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}; "
+                "expected 'default' or 'full'"
+            )
+        if tuple(self.frame_shape) != (self.vision.grid, self.vision.grid):
+            raise ValueError(
+                f"frame_shape={self.frame_shape} does not match the vision tower's patch grid "
+                f"{self.vision.grid}x{self.vision.grid} (image_size {self.vision.image_size} / "
+                f"patch_size {self.vision.patch_size})"
+            )
+        if self.btadapter and not 1 <= self.btadapter_depth <= self.vision.num_hidden_layers:
+            raise ValueError(
+                f"btadapter_depth={self.btadapter_depth} must be in [1, "
+                f"{self.vision.num_hidden_layers}] (the vision tower's layers)"
+            )
+
+    @property
+    def clip_projection_dim(self) -> int:
+        """Width of the projector's CLIP visual/text projections."""
+        return self.clip_text.projection_dim
+
+    def pool_kernel_stride(self, video: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(kernel, stride) of the prompt-guided pool: video ones, or the image ones (still
+        images, any-resolution views, multi-image samples; falling back to the video ones)."""
+        k, s = self.pooling_kernel, self.pooling_stride
+        if not video:
+            k = self.image_pooling_kernel if self.image_pooling_kernel is not None else k
+            s = self.image_pooling_stride if self.image_pooling_stride is not None else s
+        if k is None or s is None:
+            raise ValueError(
+                "pooling='ppllava' needs pooling_kernel and pooling_stride in config.json"
+            )
+        return tuple(k), tuple(s)
+
+    @classmethod
+    def from_hf(
+        cls, d: dict[str, Any], clip_config: dict[str, Any] | None = None, **runtime: Any
+    ) -> PPLLaVAConfig:
+        """From the original's config.json ``d`` and the ``clip/config.json`` its
+        ``clip_weight`` points to (None: OpenAI clip-vit-large-patch14-336's text tower)."""
+        if d.get("qwen"):
+            raise NotImplementedError("the Qwen/SigLIP variant of PPLLaVA is not supported")
+        rt = {k: v for k, v in runtime.items() if v is not None}
+        vision = CLIPVisionConfig.from_hf(d.get("vision_config", {}), **rt)
+        llm = LlamaConfig.from_hf(d.get("text_config", {}), **rt)
+        text = (
+            CLIPTextConfig.from_hf(clip_config, **rt)
+            if clip_config is not None
+            else CLIPTextConfig(**_OPENAI_CLIP_L336_TEXT, **rt)
+        )
+        extend = bool(d.get("extend_clip", cls.extend_clip))
+        if extend:
+            base = text.max_position_embeddings if not text.extended else 77
+            text = text.replace(
+                extended=True,
+                max_position_embeddings=4 * base - 3 * text.position_keep,
+            )
+        kw = {
+            k: d[k]
+            for k in _PPLLAVA_FIELDS
+            if k in d and (d[k] is not None or k in _NULLABLE_FIELDS)
+        }
+        for k, v in list(kw.items()):
+            if isinstance(v, list):
+                kw[k] = _tuplify(v)
+        return cls(vision=vision, clip_text=text, llm=llm, **kw, **rt)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The original's config.json (LLaVA-NeXT layout plus the PPLLaVA fields)."""
+        d: dict[str, Any] = {k: _listify(getattr(self, k)) for k in _PPLLAVA_FIELDS}
+        vision = self.vision.to_hf()
+        vision.update(depth=self.btadapter_depth, max_T=self.max_T)
+        d.update(
+            model_type="llava_next",
+            vision_config=vision,
+            text_config=self.llm.to_hf(),
+            hidden_size=self.llm.hidden_size,
+            qwen=False,
+        )
+        return d
+
+    def clip_to_hf(self) -> dict[str, Any]:
+        """``clip/config.json`` for the projector's CLIP (text tower as in the checkpoint, 77
+        positions before the extension; vision tower = the LLaVA vision config)."""
+        text = self.clip_text.to_hf()
+        if self.clip_text.extended:
+            k = self.clip_text.position_keep
+            text["max_position_embeddings"] = (self.clip_text.max_position_embeddings + 3 * k) // 4
+        return {
+            "model_type": "clip",
+            "architectures": ["CLIPModel"],
+            "projection_dim": self.clip_text.projection_dim,
+            "text_config": text,
+            "vision_config": self.vision.to_hf(),
+        }

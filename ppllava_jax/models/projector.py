@@ -1,0 +1,306 @@
+"""PPLLaVA's projector: prompt-guided pooling (SPEC section 3) and the other pooling modes.
+
+Parameters mirror the checkpoint's ``multi_modal_projector.*``: ``clip_text_model`` (a CLIP text
+transformer, 248 positions with Long-CLIP), ``clip_text_projection`` and
+``clip_visual_projection`` (no bias), ``clip_visual_ln`` (the projector's own copy of CLIP's
+post-LN), ``linear_1``/``linear_2`` (the LLaVA MLP), ``logit_scale`` (scalar, frozen).
+
+Computation for one sample with features ``F[T, P, C]`` (class token dropped) and CLIP prompt:
+
+1. ``e = clip_visual_projection(clip_visual_ln(F))``, ``c = clip_text_projection(pooled text)``;
+2. ``s = cos(c, e)`` per patch: the "visual attention" ``[T, h, w]`` (raw cosine);
+3. ``a = softmax(exp(logit_scale) * s)`` over *all* valid ``T * P`` patches of the sample;
+4. ``V = linear_2(gelu(linear_1(F)))`` and ``weighted_pool3d(V[T, h, w], a, kernel, stride,
+   pooling_temp)``: tokens ``[T', h', w']``, flattened (t, row, col).
+
+What the original does with each media type (read from its code and checked against the
+fixtures ``forward_*_batch.npz`` -> ``visual_tokens_i`` at <= 1e-5, tests/test_projector.py,
+tests/test_btadapter.py). This is the contract for the visual-token merge:
+
+- **video** (T frames): the vision tower runs the T frames as *one* BT-Adapter sequence; the
+  projector pools the sample with the *video* kernel/stride (``pooling_kernel`` (2,3,3)) and one
+  softmax over all ``T*P`` patches. Tokens: ``T' * h' * w'`` in (t, row, col) order; frames that
+  do not fill a temporal window are dropped. Nothing else is appended.
+- **any-resolution image** (``V = 1 + rows*cols`` views: base view, then the grid crops row-major):
+  the vision tower runs every view *separately* (BT-Adapter with T = 1 per view); the projector
+  then treats the V views as the V "frames" of *one* sample: one softmax over all ``V*P`` patches
+  (base and crops together), pooled with the *image* kernel (``image_pooling_kernel`` (1,3,3)),
+  i.e. each view on its own grid ``h' x w'``. The merged tokens are
+  ``base view tokens (h'*w', no newline)``, then the crops' pooled grids tiled into a
+  ``(rows*h', cols*w')`` grid, *unpadded* to the image's aspect ratio (transformers 4.45
+  ``unpad_image`` on the pooled grid, ``image_sizes`` = (height, width), grid from
+  ``select_best_resolution(image_size, image_grid_pinpoints)`` / vision ``image_size``), with
+  ``image_newline`` appended after every row; row-major. A single-view image (no crops) gives its
+  ``h'*w'`` tokens followed by one ``image_newline``. ``anyres_token_order`` plans this on the
+  host; ``gather_tokens`` applies it.
+- **multi-image** (N images): the vision tower runs the N images as *one* BT-Adapter sequence of
+  N frames (temporal attention across images, time embeddings 0..N-1); the projector uses the
+  *image* kernel with one softmax over all ``N*P`` patches; image ``i``'s ``h'*w'`` tokens replace
+  the sample's ``i``-th image token. No newline.
+
+Static shapes: samples are padded to a common T with ``frame_mask`` (valid frames first). Padded
+frames are excluded from the softmax; output frames whose window reaches a padded frame are
+flagged False in ``token_mask`` and must not be merged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppllava_jax.models import layers
+from ppllava_jax.models.clip import CLIPTextTransformer
+from ppllava_jax.models.config import PPLLaVAConfig
+from ppllava_jax.models.pooling import adaptive_avg_pool3d, pool_windows, weighted_pool3d
+
+Array = jax.Array
+
+
+def _normalize(x: Array) -> Array:
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class PPLLaVAProjector(nn.Module):
+    """The projector (``multi_modal_projector`` in the full model)."""
+
+    cfg: PPLLaVAConfig
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        d_llm = cfg.llm.hidden_size
+        vcfg = cfg.vision
+        self.linear_1 = layers.dense(d_llm, ("embed", "mlp"), vcfg)
+        self.linear_2 = layers.dense(d_llm, ("mlp", "embed"), vcfg)
+        if cfg.pooling == "ppllava":
+            pd = cfg.clip_projection_dim
+            self.clip_text_model = CLIPTextTransformer(cfg.clip_text)
+            self.clip_text_projection = layers.dense(
+                pd, ("embed", None), cfg.clip_text, use_bias=False
+            )
+            self.clip_visual_ln = layers.layer_norm(vcfg, vcfg.layer_norm_eps)
+            self.clip_visual_projection = layers.dense(pd, ("embed", None), vcfg, use_bias=False)
+            self.logit_scale = self.param(
+                "logit_scale",
+                nn.with_logical_partitioning(nn.initializers.constant(math.log(100.0)), ()),
+                (),
+                jnp.float32,
+            )
+
+    def mlp(self, features: Array) -> Array:
+        """The LLaVA MLP ``linear_2(act(linear_1(F)))``: ``float[..., C] -> float[..., D]``."""
+        y = self.linear_1(features)
+        y = layers.activation(self.cfg.projector_hidden_act)(y)
+        return self.linear_2(y)
+
+    def text_embeds(self, clip_ids: Array, clip_mask: Array) -> Array:
+        """``int32[N, L], int[N, L] -> float[N, d]``: projected pooled CLIP text (not normalised).
+        The text tower is frozen and, as in the original (``torch.no_grad``), gets no gradient."""
+        pooled = self.clip_text_model(clip_ids, clip_mask)["pooler_output"]
+        return self.clip_text_projection(jax.lax.stop_gradient(pooled))
+
+    def visual_attention(self, features: Array, clip_ids: Array, clip_mask: Array) -> Array:
+        """Cosine similarity of every patch with the prompt: ``float32[N, T, P]``."""
+        e = self.clip_visual_projection(self.clip_visual_ln(features)).astype(jnp.float32)
+        c = self.text_embeds(clip_ids, clip_mask).astype(jnp.float32)
+        return jnp.einsum(
+            "nd,ntpd->ntp", _normalize(c), _normalize(e), precision=jax.lax.Precision.HIGHEST
+        )
+
+    def __call__(
+        self,
+        features: Array,
+        frame_mask: Array | None = None,
+        clip_ids: Array | None = None,
+        clip_mask: Array | None = None,
+        *,
+        video: bool = True,
+        kernel: Sequence[int] | None = None,
+        stride: Sequence[int] | None = None,
+    ) -> dict[str, Array]:
+        """Pool the features of N samples.
+
+        Args:
+          features: ``float[N, T, P, C]``, ``P = frame_shape[0] * frame_shape[1]`` (no class
+            token); for an any-resolution image T counts its views.
+          frame_mask: ``bool[N, T]``, valid frames first; None = all valid.
+          clip_ids, clip_mask: ``int32[N, L]``, the CLIP prompt (pooling 'ppllava' only).
+          video: pick the video (True) or image (False) kernel/stride from the config.
+          kernel, stride: static overrides of the window (3 ints each).
+        Returns dict:
+          ``tokens float[N, T', h', w', D]`` (pooling 'ppllava'/'pllava'; ``[N, 1, h, w, D]`` for
+          'avp' on video, ``[N, T, h, w, D]`` for 'none' and for 'avp' on images);
+          ``token_mask bool[N, T']``: output frames computed from valid frames only;
+          ``visual_attention float32[N, T, h, w]`` (raw cosine; pooling 'ppllava' only).
+        """
+        cfg = self.cfg
+        n, t, p, _ = features.shape
+        fh, fw = cfg.frame_shape
+        if p != fh * fw:
+            raise ValueError(
+                f"features have {p} patches per frame; frame_shape {cfg.frame_shape} needs "
+                f"{fh * fw} (drop the class token: vision_feature_select_strategy='default')"
+            )
+        if frame_mask is None:
+            frame_mask = jnp.ones((n, t), bool)
+        frame_mask = frame_mask.astype(bool)
+        n_valid = frame_mask.sum(-1)
+        out: dict[str, Array] = {}
+
+        if cfg.pooling == "ppllava":
+            if clip_ids is None or clip_mask is None:
+                raise ValueError("pooling='ppllava' needs clip_ids and clip_mask (the CLIP prompt)")
+            sim = self.visual_attention(features, clip_ids, clip_mask)  # [N, T, P]
+            logits = jnp.exp(self.logit_scale.astype(jnp.float32)) * sim
+            logits = jnp.where(frame_mask[:, :, None], logits, -jnp.inf).reshape(n, t * p)
+            attn = jax.nn.softmax(logits, axis=-1).reshape(n, t, fh, fw)
+            attn = jnp.where(frame_mask[:, :, None, None], attn, 0.0)
+            values = self.mlp(features).reshape(n, t, fh, fw, -1)
+            if kernel is None or stride is None:
+                k0, s0 = cfg.pool_kernel_stride(video)
+                kernel = k0 if kernel is None else kernel
+                stride = s0 if stride is None else stride
+            k, s, _ = pool_windows((t, fh, fw), kernel=kernel, stride=stride)
+            tokens = weighted_pool3d(values, attn, k, s, cfg.pooling_temp)
+            t_out = tokens.shape[1]
+            out["tokens"] = tokens
+            out["token_mask"] = jnp.arange(t_out)[None] * s[0] + k[0] <= n_valid[:, None]
+            out["visual_attention"] = sim.reshape(n, t, fh, fw)
+            return out
+
+        values = self.mlp(features).reshape(n, t, fh, fw, -1)
+        if cfg.pooling == "none" or (cfg.pooling == "avp" and not video):
+            out["tokens"], out["token_mask"] = values, frame_mask
+        elif cfg.pooling == "avp":
+            w = frame_mask.astype(jnp.float32)[:, :, None, None, None]
+            mean = (values.astype(jnp.float32) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+            out["tokens"] = mean[:, None].astype(values.dtype)
+            out["token_mask"] = n_valid[:, None] > 0
+        elif cfg.pooling == "pllava":
+            # AdaptiveAvgPool3d over (T, h, w): windows depend on T, so frames must be unpadded.
+            if cfg.pllava_pooling_shape is None:
+                raise ValueError("pooling='pllava' needs pllava_pooling_shape in config.json")
+            tokens = adaptive_avg_pool3d(values, cfg.pllava_pooling_shape)
+            out["tokens"] = tokens
+            out["token_mask"] = jnp.ones((n, tokens.shape[1]), bool)
+        else:  # pragma: no cover - PPLLaVAConfig validates
+            raise ValueError(f"unknown pooling {cfg.pooling!r}")
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Any-resolution layout (host side, numpy): transformers 4.45's LLaVA-NeXT helpers.
+
+
+def select_best_resolution(
+    original_size: Sequence[int], possible_resolutions: Sequence[Sequence[int]]
+) -> tuple[int, int]:
+    """The pinpoint ``(height, width)`` that keeps the most of an image of ``(height, width)``
+    (ties: the least wasted area), as transformers' LLaVA-NeXT picks it."""
+    oh, ow = (int(v) for v in original_size)
+    best, best_eff, best_waste = None, 0, float("inf")
+    for h, w in possible_resolutions:
+        scale = min(w / ow, h / oh)
+        dw, dh = int(ow * scale), int(oh * scale)
+        eff = min(dw * dh, ow * oh)
+        waste = w * h - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (int(h), int(w)), eff, waste
+    if best is None:
+        raise ValueError(f"no image_grid_pinpoints to choose from: {possible_resolutions!r}")
+    return best
+
+
+def anyres_grid_shape(
+    image_size: Sequence[int], grid_pinpoints: Sequence[Sequence[int]], tile: int
+) -> tuple[int, int]:
+    """(rows, cols) of crops for an image of ``(height, width)``; ``tile`` = vision image_size."""
+    h, w = select_best_resolution(image_size, grid_pinpoints)
+    return h // tile, w // tile
+
+
+def unpad_slices(original_size: Sequence[int], current: tuple[int, int]) -> tuple[slice, slice]:
+    """Rows/cols of a ``current = (H, W)`` grid kept by transformers 4.45's ``unpad_image`` for
+    an image of ``original_size = (height, width)`` (``int()`` truncation, as 4.45 does)."""
+    oh, ow = (int(v) for v in original_size)
+    ch, cw = current
+    if ow / oh > cw / ch:
+        new_h = int(oh * (cw / ow))
+        pad = (ch - new_h) // 2
+        return slice(pad, ch - pad), slice(0, cw)
+    new_w = int(ow * (ch / oh))
+    pad = (cw - new_w) // 2
+    return slice(0, ch), slice(pad, cw - pad)
+
+
+def anyres_token_order(
+    image_size: Sequence[int],
+    grid_pinpoints: Sequence[Sequence[int]],
+    tile: int,
+    pooled_hw: tuple[int, int],
+    num_views: int | None = None,
+) -> np.ndarray:
+    """Host-side plan of an any-resolution image's merged tokens.
+
+    ``image_size``: (height, width) of the original image; ``tile``: vision ``image_size``;
+    ``pooled_hw``: per-view pooled grid ``(h', w')``; ``num_views``: views actually given (1 for
+    a plain image, else ``1 + rows*cols``; checked).
+
+    Returns ``int32[L]``: indices into the views' tokens flattened (view, row, col), ``-1`` for
+    ``image_newline``. With crops: base view, then the unpadded crop grid row by row, each row
+    followed by -1. A single view: its tokens, then one -1.
+    """
+    ph, pw = pooled_hw
+    per = ph * pw
+    rows, cols = anyres_grid_shape(image_size, grid_pinpoints, tile)
+    if num_views is None:
+        num_views = 1 + rows * cols
+    if num_views == 1:
+        return np.concatenate([np.arange(per), [-1]]).astype(np.int32)
+    if num_views != 1 + rows * cols:
+        raise ValueError(
+            f"image of size {tuple(image_size)} has a {rows}x{cols} crop grid "
+            f"(1 + {rows * cols} views) but {num_views} views were given"
+        )
+    r = np.arange(rows * ph)[:, None]
+    c = np.arange(cols * pw)[None, :]
+    view = 1 + (r // ph) * cols + (c // pw)
+    grid = view * per + (r % ph) * pw + (c % pw)
+    rs, cs = unpad_slices(image_size, grid.shape)
+    grid = grid[rs, cs]
+    grid = np.concatenate([grid, np.full((grid.shape[0], 1), -1)], axis=1)
+    return np.concatenate([np.arange(per), grid.reshape(-1)]).astype(np.int32)
+
+
+def gather_tokens(tokens: Array, order: Array, newline: Array) -> Array:
+    """``tokens float[M, D]``, ``order int32[L]`` (-1 = newline), ``newline float[D]`` ->
+    ``float[L, D]``."""
+    picked = jnp.take(tokens, jnp.maximum(order, 0), axis=0)
+    return jnp.where((order < 0)[:, None], newline.astype(tokens.dtype)[None], picked)
+
+
+def num_pooled(cfg: PPLLaVAConfig, frames: int, video: bool) -> tuple[int, int, int]:
+    """Pooled grid ``(T', h', w')`` of a sample with ``frames`` frames/views."""
+    if cfg.pooling != "ppllava":
+        t = 1 if (cfg.pooling == "avp" and video) else frames
+        if cfg.pooling == "pllava":
+            return tuple(cfg.pllava_pooling_shape)  # type: ignore[return-value]
+        return (t, *cfg.frame_shape)
+    k, s = cfg.pool_kernel_stride(video)
+    return pool_windows((frames, *cfg.frame_shape), kernel=k, stride=s)[2]
+
+
+__all__: Any = [
+    "PPLLaVAProjector",
+    "anyres_grid_shape",
+    "anyres_token_order",
+    "gather_tokens",
+    "num_pooled",
+    "select_best_resolution",
+    "unpad_slices",
+]
