@@ -6,6 +6,10 @@
     # converted directory -> transformers directory (safetensors + config.json)
     python convert_torch_weights.py --to_torch --source ckpt/vicuna --output hf_out/vicuna
 
+    # the paper's training start point: LLaVA-NeXT + OpenAI CLIP -> a PPLLaVA directory
+    python convert_torch_weights.py --source hf/llava-v1.6-vicuna-7b-hf \
+        --clip hf/clip-vit-large-patch14-336 --output ckpt/ppllava_start
+
 The model family is detected from config.json (``--family`` overrides). Errors (a missing
 directory, an unknown family, tensors that do not fit the config) are printed and the exit code
 is 1.
@@ -31,6 +35,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="storage dtype (default: float32 for JAX, as stored for --to_torch)",
     )
     p.add_argument("--family", default=None, help="model family; default: from config.json")
+    p.add_argument(
+        "--clip",
+        default=None,
+        help="OpenAI CLIP directory: with a LLaVA-NeXT --source, build the PPLLaVA training "
+        "start point (BT-Adapter from the trunk's last layers, 248-position CLIP text tower)",
+    )
+    p.add_argument("--btadapter_depth", type=int, default=4, help="with --clip: BT-Adapter depth")
     p.add_argument(
         "--no-scan",
         dest="scan",
@@ -59,7 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     from ppllava_jax.convert.torch_io import CheckpointError
 
     try:
-        if args.to_torch:
+        if args.clip:
+            from ppllava_jax.convert.ppllava_family import build_start_point
+
+            out = build_start_point(
+                args.source,
+                args.clip,
+                args.output,
+                dtype=args.dtype or "float32",
+                scan_layers=args.scan,
+                btadapter_depth=args.btadapter_depth,
+            )
+        elif args.to_torch:
             if args.family:
                 raise ValueError("--family is read from the converted directory with --to_torch")
             out = api.export_checkpoint(

@@ -19,8 +19,8 @@ from ppllava_jax.convert.api import convert_checkpoint, load_checkpoint
 from ppllava_jax.data.collate import Media, Sample, collate
 from ppllava_jax.generate import SamplingConfig, generate
 from ppllava_jax.models.longclip import extend_positions
-from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.models.pooling import pool_windows, weighted_pool3d
+from ppllava_jax.models.ppllava import PPLLaVA
 
 REF = Path(
     os.environ.get("PPLLAVA_REFERENCE_DIR", Path(__file__).parent / "fixtures/reference_ppllava")

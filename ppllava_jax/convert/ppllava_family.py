@@ -140,11 +140,23 @@ def _is_ppllava(d: dict) -> bool:
 # -- llava_next ----------------------------------------------------------------------------
 
 
+def _with_llava_defaults(d: dict) -> dict:
+    """Fill what a LLaVA-NeXT config.json leaves to transformers' defaults: the vision config's
+    omitted fields, the image token id and ``frame_shape`` (the tower's patch grid)."""
+    from ppllava_jax.convert.clip_keys import vision_config_from_hf
+
+    d = dict(d)
+    vision = vision_config_from_hf(d.get("vision_config", {}))
+    d["vision_config"] = vision.to_hf()
+    d.setdefault("image_token_index", d.get("image_token_id", 32000))
+    d.setdefault("frame_shape", [vision.grid, vision.grid])
+    return d
+
+
 def llava_next_config_from_hf(d: dict) -> PPLLaVAConfig:
     """LLaVA-NeXT as PPLLaVA: no BT-Adapter, no pooling, no CLIP text tower."""
-    d = {k: v for k, v in d.items() if k != "clip_config"}
+    d = _with_llava_defaults({k: v for k, v in d.items() if k != "clip_config"})
     d.update(pooling="none", btadapter=False, extend_clip=False)
-    d.setdefault("image_token_index", d.get("image_token_id", 32000))
     cfg = PPLLaVAConfig.from_hf(d, None)
     return cfg
 
@@ -205,10 +217,18 @@ def start_point_config(llava_hf: dict, clip_hf: dict, **overrides: Any) -> PPLLa
     """PPLLaVA config of the paper's start point: LLaVA-NeXT's towers and LLM, the CLIP text
     tower of ``clip_hf`` (extended to 248 positions), BT-Adapter depth 4, prompt-guided pooling.
     ``overrides``: PPLLaVA fields to change (e.g. ``btadapter_depth``, ``pooling_kernel``)."""
-    d = {k: v for k, v in llava_hf.items() if k not in ("pooling", "btadapter")}
-    d.setdefault("image_token_index", d.get("image_token_id", 32000))
-    base = PPLLaVAConfig.from_hf({**d, "pooling": "ppllava", "btadapter": True}, clip_hf)
-    return dataclasses.replace(base, **overrides) if overrides else base
+    d = _with_llava_defaults(
+        {k: v for k, v in llava_hf.items() if k not in ("pooling", "btadapter")}
+    )
+    d.update(pooling="ppllava", btadapter=True, btadapter_depth=4, extend_clip=True)
+    names = {f.name for f in dataclasses.fields(PPLLaVAConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"unknown PPLLaVA config fields {sorted(unknown)}")
+    d.update(overrides)  # PPLLaVAConfig.from_hf reads the PPLLaVA fields from the dict
+    base = PPLLaVAConfig.from_hf(d, clip_hf)
+    rest = {k: v for k, v in overrides.items() if getattr(base, k) != v}
+    return dataclasses.replace(base, **rest) if rest else base
 
 
 def build_start_point(
