@@ -1,26 +1,26 @@
 """The host-side merge plan against transformers' LLaVA-NeXT packing and hand-checked layouts."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 from transformers import LlavaNextConfig, LlavaNextModel
 
-from ppllava_jax.data.collate import GROUPS, Media, Planner, Sample, collate
+from ppllava_jax.data.collate import GROUPS, Media, Planner, Sample, anyres_grid, collate
+from ppllava_jax.models.config import CLIPVisionConfig, PPLLaVAConfig
 
 IMG = 99
 
 
 def _cfg(pooling="none", tower=24, patch=4, pinpoints=((24, 48), (48, 24), (48, 48), (72, 24))):
-    return SimpleNamespace(
-        vision=SimpleNamespace(image_size=tower, patch_size=patch),
+    return PPLLaVAConfig(
+        vision=CLIPVisionConfig(image_size=tower, patch_size=patch, num_hidden_layers=2),
+        frame_shape=(tower // patch, tower // patch),
+        btadapter_depth=1,
         pooling=pooling,
         pooling_kernel=(2, 3, 3),
         pooling_stride=(2, 3, 3),
         image_pooling_kernel=(1, 3, 3),
         image_pooling_stride=(1, 3, 3),
-        pllava_pooling_shape=None,
         image_grid_pinpoints=tuple(tuple(p) for p in pinpoints),
         image_token_index=IMG,
         pad_token_id=0,
@@ -62,7 +62,6 @@ def _hf_pack(cfg, image_size, views):
 def test_anyres_layout_matches_transformers_pack(image_size):
     cfg = _cfg()
     planner = Planner(cfg)
-    from ppllava_jax.data.collate import anyres_grid
 
     rows, cols = anyres_grid(image_size, cfg.image_grid_pinpoints, cfg.vision.image_size)
     views = 1 + rows * cols

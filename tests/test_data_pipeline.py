@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from ppllava_jax.data import image as img
 from ppllava_jax.data import pipeline as pl
 from ppllava_jax.data import synthetic, tfds_builder
 from ppllava_jax.data.errors import DataError
+from ppllava_jax.models.config import CLIPVisionConfig, PPLLaVAConfig
 
 BUCKETS = [48, 64, 96]
 
@@ -27,14 +27,15 @@ def data(tmp_path_factory):
 
 
 def _model(info):
-    return SimpleNamespace(
-        vision=SimpleNamespace(image_size=32, patch_size=8),
+    return PPLLaVAConfig(
+        vision=CLIPVisionConfig(image_size=32, patch_size=8, num_hidden_layers=2),
+        frame_shape=(4, 4),
+        btadapter_depth=1,
         pooling="ppllava",
         pooling_kernel=(2, 2, 2),
         pooling_stride=(2, 2, 2),
         image_pooling_kernel=(1, 2, 2),
         image_pooling_stride=(1, 2, 2),
-        pllava_pooling_shape=None,
         image_grid_pinpoints=((32, 64), (64, 32), (64, 64)),
         image_token_index=info["image_token_id"],
         pad_token_id=3,

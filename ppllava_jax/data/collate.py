@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from ppllava_jax.data.anyres import anyres_grid_shape, anyres_token_order
+
 GROUPS = ("video", "image", "multi")
 IGNORE = -100
 NEWLINE = -1  # marks an image_newline token in a local layout
@@ -70,42 +72,7 @@ class Sample:
     clip_mask: np.ndarray | None = None
 
 
-def _pooled(size: int, k: int, s: int) -> int:
-    return (size - k) // s + 1
-
-
-def select_best_resolution(original: tuple[int, int], pinpoints: Sequence[Sequence[int]]):
-    """LLaVA-NeXT's choice of grid resolution (height, width) for an image of (height, width)."""
-    oh, ow = original
-    best, best_eff, best_waste = None, 0, float("inf")
-    for h, w in pinpoints:
-        scale = min(w / ow, h / oh)
-        dw, dh = int(ow * scale), int(oh * scale)
-        eff = min(dw * dh, ow * oh)
-        waste = w * h - eff
-        if eff > best_eff or (eff == best_eff and waste < best_waste):
-            best, best_eff, best_waste = (h, w), eff, waste
-    return best
-
-
-def anyres_grid(image_size: tuple[int, int], pinpoints, tower_size: int) -> tuple[int, int]:
-    """(rows, cols) of crops LLaVA-NeXT cuts an image of ``image_size`` (h, w) into."""
-    h, w = select_best_resolution(image_size, pinpoints)
-    return h // tower_size, w // tower_size
-
-
-def unpad_slices(current: tuple[int, int], original: tuple[int, int]) -> tuple[slice, slice]:
-    """Rows/cols of a (H, W) feature grid that survive LLaVA-NeXT's unpadding of an image that was
-    letter-boxed from ``original`` (h, w)."""
-    ch, cw = current
-    oh, ow = original
-    if ow / oh > cw / ch:
-        new_h = int(round(oh * (cw / ow), 7))
-        pad = (ch - new_h) // 2
-        return slice(pad, ch - pad), slice(0, cw)
-    new_w = int(round(ow * (ch / oh), 7))
-    pad = (cw - new_w) // 2
-    return slice(0, ch), slice(pad, cw - pad)
+anyres_grid = anyres_grid_shape
 
 
 class Planner:
@@ -117,24 +84,12 @@ class Planner:
 
     def item_grid(self, kind: str, num_frames: int) -> tuple[int, int, int]:
         """(t, h, w) of the projector's output for one item of a group with ``num_frames``
-        frames/views per item."""
-        cfg, g = self.cfg, self.grid
-        mode = cfg.pooling
-        if mode == "ppllava":
-            k, s = (
-                (cfg.pooling_kernel, cfg.pooling_stride)
-                if kind == "video"
-                else (cfg.image_pooling_kernel, cfg.image_pooling_stride)
-            )
-            return (_pooled(num_frames, k[0], s[0]), _pooled(g, k[1], s[1]), _pooled(g, k[2], s[2]))
-        if mode == "none":
-            return (num_frames, g, g)
-        if mode == "avp":
-            return (1, g, g) if kind == "video" else (num_frames, g, g)
-        if mode == "pllava":
-            t, h, w = cfg.pllava_pooling_shape
-            return (t, h, w) if kind == "video" else (num_frames, h, w)
-        raise ValueError(f"pooling={mode!r} is not one of ppllava, avp, none, pllava")
+        frames/views per item (the projector's own rule, ``projector.num_pooled``)."""
+        from ppllava_jax.models.projector import num_pooled
+
+        if kind not in GROUPS:
+            raise ValueError(f"media kind {kind!r} is not one of {GROUPS}")
+        return tuple(num_pooled(self.cfg, num_frames, kind == "video"))
 
     def local_layout(self, media: Media, num_frames: int) -> list[np.ndarray]:
         """For each image token of the sample, the item-local token indices (into the item's
@@ -153,27 +108,15 @@ class Planner:
         raise ValueError(f"media kind {media.kind!r} is not one of {GROUPS}")
 
     def _anyres_layout(self, media: Media, h: int, w: int) -> np.ndarray:
-        cfg = self.cfg
         views = media.pixels.shape[0]
-        base = np.arange(h * w)
-        if views == 1:  # no crops: the base view, then one image_newline (as LLaVA-NeXT)
-            return np.concatenate([base, [NEWLINE]])
-        if media.image_size is None:
+        if views > 1 and media.image_size is None:
             raise ValueError("an any-resolution image needs its original image_size (h, w)")
-        rows, cols = anyres_grid(media.image_size, cfg.image_grid_pinpoints, cfg.vision.image_size)
-        if rows * cols != views - 1:
-            raise ValueError(
-                f"image of size {media.image_size} should have {rows}x{cols} crops for pinpoints "
-                f"{cfg.image_grid_pinpoints}, got {views - 1} views besides the base view"
-            )
-        # crop (r, c) holds output tokens [(1 + r*cols + c) * h*w, ...) in (h, w) order
-        rr, cc = np.meshgrid(np.arange(rows * h), np.arange(cols * w), indexing="ij")
-        view = 1 + (rr // h) * cols + (cc // w)
-        local = view * h * w + (rr % h) * w + (cc % w)
-        rs, cs = unpad_slices(local.shape, tuple(media.image_size))
-        local = local[rs, cs]
-        local = np.concatenate([local, np.full((local.shape[0], 1), NEWLINE)], axis=1)
-        return np.concatenate([base, local.reshape(-1)])
+        size = media.image_size or media.pixels.shape[1:3]
+        cfg = self.cfg
+        order = anyres_token_order(
+            size, cfg.image_grid_pinpoints, cfg.vision.image_size, (h, w), views
+        )
+        return order  # -1 (NEWLINE) marks image_newline
 
 
 def _pad_to(a: np.ndarray, n: int, axis: int = 0) -> np.ndarray:

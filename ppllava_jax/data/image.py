@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ppllava_jax.data.anyres import select_best_resolution  # noqa: F401  (part of this API)
 from ppllava_jax.data.errors import MediaError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -80,27 +81,6 @@ def preprocess_frames(
     """
     resized = np.stack([_resize(np.asarray(f, np.uint8), size, size) for f in frames])
     return normalize(resized, mean, std)
-
-
-def select_best_resolution(
-    original_size: tuple[int, int], pinpoints: Sequence[Sequence[int]]
-) -> tuple[int, int]:
-    """The (height, width) pinpoint keeping the most pixels and wasting the fewest.
-
-    Same rule as LLaVA-NeXT / transformers ``select_best_resolution``.
-    """
-    oh, ow = original_size
-    best, best_eff, best_waste = None, 0, float("inf")
-    for h, w in pinpoints:
-        scale = min(w / ow, h / oh)
-        dw, dh = int(ow * scale), int(oh * scale)
-        eff = min(dw * dh, ow * oh)
-        waste = w * h - eff
-        if eff > best_eff or (eff == best_eff and waste < best_waste):
-            best, best_eff, best_waste = (int(h), int(w)), eff, waste
-    if best is None:
-        raise ValueError("no image_grid_pinpoints given")
-    return best
 
 
 def _fit_size(original_size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
