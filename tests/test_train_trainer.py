@@ -85,7 +85,8 @@ def test_resume_is_exact(straight, tmp_path):
 
 def test_metrics_jsonl(straight):
     wd, _, _ = straight
-    lines = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        lines = [json.loads(x) for x in f]
     assert [r["step"] for r in lines] == list(range(1, TOTAL + 1))
     keys = {
         "step",
@@ -240,3 +241,42 @@ def test_checkpoint_iterator_state_and_dpo_reference(tmp_path):
     assert it.state == BytesIterator.state
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sharded_run_matches_single_device(straight, tmp_path):
+    from ppllava_jax.sharding import shard_batch
+
+    mesh = make_mesh({"fsdp": 2}, devices=jax.devices()[:2])
+    apply_fn, init = make_toy(dropout=0.1)
+
+    def one(x):  # shard the first axis that divides
+        spec = [None] * x.ndim
+        for d in range(x.ndim):
+            if x.shape[d] % 2 == 0:
+                spec[d] = "fsdp"
+                break
+        return NamedSharding(mesh, P(*spec))
+
+    params = init()
+    shardings = jax.tree.map(one, params)
+    params = jax.device_put(params, shardings)
+    res = train(
+        _config(),
+        str(tmp_path),
+        model_apply=apply_fn,
+        init_params=params,
+        data_iterator=CountingIterator(),
+        param_shardings=shardings,
+        place_batch=lambda b: shard_batch(b, mesh),
+        log=lambda s: None,
+    )
+    k = res.state.params["language_model"]["lm_head"]["kernel"]
+    assert k.sharding.spec == P("fsdp", None) and len(k.sharding.device_set) == 2
+    mu = res.state.opt_state[1][0].mu["language_model"]["lm_head"]["kernel"]
+    assert mu.sharding == k.sharding
+    np.testing.assert_allclose(_losses(tmp_path), _losses(straight[0]), rtol=1e-5)
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(x)["loss"] for x in f]

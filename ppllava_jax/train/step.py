@@ -98,9 +98,25 @@ def make_loss_fn(apply_fn: ApplyFn, mode: str, beta: float = 0.1) -> Callable:
     return sft if mode == "sft" else dpo
 
 
-def make_grad_fn(apply_fn: ApplyFn, mode: str = "sft", *, beta: float = 0.1, accum_steps: int = 1):
+def make_grad_fn(
+    apply_fn: ApplyFn,
+    mode: str = "sft",
+    *,
+    beta: float = 0.1,
+    accum_steps: int = 1,
+    grad_shardings: PyTree | None = None,
+):
     """``grad_fn(state, batch, rng) -> (grads, aux)``: mean gradients over the global batch
-    (float32, cast to the parameters' dtypes) and the summed aux of all micro-batches."""
+    (float32, cast to the parameters' dtypes) and the summed aux of all micro-batches.
+
+    ``grad_shardings`` (the trainable parameters' shardings) pins the float32 gradient
+    accumulator to the parameters' layout, so it is never replicated (at 7B it is 28 GB).
+    """
+    pin = (
+        (lambda t: t)
+        if grad_shardings is None
+        else (lambda t: jax.lax.with_sharding_constraint(t, grad_shardings))
+    )
     loss_fn = make_loss_fn(apply_fn, mode, beta)
     vg = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -113,7 +129,7 @@ def make_grad_fn(apply_fn: ApplyFn, mode: str = "sft", *, beta: float = 0.1, acc
             loss_fn, state.params, state.frozen, state.ref_params, first, rng
         )[1]
         aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-        g0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        g0 = pin(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
 
         def body(carry, xs):
             g_acc, aux_acc = carry
@@ -121,7 +137,7 @@ def make_grad_fn(apply_fn: ApplyFn, mode: str = "sft", *, beta: float = 0.1, acc
             (_, aux), g = vg(
                 state.params, state.frozen, state.ref_params, mb, jax.random.fold_in(rng, i)
             )
-            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+            g_acc = pin(jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g))
             aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
             return (g_acc, aux_acc), None
 
@@ -145,6 +161,7 @@ def make_train_step(
     *,
     tx: optax.GradientTransformation | None = None,
     schedule: optax.Schedule | None = None,
+    param_shardings: PyTree | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
     """The train step ``(state, batch, rng) -> (state, metrics)``; pure, jit it yourself.
 
@@ -155,6 +172,8 @@ def make_train_step(
       mode: ``"sft"`` (next-token loss) or ``"dpo"`` (batch = B chosen rows then B rejected).
       tx, schedule: override the optimizer built from the config (``schedule`` is only used
         for the ``lr`` metric).
+      param_shardings: shardings of the *trainable* tree (``state_shardings(...).params``);
+        pins the gradient accumulator's layout (see ``make_grad_fn``).
 
     Metrics (scalars): loss, lr (the rate of this update), grad_norm (before clipping),
     num_tokens (supervised), num_samples (rows), num_input_tokens (attended); DPO adds
@@ -165,7 +184,11 @@ def make_train_step(
         tx, schedule = make_optimizer(config.optimizer, int(config.train.total_steps))
     beta = float(config.get("dpo", {}).get("beta", 0.1)) if mode == "dpo" else 0.1
     grad_fn = make_grad_fn(
-        apply_fn, mode, beta=beta, accum_steps=int(config.train.get("grad_accum_steps", 1))
+        apply_fn,
+        mode,
+        beta=beta,
+        accum_steps=int(config.train.get("grad_accum_steps", 1)),
+        grad_shardings=param_shardings,
     )
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):

@@ -1,17 +1,20 @@
 """The training loop as a library function: ``train(config, workdir, ...)``.
 
 ``train.py`` (the command line) builds the model, the initial parameters and the data
-iterator, then calls::
+iterator, then calls, e.g. with the project's sharding helpers::
 
-    result = trainer.train(
-        config, workdir,
-        model_apply=lambda params, batch, *, train, rng: model.apply(
-            {"params": params}, **batch, train=train, rngs={"dropout": rng}),
-        init_params=load_converted_params,      # a pytree, or a callable returning it
-        data_iterator=grain_iterator,           # yields dict batches; get_state()/set_state()
-        param_shardings=param_shardings,        # optional: tree of Shardings like the params
-        batch_sharding=batch_sharding,          # optional: Sharding of the global batch
-    )
+    mesh = sharding.make_mesh(config.mesh)
+    params, shardings = sharding.sharded_init(init_fn, mesh, ...)   # or converted weights
+    with sharding.mesh_context(mesh):          # activations' logical constraints resolve
+        result = trainer.train(
+            config, workdir,
+            model_apply=lambda params, batch, *, train, rng: {"logits": model.apply(
+                {"params": params}, **batch, train=train, rngs={"dropout": rng})},
+            init_params=params,                # a pytree, or a callable returning it
+            data_iterator=grain_iterator,      # dict batches; get_state()/set_state()
+            param_shardings=shardings,         # tree of Shardings like the params (optional)
+            place_batch=lambda b: sharding.shard_batch(b, mesh),
+        )
 
 What the loop does: split parameters into trainable/frozen (``config.optimizer.trainable``),
 print the parameter table, resume from the latest checkpoint in ``workdir/checkpoints`` (state,
@@ -70,7 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.seed = 0  # step rng = fold_in(key(seed), step)
     c.train.log_every = 10  # steps between metrics lines
     c.train.eval_every = 0  # steps between eval_fn calls (0: only at the end, if given)
-    c.train.param_table_depth = 2  # path components per row of the parameter table
+    c.train.param_table_depth = 1  # path components per row of the parameter table
     c.optimizer = default_optimizer_config()
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.save_every = 500  # steps between checkpoints (and one at the end)
@@ -145,7 +148,8 @@ def train(
         and ``workdir/tensorboard``.
       model_apply: ``(params, batch, *, train, rng) -> {"logits": float[B, L, V], ...}``.
       init_params: the whole initial parameter tree (plain arrays, placed as
-        ``param_shardings`` says), or a callable returning it. On resume it still provides
+        ``param_shardings`` says), or a callable returning it. On a fresh start its buffers
+        are donated to the train state (do not use them afterwards). On resume it provides
         what the checkpoint lacks (frozen parameters / DPO reference, if not saved).
       data_iterator: yields dicts of host (numpy) arrays, the process-local part of the
         global batch ``[B, ...]`` or ``[k, B/k, ...]``; if it has ``get_state``/``set_state``
@@ -203,7 +207,10 @@ def train(
     latest = ckpt.latest_step()
     has_state = hasattr(data_iterator, "get_state") and hasattr(data_iterator, "set_state")
     if latest is None:
-        state = jax.jit(create, out_shardings=shardings)(params)
+        # donated: the trainable/frozen leaves alias the initial buffers instead of copying
+        # (no shardings: commit to one device, as a restored state is, so both compile alike)
+        out_sh = shardings or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        state = jax.jit(create, out_shardings=out_sh, donate_argnums=0)(params)
         log(f"[train] starting from scratch ({mode}), {total} steps")
     else:
         abstract = with_shardings(jax.eval_shape(create, params), shardings)
@@ -229,7 +236,14 @@ def train(
         log(f"[train] resumed from step {latest} in {ckpt.directory}")
     del params
 
-    step_fn = make_train_step(model_apply, config, mode, tx=tx, schedule=schedule)
+    step_fn = make_train_step(
+        model_apply,
+        config,
+        mode,
+        tx=tx,
+        schedule=schedule,
+        param_shardings=None if shardings is None else shardings.params,
+    )
     if shardings is not None:
         rep = (
             NamedSharding(jax.tree.leaves(shardings)[0].mesh, PartitionSpec())
@@ -262,6 +276,11 @@ def train(
                 except StopIteration:
                     log(f"[train] the data iterator ended at step {step} (< {total})")
                     break
+                except Exception:
+                    if watcher.requested:  # e.g. data workers killed by the same SIGTERM
+                        preempted = True
+                        break
+                    raise
                 batch = place(host_batch)
                 rng = jax.random.fold_in(base_rng, step)
                 sig = _signature(batch)
