@@ -280,3 +280,47 @@ def test_sharded_run_matches_single_device(straight, tmp_path):
 def _losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(x)["loss"] for x in f]
+
+
+def test_grain_iterators_resume_through_checkpoint(tmp_path):
+    import grain
+
+    src = np.arange(40)
+    loaders = {
+        "dataset": lambda: iter(grain.MapDataset.source(src).shuffle(seed=1).batch(4)),
+        "dataloader": lambda: iter(
+            grain.DataLoader(
+                data_source=src,
+                sampler=grain.samplers.IndexSampler(
+                    40,
+                    shuffle=True,
+                    seed=0,
+                    num_epochs=1,
+                    shard_options=grain.sharding.NoSharding(),
+                ),
+                operations=[grain.transforms.Batch(4)],
+                worker_count=0,
+            )
+        ),
+    }
+    _, init = make_toy()
+    cfg = _config()
+    tx, _ = make_optimizer(cfg.optimizer, TOTAL)
+    pred = trainable_predicate(cfg.optimizer)
+    create = lambda p: create_train_state(p, tx, pred)
+    params = init()
+    state = create(params)
+    for name, make in loaders.items():
+        straight = make()
+        expected = [next(straight).tolist() for _ in range(5)]
+        it = make()
+        for _ in range(2):
+            next(it)
+        ck = Checkpointer(tmp_path / name)
+        ck.save(2, state, data_iterator=it, force=True)
+        ck.close()
+        it2 = make()
+        ck = Checkpointer(tmp_path / name)
+        ck.restore(jax.eval_shape(create, params), data_iterator=it2)
+        ck.close()
+        assert [next(it2).tolist() for _ in range(3)] == expected[2:], name
