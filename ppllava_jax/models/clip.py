@@ -234,7 +234,7 @@ class CLIPVisionEmbeddings(nn.Module):
             dtype=dtype,
             param_dtype=layers.dtype_of(cfg.param_dtype),
             kernel_init=nn.with_logical_partitioning(
-                layers.default_kernel_init, ("patch", "patch", "conv_in", "embed")
+                layers.default_kernel_init, (None, None, "conv_in", "embed")
             ),
             name="patch_embedding",
         )(pixel_values.astype(dtype))
