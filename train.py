@@ -1,6 +1,28 @@
-"""Train PPLLaVA (SFT or DPO): ``python train.py --config configs/demo.py --workdir DIR``."""
+"""Train PPLLaVA: SFT or DPO, on one CPU or a TPU/GPU mesh, resuming automatically.
 
-import sys
+    python train.py --config configs/demo.py --workdir runs/demo
+    python train.py --config configs/ppllava_vicuna7b_videoonly.py --workdir gs://.../run1 \\
+        --config.init_from=ckpt/ppllava_start --config.optimizer.lr=1e-5
+
+Logic lives in ``ppllava_jax.train.run``; this file only parses flags.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and data go")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from ppllava_jax.train import run
+
+    run.main(_CONFIG.value, _WORKDIR.value)
+
 
 if __name__ == "__main__":
-    sys.exit("train.py: training is not implemented yet (issue 5); see README.md 'Status'.")
+    app.run(main)

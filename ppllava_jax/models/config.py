@@ -405,3 +405,25 @@ class PPLLaVAConfig(Runtime):
             "text_config": text,
             "vision_config": self.vision.to_hf(),
         }
+
+
+def ppllava_config_from_dict(d: dict[str, Any]) -> PPLLaVAConfig:
+    """``PPLLaVAConfig`` from a plain dict (an ml_collections ``model`` section): ``vision``,
+    ``clip_text`` and ``llm`` are dicts of their dataclass fields, the rest PPLLaVA fields.
+    Unknown keys are an error naming them."""
+    d = dict(d)
+    subs = {"vision": CLIPVisionConfig, "clip_text": CLIPTextConfig, "llm": LlamaConfig}
+    kw: dict[str, Any] = {}
+    for name, cls in subs.items():
+        sub = dict(d.pop(name, {}) or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(sub) - names)
+        if bad:
+            raise ValueError(f"model.{name}: unknown fields {bad}; known: {sorted(names)}")
+        kw[name] = cls(**{k: _tuplify(v) for k, v in sub.items()})
+    names = {f.name for f in dataclasses.fields(PPLLaVAConfig)}
+    bad = sorted(set(d) - names)
+    if bad:
+        raise ValueError(f"model: unknown fields {bad}; known: {sorted(names - set(subs))}")
+    kw.update({k: _tuplify(v) for k, v in d.items()})
+    return PPLLaVAConfig(**kw)

@@ -36,8 +36,17 @@ def dtype_of(name: str | Dtype) -> Dtype:
 
 
 def constrain(x: Array, names: Sequence[str | None]) -> Array:
-    """Logical sharding constraint on an activation; a no-op outside a mesh/rules context."""
-    return nn.with_logical_constraint(x, tuple(names))
+    """Logical sharding constraint on an activation; a no-op outside a mesh/rules context.
+
+    Shared modules also run on inputs of another rank (the BT-Adapter feeds a class token
+    ``[N, C]`` through a CLIP MLP written for ``[B, S, C]``); the constraint then applies to the
+    trailing dimensions it names and the extra leading ones stay unconstrained."""
+    names = tuple(names)
+    if 0 < x.ndim < len(names):  # keep the batch name and the trailing ones
+        names = (names[0], *names[len(names) - x.ndim + 1 :])
+    elif x.ndim > len(names):
+        names = (None,) * (x.ndim - len(names)) + names
+    return nn.with_logical_constraint(x, names)
 
 
 def dense(
@@ -179,9 +188,7 @@ def stack_layers(
     """
     policy_name = getattr(cfg, "remat_policy", "none")
     if policy_name not in REMAT_POLICIES:
-        raise ValueError(
-            f"remat_policy={policy_name!r} is not one of {sorted(REMAT_POLICIES)}"
-        )
+        raise ValueError(f"remat_policy={policy_name!r} is not one of {sorted(REMAT_POLICIES)}")
     block = layer_cls
     if policy_name != "none":
         block = nn.remat(

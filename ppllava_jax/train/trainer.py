@@ -321,6 +321,8 @@ def train(
                             peak=peak,
                         )
                     )
+                    if hasattr(data_iterator, "metrics"):  # e.g. skipped-sample counts
+                        rec.update(data_iterator.metrics())
                     last = writer.write(step, rec)
                     window, t_window = [], time.perf_counter()
 

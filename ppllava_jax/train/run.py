@@ -1,0 +1,280 @@
+"""What ``train.py`` runs: config -> data, model, mesh, parameters -> ``trainer.train`` -> export.
+
+Steps, each failing early with a message that says what to change:
+
+1. the demo dataset is generated under ``<workdir>/data`` when the config asks for it
+   (``synthetic`` section) and ``data.sources`` is empty;
+2. the model config is built from the ``model`` section and checked against the tokenizers;
+3. a mesh from ``mesh``; parameters initialised in their shards (``sharding.sharded_init``) or
+   restored from ``init_from`` (a directory written by ``convert_torch_weights.py``);
+4. the grain pipeline (``data`` section) feeds ``trainer.train`` (resume, checkpoints, SIGTERM);
+5. at the end the trained parameters are written to ``<workdir>/final`` in the converted
+   layout (``config.json`` + ``params/``) with the tokenizers beside them, so ``eval.py``,
+   ``ppllava_jax.chat`` and ``convert_torch_weights.py --to_torch`` read it directly, and the
+   held-out split of the synthetic task is scored (``eval.split``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ppllava_jax import sharding
+from ppllava_jax.convert import params_io
+from ppllava_jax.convert.ppllava_family import ppllava_config_to_hf
+from ppllava_jax.data import pipeline as pl
+from ppllava_jax.models.config import PPLLaVAConfig, ppllava_config_from_dict
+from ppllava_jax.models.ppllava import PPLLaVA, init_params
+from ppllava_jax.train import trainer
+
+
+def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    """Create the synthetic dataset if the config uses it, and point ``data`` at it."""
+    syn = cfg.get("synthetic")
+    if syn is None or cfg.data.sources:
+        return
+    from ppllava_jax.data import synthetic
+
+    out = syn.dir or os.path.join(workdir, "data")
+    kw = {k: syn[k] for k in ("num_train", "num_eval", "frames", "size", "seed")}
+    synthetic.ensure_dataset(out, **kw)
+    with cfg.unlocked():
+        cfg.synthetic.dir = out
+        cfg.data.sources = [dict(path=os.path.join(out, "train.json"), data_root=out)]
+        cfg.data.tokenizer = cfg.data.tokenizer or os.path.join(out, "tokenizer")
+        cfg.data.clip_tokenizer = cfg.data.clip_tokenizer or os.path.join(out, "clip_tokenizer")
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> PPLLaVAConfig:
+    """The ``PPLLaVAConfig`` of the ``model`` section (or of ``init_from``'s config.json)."""
+    if cfg.get("init_from"):
+        from ppllava_jax.convert.api import with_runtime
+        from ppllava_jax.convert.ppllava_family import ppllava_config_from_hf
+
+        family, hf = params_io.read_config(cfg.init_from)
+        if family != "ppllava":
+            raise ValueError(
+                f"init_from={cfg.init_from} holds a {family!r} checkpoint; train.py needs a "
+                "'ppllava' one (convert a released PPLLaVA, or build the start point with "
+                "convert_torch_weights.py --source LLAVA_NEXT --clip CLIP)"
+            )
+        rt = {
+            k: cfg.model[k]
+            for k in ("dtype", "scan_layers", "remat_policy", "attention_impl")
+            if k in cfg.model
+        }
+        return with_runtime(ppllava_config_from_hf(hf), **rt)
+    return ppllava_config_from_dict(cfg.model.to_dict())
+
+
+def check_tokenizers(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig) -> None:
+    """The tokenizers must fit the model's embedding tables and image token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    if len(tok) > mcfg.llm.vocab_size:
+        raise ValueError(
+            f"tokenizer {cfg.data.tokenizer} has {len(tok)} tokens > model.llm.vocab_size="
+            f"{mcfg.llm.vocab_size}; raise the vocabulary or use the matching tokenizer"
+        )
+    img = tok.convert_tokens_to_ids("<image>")
+    if img != mcfg.image_token_index:
+        raise ValueError(
+            f"<image> is id {img} in {cfg.data.tokenizer} but model.image_token_index="
+            f"{mcfg.image_token_index}; set --config.model.image_token_index={img}"
+        )
+    if mcfg.pooling == "ppllava" and cfg.data.clip_tokenizer:
+        ctok = AutoTokenizer.from_pretrained(cfg.data.clip_tokenizer)
+        if len(ctok) > mcfg.clip_text.vocab_size:
+            raise ValueError(
+                f"CLIP tokenizer {cfg.data.clip_tokenizer} has {len(ctok)} tokens > "
+                f"model.clip_text.vocab_size={mcfg.clip_text.vocab_size}"
+            )
+        if cfg.data.clip_max_length > mcfg.clip_text.max_position_embeddings:
+            raise ValueError(
+                f"data.clip_max_length={cfg.data.clip_max_length} > the CLIP text tower's "
+                f"{mcfg.clip_text.max_position_embeddings} positions"
+            )
+
+
+class TrainBatches:
+    """The pipeline's iterator for the trainer: drops host-only fields, counts skipped samples,
+    and passes ``get_state``/``set_state`` through (so checkpoints hold the data position)."""
+
+    def __init__(self, it: Any):
+        self.it = it
+        self.skipped: dict[str, int] = {}
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch, meta = pl.split_meta(next(self.it))
+        batch.pop("valid", None)
+        self.skipped = dict(meta.get("skipped", self.skipped))
+        return batch
+
+    def metrics(self) -> dict[str, int]:
+        out = {f"data/skipped_{k}": int(v) for k, v in self.skipped.items()}
+        out["data/skipped"] = int(sum(self.skipped.values()))
+        return out
+
+    def get_state(self) -> Any:
+        return self.it.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self.it.set_state(state)
+
+
+def make_apply(model: PPLLaVA):
+    def apply(params, batch, *, train, rng):
+        batch = {k: v for k, v in batch.items() if k != "labels"}
+        return model.apply(
+            {"params": params}, batch, deterministic=not train, rngs={"dropout": rng}
+        )
+
+    return apply
+
+
+def build_params(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig, mesh) -> tuple[Any, Any]:
+    """Parameters on the mesh, sharded by the logical rules: restored from ``init_from`` or
+    initialised in place (no host holds the whole model)."""
+    abstract = jax.eval_shape(lambda: init_params(mcfg, jax.random.PRNGKey(0)))
+    shardings = sharding.param_shardings(abstract, mesh)
+    if cfg.get("init_from"):
+        target = sharding.abstract_with_shardings(abstract, mesh)
+        params = params_io.load_params(cfg.init_from, target)
+        return params, shardings
+    seed = int(cfg.train.get("seed", 0))
+    params, shardings = sharding.sharded_init(
+        lambda rng: init_params(mcfg, rng), mesh, jax.random.PRNGKey(seed)
+    )
+    return params, shardings
+
+
+def export_final(workdir: str, params: Any, mcfg: PPLLaVAConfig, cfg) -> str:
+    """``<workdir>/final``: converted layout + tokenizers (what eval.py and chat read)."""
+    out = os.path.join(workdir, "final")
+    params_io.save_params(out, jax.device_get(params), "ppllava", ppllava_config_to_hf(mcfg))
+    for name in ("tokenizer", "clip_tokenizer"):
+        src = cfg.data.get(name)
+        if src and os.path.isdir(src):
+            shutil.copytree(src, os.path.join(out, name), dirs_exist_ok=True)
+    return out
+
+
+_LETTER = re.compile(r"\(?\s*([A-D])\s*\)")
+
+
+def score_synthetic(
+    model: PPLLaVA, params: Any, mcfg: PPLLaVAConfig, cfg, split: str, mesh=None
+) -> dict[str, float]:
+    """Greedy answers on a synthetic split; accuracy of the option letter, per question type."""
+    from transformers import AutoTokenizer
+
+    from ppllava_jax.generate import SamplingConfig, generate
+
+    data = cfg.data.to_dict()
+    data.update(
+        sources=[
+            dict(path=os.path.join(cfg.synthetic.dir, f"{split}.json"), data_root=cfg.synthetic.dir)
+        ],
+        training=False,
+        generation_prompt=True,
+        padding_side="left",
+        batch_size=int(cfg.eval.batch_size),
+        num_workers=0,
+        shuffle=False,
+        num_epochs=1,
+        shard_index=0,
+        shard_count=1,
+    )
+    pipe = pl.Pipeline(ml_collections.ConfigDict(data), mcfg)
+    tok = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    sc = SamplingConfig(
+        max_new_tokens=int(cfg.eval.max_new_tokens),
+        eos_token_id=mcfg.llm.eos_token_id,
+        pad_token_id=mcfg.llm.pad_token_id,
+    )
+    gen = jax.jit(lambda p, b: generate(model, p, b, sc))
+    right, total, by_type = 0, 0, {}
+    it = pipe.iterator()
+    for host in it:
+        batch, meta = pl.split_meta(host)
+        valid = batch.pop("valid")
+        batch.pop("labels", None)
+        out = jax.device_get(gen(params, {k: jnp.asarray(v) for k, v in batch.items()}))
+        for i in np.flatnonzero(valid):
+            text = tok.decode(out["tokens"][i][: out["lengths"][i]], skip_special_tokens=True)
+            ann = pipe.sample(int(meta["source"][i]), int(meta["index"][i]))
+            m = _LETTER.search("(" + text.strip()) or _LETTER.search(text)
+            ok = bool(m) and m.group(1) == ann.extra["answer_letter"]
+            right += ok
+            total += 1
+            q = ann.extra.get("qtype", "all")
+            r, n = by_type.get(q, (0, 0))
+            by_type[q] = (r + ok, n + 1)
+    pipe.close()
+    res = {"accuracy": right / max(total, 1), "num_questions": float(total)}
+    res.update({f"accuracy_{q}": r / n for q, (r, n) in sorted(by_type.items())})
+    return res
+
+
+def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    sharding.maybe_initialize_distributed()
+    cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy we may fill in
+    prepare_data(cfg, workdir)
+    mcfg = model_config(cfg)
+    check_tokenizers(cfg, mcfg)
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    pipe = pl.Pipeline(cfg.data, mcfg)
+    model = PPLLaVA(mcfg)
+    with sharding.mesh_context(mesh):
+        params, shardings = build_params(cfg, mcfg, mesh)
+        result = trainer.train(
+            cfg,
+            workdir,
+            model_apply=make_apply(model),
+            init_params=params,
+            data_iterator=TrainBatches(pipe.iterator()),
+            param_shardings=shardings,
+            place_batch=lambda b: sharding.shard_batch(b, mesh),
+        )
+        pipe.close()
+        params = result.state.full_params()
+        summary: dict[str, Any] = {"step": result.step, "preempted": result.preempted}
+        if result.preempted:
+            return summary
+        final = export_final(workdir, params, mcfg, cfg)
+        summary["final"] = final
+        split = cfg.get("eval", {}).get("split", "")
+        if split and cfg.get("synthetic") is not None:
+            scores = score_synthetic(model, params, mcfg, cfg, split, mesh)
+            summary.update({f"eval_{k}": v for k, v in scores.items()})
+            print("[eval] " + json.dumps(scores), flush=True)
+            with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+                json.dump(scores, f, indent=1)
+    return summary
+
+
+__all__ = [
+    "TrainBatches",
+    "build_params",
+    "check_tokenizers",
+    "export_final",
+    "main",
+    "make_apply",
+    "model_config",
+    "prepare_data",
+    "score_synthetic",
+]
