@@ -1,0 +1,269 @@
+"""Talk about a video in the terminal; the answer streams token by token.
+
+    python -m ppllava_jax.chat --checkpoint DIR --video clip.mp4 [--num_frames 32]
+    printf 'What colour is the square?\\nWhich way does it move?\\n' | \\
+        python -m ppllava_jax.chat --checkpoint runs/demo/final --video a.mp4 --num_frames 8
+
+Each stdin line is one question; the answer is printed on stdout as ``ASSISTANT: ...``, token
+by token as it is generated, then a newline. Unlike the original demo, the earlier turns stay
+in the prompt (``USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT:``), so follow-up
+questions can refer to them; when the conversation outgrows the decoder's positions the
+oldest turns are dropped. The CLIP prompt that guides the pooling is the *current* question,
+so each turn pools the video for what is being asked now (the whole prompt is therefore
+prefilled again each turn; the video is decoded once). Commands: ``/reset`` forgets the
+conversation, ``/quit`` (or end of input) leaves. ``--show_prompt`` prints each full prompt
+to stderr; ``--save-attention DIR`` writes the prompt-to-patch relevance of every frame per
+turn to ``DIR/turn_NN/frame_TTT.png``.
+
+The checkpoint directory is the one ``eval.py`` reads (``config.json``, ``params/``,
+``tokenizer/``, ``clip_tokenizer/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from ppllava_jax.data import templates as tpl
+
+
+class Chat:
+    """A conversation about one video (``ask`` streams the answer's text pieces)."""
+
+    def __init__(
+        self,
+        setup: Any,
+        video: str,
+        *,
+        num_frames: int = 32,
+        max_new_tokens: int = 200,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        system: str | None = None,
+        save_attention: str = "",
+    ):
+        from transformers import AutoTokenizer
+
+        from ppllava_jax.data import image as img
+        from ppllava_jax.data import video as vid
+        from ppllava_jax.evaluate.runner import video_buckets
+        from ppllava_jax.generate import SamplingConfig, StepDecoder
+
+        self.setup, self.cfg = setup, setup.cfg
+        cfg = self.cfg
+        if num_frames > cfg.max_T:
+            raise ValueError(f"--num_frames {num_frames} > the model's max_T={cfg.max_T}")
+        self.tok = setup.tokenizer
+        self.ctok = (
+            AutoTokenizer.from_pretrained(setup.clip_tokenizer_dir)
+            if setup.clip_tokenizer_dir
+            else None
+        )
+        clip = vid.load_video(video, num_frames, "middle")
+        s = cfg.vision.image_size
+        frames = np.stack([img._resize(f, s, s) for f in clip.frames])
+        self.frames_uint8 = frames
+        self.pixels = img.normalize(frames)
+        self.num_frames = num_frames
+        eos = cfg.llm.eos_token_id if cfg.llm.eos_token_id is not None else self.tok.eos_token_id
+        pad = cfg.llm.pad_token_id if cfg.llm.pad_token_id is not None else 0
+        self.sc = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=int(eos),
+            pad_token_id=int(pad),
+        )
+        self.decoder = StepDecoder(setup.model, self.sc, setup.mesh)
+        self.buckets = video_buckets(cfg, num_frames, max_new_tokens)
+        self.clip_len = int(cfg.clip_text.max_position_embeddings)
+        self.history: list[tpl.Turn] = []
+        self.system = system
+        self.rng = jax.random.PRNGKey(seed)
+        self.save_attention = save_attention
+        self.turn = 0
+        self.last_prompt = ""
+        self._maps = None
+
+    def reset(self) -> None:
+        self.history = []
+
+    def _batch(self, question: str) -> dict[str, np.ndarray]:
+        from ppllava_jax.data import collate as col
+
+        cfg = self.cfg
+        while True:
+            turns = [*self.history, tpl.Turn(question, None)]
+            enc = tpl.encode_conversation(
+                self.tok,
+                turns,
+                self.setup.template,
+                cfg.image_token_index,
+                num_images=1,
+                system=self.system,
+                training=False,
+            )
+            sample = col.Sample(input_ids=enc.input_ids, media=col.Media("video", self.pixels))
+            if self.ctok is not None:
+                text = tpl.clip_text_of([tpl.Turn(question)], training=False)
+                sample.clip_ids, sample.clip_mask = tpl.encode_clip_prompt(
+                    self.ctok, text, self.clip_len
+                )
+            try:
+                batch = col.collate(
+                    [sample],
+                    cfg,
+                    padding_side="left",
+                    buckets=self.buckets,
+                    clip_length=self.clip_len,
+                )
+                self.last_prompt = enc.text
+                return batch
+            except ValueError:
+                if not self.history:
+                    raise
+                self.history = self.history[1:]  # too long: forget the oldest turn
+
+    def ask(self, question: str) -> Iterator[str]:
+        """Yield the answer's text as it grows; the turn is then kept in the history."""
+        from ppllava_jax.evaluate.runner import place_batch
+
+        batch = self._batch(question)
+        placed = place_batch(batch, self.setup.mesh)
+        self.rng, sub = jax.random.split(self.rng)
+        ids: list[int] = []
+        shown = ""
+        for tok in self.decoder.stream(self.setup.params, placed, sub):
+            t = int(tok[0])
+            if t == self.sc.eos_token_id:
+                break
+            ids.append(t)
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            stable = text.rstrip("\ufffd")  # an incomplete multi-byte character: wait
+            if len(stable) > len(shown) and stable.startswith(shown):
+                yield stable[len(shown) :]
+                shown = stable
+        final = self.tok.decode(ids, skip_special_tokens=True)
+        if final.startswith(shown) and len(final) > len(shown):
+            yield final[len(shown) :]
+        if self.save_attention:
+            self._save_maps(placed, question)
+        self.history.append(tpl.Turn(question, final.strip() or "..."))
+        self.turn += 1
+
+    def _save_maps(self, placed: dict, question: str) -> None:
+        from ppllava_jax import sharding
+        from ppllava_jax.evaluate import heatmap
+
+        model = self.setup.model
+        if self._maps is None:
+            self._maps = jax.jit(
+                lambda p, b: model.apply({"params": p}, b, method="embed_inputs")[1].get("video")
+            )
+        with sharding.mesh_context(self.setup.mesh):
+            maps = self._maps(self.setup.params, placed)
+        if maps is None:
+            return
+        maps = np.asarray(jax.device_get(maps))[0]
+        heatmap.save_heatmaps(
+            os.path.join(self.save_attention, f"turn_{self.turn:02d}"),
+            self.frames_uint8,
+            maps[: self.num_frames],
+            caption=question,
+            size=max(224, self.frames_uint8.shape[1]),
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m ppllava_jax.chat",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--video", required=True, help="video file, GIF or frame folder")
+    p.add_argument("--num_frames", type=int, default=0, help="frames (0: inference.json or 32)")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    p.add_argument("--template", default="", help="conversation template (default plain_v1)")
+    p.add_argument("--tokenizer", default="")
+    p.add_argument("--clip_tokenizer", default="")
+    p.add_argument("--mesh", default="", help="mesh over local devices, e.g. 'fsdp=-1'")
+    p.add_argument("--dtype", default="", help="float32 | bfloat16")
+    p.add_argument("--save-attention", "--save_attention", dest="save_attention", default="")
+    p.add_argument("--show_prompt", action="store_true", help="print each prompt to stderr")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, stdin=None, stdout=None, stderr=None) -> int:
+    a = parse_args(argv)
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    from ppllava_jax.evaluate.runner import load_setup
+
+    setup = load_setup(
+        a.checkpoint,
+        tokenizer=a.tokenizer,
+        clip_tokenizer=a.clip_tokenizer,
+        template=a.template,
+        mesh=a.mesh or None,
+        dtype=a.dtype or None,
+    )
+    chat = Chat(
+        setup,
+        a.video,
+        num_frames=a.num_frames or int(setup.defaults.get("num_frames", 32)),
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        seed=a.seed,
+        system=a.system,
+        save_attention=a.save_attention,
+    )
+    tty = hasattr(stdin, "isatty") and stdin.isatty()
+    if tty:
+        print("Ask about the video; /reset forgets the conversation, /quit leaves.", file=stderr)
+    while True:
+        if tty:
+            print("USER: ", end="", file=stderr, flush=True)
+        line = stdin.readline()
+        if not line:  # end of input
+            break
+        q = line.strip()
+        if not q:
+            continue
+        if q in ("/quit", "/exit"):
+            break
+        if q == "/reset":
+            chat.reset()
+            print("[conversation reset]", file=stderr, flush=True)
+            continue
+        try:
+            gen = chat.ask(q)
+            first = next(gen, "")  # the prompt exists once the first piece is out
+            if a.show_prompt:
+                print(f"[prompt] {chat.last_prompt!r}", file=stderr, flush=True)
+            print("ASSISTANT: " + first, end="", file=stdout, flush=True)
+            for piece in gen:
+                print(piece, end="", file=stdout, flush=True)
+            print(file=stdout, flush=True)
+        except ValueError as e:  # e.g. a question too long for the model
+            print(f"[error] {e}", file=stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The benchmark interface the runner drives."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ppllava_jax.evaluate.common import Question, mc_record, mc_summary
+
+
+class Benchmark:
+    """A benchmark: its questions, how an answer is recorded, how records are summarised.
+
+    Subclasses set ``name`` and implement :meth:`questions`; multiple-choice ones keep the
+    default :meth:`record` / :meth:`summarize` (accuracy overall and per ``group_key``).
+    """
+
+    name = "benchmark"
+    group_key: str | None = None  # record field for per-group accuracy (task, duration, ...)
+    max_new_tokens: int | None = None  # benchmark default (None: the command's)
+
+    def questions(self) -> list[Question]:
+        raise NotImplementedError
+
+    def record(self, q: Question, prediction: str) -> dict[str, Any]:
+        return mc_record(q, prediction)
+
+    def summarize(self, records: Sequence[dict], questions: Sequence[Question]) -> dict[str, Any]:
+        return mc_summary(records, self.group_key, len(questions))
+
+    def write_outputs(self, records: Sequence[dict], out_path: str) -> dict[str, str]:
+        """Extra files next to the results (e.g. judge inputs); returns {name: path}."""
+        return {}

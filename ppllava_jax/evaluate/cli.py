@@ -1,0 +1,90 @@
+"""What ``eval.py`` runs: flags -> benchmark + checkpoint -> ``runner.run``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ppllava_jax.evaluate.base import Benchmark
+
+BENCHMARKS = ("mvbench", "videomme", "openqa", "vcgbench", "synthetic")
+
+
+def make_benchmark(name: str, data: str, **kw: Any) -> Benchmark:
+    """The benchmark ``name`` over ``data``. kw: num_frames, num_frames_long, video_dir,
+    subtitle_dir, subtitles, split (unused ones are ignored)."""
+    nf = int(kw.get("num_frames") or 0)
+    if name == "mvbench":
+        from ppllava_jax.evaluate.mvbench import MVBench
+
+        return MVBench(data, nf or 32)
+    if name == "videomme":
+        from ppllava_jax.evaluate.videomme import VideoMME
+
+        return VideoMME(
+            data,
+            nf or 32,
+            int(kw.get("num_frames_long") or 64),
+            video_dir=kw.get("video_dir", ""),
+            subtitle_dir=kw.get("subtitle_dir", ""),
+            subtitles=bool(kw.get("subtitles", False)),
+        )
+    if name == "openqa":
+        from ppllava_jax.evaluate.openqa import OpenQA
+
+        return OpenQA(data, nf or 32, video_dir=kw.get("video_dir", ""))
+    if name == "vcgbench":
+        from ppllava_jax.evaluate.openqa import VCGBench
+
+        return VCGBench(data, nf or 32, video_dir=kw.get("video_dir", ""))
+    if name == "synthetic":
+        from ppllava_jax.evaluate.synthetic import Synthetic
+
+        return Synthetic(data, nf or 8, split=kw.get("split") or "eval")
+    raise ValueError(f"unknown benchmark {name!r}; use one of {BENCHMARKS}")
+
+
+def main(
+    *,
+    checkpoint: str,
+    benchmark: str,
+    data: str,
+    out: str,
+    config: Any = None,
+    **kw: Any,
+) -> dict[str, Any] | None:
+    """Evaluate ``checkpoint`` on ``benchmark``; see eval.py for the flags."""
+    from ppllava_jax import sharding
+    from ppllava_jax.evaluate import runner
+
+    sharding.maybe_initialize_distributed()
+    template = kw.get("template", "")
+    mesh = kw.get("mesh") or None
+    num_frames = kw.get("num_frames") or 0
+    if config is not None:  # a training config: its data/mesh sections give defaults
+        d = config.get("data", {})
+        template = template or d.get("template", "")
+        num_frames = num_frames or (d.get("num_frames", 0) if benchmark == "synthetic" else 0)
+        if mesh is None and config.get("mesh") is not None:
+            mesh = dict(config.mesh)
+    setup = runner.load_setup(
+        checkpoint,
+        tokenizer=kw.get("tokenizer", ""),
+        clip_tokenizer=kw.get("clip_tokenizer", ""),
+        template=template,
+        mesh=mesh,
+        dtype=kw.get("dtype") or None,
+    )
+    if not num_frames and benchmark == "synthetic":
+        num_frames = setup.defaults.get("num_frames", 0)
+    bench = make_benchmark(benchmark, data, **{**kw, "num_frames": num_frames})
+    return runner.run(
+        bench,
+        setup,
+        out,
+        batch_size=int(kw.get("batch_size") or 0),
+        max_new_tokens=kw.get("max_new_tokens") or None,
+        num_workers=int(kw.get("num_workers") or 0),
+        save_attention=kw.get("save_attention") or "",
+        max_attention=int(kw.get("max_attention") or 16),
+        progress=not kw.get("no_progress", False),
+    )

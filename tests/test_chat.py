@@ -1,0 +1,52 @@
+"""The chat command driven through a pipe: two turns, context kept, /reset, EOF."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ppllava_jax.evaluate.tiny import make_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    return make_tiny_checkpoint(str(root / "ckpt"), str(root / "data")), root
+
+
+def test_chat_through_a_pipe(ckpt):
+    ckpt_dir, root = ckpt
+    video = str(root / "data" / "videos" / "eval_00000.mp4")
+    att = root / "att"
+    q1, q2, q3 = "What colour is the square?", "Which way does it move?", "Is it big?"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ppllava_jax.chat", "--checkpoint", ckpt_dir, "--video", video,
+         "--num_frames", "8", "--max_new_tokens", "5", "--show_prompt",
+         "--mesh", "data=1,fsdp=1,tensor=1", "--save-attention", str(att)],
+        input=f"{q1}\n\n{q2}\n/reset\n{q3}\n",
+        capture_output=True, text=True, timeout=300, cwd=str(REPO), env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prompts = [x for x in proc.stderr.splitlines() if x.startswith("[prompt] ")]
+    assert len(prompts) == 3, proc.stderr[-3000:]
+    assert proc.stdout.count("ASSISTANT: ") == 3, proc.stdout
+    # the first answer as streamed: between the first and second "ASSISTANT: "
+    answer1 = proc.stdout.split("ASSISTANT: ")[1].rstrip("\n")
+    assert q1 in prompts[0] and q2 not in prompts[0]
+    # the second prompt carries the first turn, question and answer, then the new question
+    assert q1 in prompts[1] and q2 in prompts[1]
+    assert prompts[1].index(q1) < prompts[1].index(q2)
+    assert "</s>USER: " in prompts[1]
+    a1 = answer1.strip()
+    if a1 and not any(c in a1 for c in "'\"\\\ufffd") and a1.isprintable():
+        assert a1 in prompts[1]
+    # after /reset the history is gone
+    assert q1 not in prompts[2] and q2 not in prompts[2] and q3 in prompts[2]
+    assert "[conversation reset]" in proc.stderr
+    assert sorted(os.listdir(att)) == ["turn_00", "turn_01", "turn_02"]
+    assert len([p for p in os.listdir(att / "turn_01") if p.endswith(".png")]) == 8

@@ -1,0 +1,73 @@
+"""Answer extraction on real-looking model outputs; option and subtitle parsing."""
+
+import numpy as np
+import pytest
+
+from ppllava_jax.evaluate.extract import extract_letter, letter_of_answer, strip_option_letter
+from ppllava_jax.evaluate.videomme import parse_srt, subtitles_at
+
+CANDS = ["the man", "the woman", "a dog", "a cat"]
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("(B) the man", "B"),  # the letter wins over the text
+        ("B) the woman", "B"),  # after the "Best option:(" prefix
+        ("B.", "B"),
+        ("B", "B"),
+        ("  C  ", "C"),
+        ("b", "B"),
+        ("(d)", "D"),
+        ("c) a dog", "C"),
+        ("The best answer is C", "C"),
+        ("The best answer is C.", "C"),
+        ("Answer: (D)", "D"),
+        ("answer: d", "D"),
+        ("Best option: (C) a dog", "C"),
+        ("I think the answer is C.", "C"),
+        ("Option B is correct", "B"),
+        ("the woman", "B"),  # option text without its letter
+        ("It is a dog.", "C"),
+        ("The woman.", "B"),
+        ("the best option is a cat", "D"),  # "a" is the article here
+        ("A man is walking", None),  # "A" the article, no option matches
+        ("A", "A"),
+        ("A. the man", "A"),
+        ("(A) the man", "A"),
+        ("E", None),  # out of range for four options
+        ("I don't know", None),
+        ("", None),
+    ],
+)
+def test_extract_letter(text, want):
+    assert extract_letter(text, CANDS) == want
+
+
+def test_extract_without_candidates():
+    assert extract_letter("The answer is B", num_options=4) == "B"
+    assert extract_letter("(C) something", num_options=4) == "C"
+    assert extract_letter("something", num_options=4) is None
+
+
+def test_answers_and_options():
+    assert letter_of_answer("C", CANDS) == "C"
+    assert letter_of_answer("(B) the woman", CANDS) == "B"
+    assert letter_of_answer("a cat", CANDS) == "D"
+    with pytest.raises(ValueError):
+        letter_of_answer("a horse", CANDS)
+    assert strip_option_letter("A. Apples.") == "Apples."
+    assert strip_option_letter("(B) two") == "two"
+
+
+def test_srt_alignment():
+    srt = (
+        "1\n00:00:00,000 --> 00:00:00,500\nhello <i>there</i>\n\n"
+        "2\n00:00:00,500 --> 00:00:01,000\nworld\n\n"
+        "3\n00:00:01,000 --> 00:00:01,500\nagain\nand again\n\n"
+        "4\n00:00:03,000 --> 00:00:04,000\nnever shown\n"
+    )
+    cues = parse_srt(srt)
+    assert [c[2] for c in cues] == ["hello there", "world", "again and again", "never shown"]
+    got = subtitles_at(cues, np.array([0.125, 0.625, 1.125, 1.625]))
+    assert got == ["hello there", "world", "again and again"]

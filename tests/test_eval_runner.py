@@ -1,0 +1,210 @@
+"""eval.py's machinery on a tiny random model: resumption, benchmark loaders, judge files,
+attention heatmaps. Accuracy values are irrelevant (random weights)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ppllava_jax.data.video import write_video
+from ppllava_jax.evaluate import heatmap, runner
+from ppllava_jax.evaluate.mvbench import MVBench
+from ppllava_jax.evaluate.openqa import OpenQA, VCGBench
+from ppllava_jax.evaluate.synthetic import Synthetic
+from ppllava_jax.evaluate.tiny import make_tiny_checkpoint
+from ppllava_jax.evaluate.videomme import VideoMME
+
+MESH = "data=2,fsdp=1,tensor=1"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalrun")
+    ckpt = make_tiny_checkpoint(str(root / "ckpt"), str(root / "data"))
+    setup = runner.load_setup(ckpt, mesh=MESH)
+    return root, setup
+
+
+def _clip(path, frames=16, fps=8.0, seed=0):
+    rng = np.random.default_rng(seed)
+    write_video(path, rng.integers(0, 255, (frames, 32, 32, 3), dtype=np.uint8), fps=fps)
+
+
+def test_resume_no_duplicates_same_accuracy(env):
+    root, setup = env
+    bench = Synthetic(str(root / "data"), num_frames=8)
+    full = runner.run(bench, setup, str(root / "full" / "res.json"), batch_size=2, progress=False)
+    out = str(root / "resumed" / "res.json")
+    att = str(root / "att")
+    part = runner.run(
+        bench, setup, out, batch_size=2, max_new_answers=3, progress=False,
+        save_attention=att, max_attention=1,
+    )  # fmt: skip
+    assert part is None
+    with open(runner.answers_path(out)) as f:
+        first = [json.loads(x)["id"] for x in f]
+    assert len(first) == 4  # stopped after the second batch of 2
+    # a kill in the middle of a write leaves half a line: it is ignored
+    with open(runner.answers_path(out), "a") as f:
+        f.write('{"id": "eval:7", "predic')
+    res = runner.run(bench, setup, out, batch_size=2, progress=False)
+    with open(runner.answers_path(out)) as f:
+        ids = [json.loads(x)["id"] for x in f if x.strip().endswith("}")]
+    assert len(ids) == len(set(ids)) == 8
+    assert ids[:4] == first
+    assert [r["id"] for r in res["records"]] == [f"eval:{i}" for i in range(8)]
+    assert res["summary"]["accuracy"] == full["summary"]["accuracy"]
+    assert res["summary"]["num_questions"] == 8 and res["summary"]["num_missing"] == 0
+    assert set(res["summary"]["by_qtype"]) == {"direction", "first_colour", "colour", "shape"}
+    assert [r["pred_letter"] for r in res["records"]] == [r["pred_letter"] for r in full["records"]]
+    with open(out) as f:
+        assert json.load(f)["summary"] == res["summary"]
+    # attention: one question, 8 frames, upscaled to 224
+    (qdir,) = os.listdir(att)
+    pngs = sorted(p for p in os.listdir(os.path.join(att, qdir)) if p.endswith(".png"))
+    assert len(pngs) == 8
+    assert Image.open(os.path.join(att, qdir, pngs[0])).size == (224, 224)
+    # a rerun of a finished evaluation asks nothing and gives the same result
+    again = runner.run(bench, setup, out, batch_size=2, progress=False)
+    assert again["summary"] == res["summary"]
+
+
+def test_mvbench_layout(env, tmp_path):
+    root, setup = env
+    charades = tmp_path / "video/star/Charades_v1_480"
+    charades.mkdir(parents=True)
+    _clip(str(charades / "AB12.mp4"), seed=1)
+    _clip(str(charades / "CD34.mp4"), seed=2)
+    frames = tmp_path / "video/tvqa/frames_fps3_hq/ep1"
+    frames.mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(np.full((32, 32, 3), 20 * i, np.uint8)).save(frames / f"{i:05d}.jpg")
+    (tmp_path / "json").mkdir()
+    seq = [
+        {"video": "AB12.mp4", "question": "What did the person do first?",
+         "candidates": ["Sat down.", "Opened the door.", "Took a cup."],
+         "answer": "Opened the door.", "start": 0.5, "end": 1.5},
+        {"video": "CD34.mp4", "question": "What happened next?",
+         "candidates": ["Nothing.", "Ran."], "answer": "Ran.", "start": 0.0, "end": 2.0},
+    ]  # fmt: skip
+    epi = [
+        {"video": "ep1", "question": "Why?", "candidates": ["x", "y", "z", "w"],
+         "answer": "z", "start": 1.0, "end": 3.0},
+    ]  # fmt: skip
+    (tmp_path / "json/action_sequence.json").write_text(json.dumps(seq))
+    (tmp_path / "json/episodic_reasoning.json").write_text(json.dumps(epi))
+    bench = MVBench(str(tmp_path), num_frames=8)
+    qs = bench.questions()
+    assert [q.qid for q in qs] == ["action_sequence:0", "action_sequence:1", "episodic_reasoning:0"]
+    q0 = qs[0]
+    assert q0.prompt == (
+        "Question: What did the person do first?\nOptions:\n(A) Sat down.\n"
+        "(B) Opened the door.\n(C) Took a cup.\nOnly give the best option."
+    )
+    assert q0.answer == "B" and q0.answer_prefix == "Best option:(" and q0.bound == (0.5, 1.5)
+    assert q0.info["task"] == "Action Sequence"
+    assert qs[2].answer == "C" and qs[2].bound == (3.0, 9.0)  # 3 fps frame folder
+    res = runner.run(
+        bench, setup, str(tmp_path / "mv.json"), batch_size=2, max_new_tokens=4, progress=False
+    )
+    s = res["summary"]
+    assert s["answered"] == 3 and s["num_missing"] == 0
+    assert set(s["by_task"]) == {"Action Sequence", "Episodic Reasoning"}
+    assert s["by_task"]["Action Sequence"]["total"] == 2
+
+
+def test_videomme_questions(tmp_path):
+    vdir, sdir = tmp_path / "data", tmp_path / "subtitle"
+    vdir.mkdir()
+    sdir.mkdir()
+    _clip(str(vdir / "vidS.mp4"), frames=16, fps=8.0)  # 2 s
+    _clip(str(vdir / "vidL.mp4"), frames=16, fps=8.0)
+    (sdir / "vidS.srt").write_text(
+        "1\n00:00:00,000 --> 00:00:00,500\nhello\n\n2\n00:00:00,500 --> 00:00:01,000\nworld\n\n"
+        "3\n00:00:03,000 --> 00:00:04,000\nnever\n"
+    )
+    rows = [
+        {"video_id": "001", "duration": "short", "videoID": "vidS", "questions": [
+            {"question_id": "001-1", "question": "Who talks?",
+             "options": ["A. a man", "B. a woman", "C. a dog", "D. nobody"], "answer": "B"},
+            {"question_id": "001-2", "question": "Where?",
+             "options": ["A. here", "B. there", "C. home", "D. work"], "answer": "D"}]},
+        {"video_id": "002", "duration": "long", "videoID": "vidL", "questions": [
+            {"question_id": "002-1", "question": "When?",
+             "options": ["A. now", "B. then", "C. never", "D. soon"], "answer": "A"}]},
+    ]  # fmt: skip
+    (tmp_path / "videomme.json").write_text(json.dumps(rows))
+    qs = VideoMME(str(tmp_path), num_frames=4, num_frames_long=8, subtitles=True).questions()
+    assert [q.qid for q in qs] == ["001-1", "001-2", "002-1"]
+    assert [q.num_frames for q in qs] == [4, 4, 8]
+    assert [q.info["duration"] for q in qs] == ["short", "short", "long"]
+    assert qs[0].answer == "B" and "(B) a woman" in qs[0].prompt
+    # frames at 0.125, 0.625, 1.125, 1.625 s: "hello" and "world" are shown, "never" is not
+    assert qs[0].system == "This video's subtitles are listed below:\nhello\nworld"
+    assert qs[2].system is None  # no subtitle file
+    plain = VideoMME(str(tmp_path / "videomme.json"), num_frames=4).questions()
+    assert plain[0].system is None and plain[0].video == str(vdir / "vidS.mp4")
+
+
+def test_openqa_and_vcgbench_judge_files(env, tmp_path):
+    root, setup = env
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    _clip(str(vids / "v_abc.mp4"), seed=3)
+    _clip(str(vids / "xyz.mp4"), seed=4)
+    (tmp_path / "test_q.json").write_text(json.dumps([
+        {"video_name": "abc", "question": "what is shown", "question_id": "q1"},
+        {"video_name": "xyz", "question": "is it red", "question_id": "q2"},
+    ]))  # fmt: skip
+    (tmp_path / "test_a.json").write_text(json.dumps([
+        {"question_id": "q1", "answer": "squares", "type": 0},
+        {"question_id": "q2", "answer": "no", "type": 3},
+    ]))  # fmt: skip
+    res = runner.run(
+        OpenQA(str(tmp_path / "test_q.json"), num_frames=8), setup, str(tmp_path / "oq.json"),
+        batch_size=2, max_new_tokens=3, progress=False,
+    )  # fmt: skip
+    with open(res["summary"]["predictions_file"]) as f:
+        preds = json.load(f)
+    assert [p["question_id"] for p in preds] == ["q1", "q2"]
+    assert preds[0]["answer"] == "squares" and preds[0]["video_name"] == "abc"
+    assert {"id", "question", "answer", "pred"} <= set(preds[1])
+    vcg = tmp_path / "vcg"
+    vcg.mkdir()
+    (vcg / "generic_qa.json").write_text(
+        json.dumps([{"video_name": "xyz", "Q": "describe it", "A": "a clip"}])
+    )
+    (vcg / "consistency_qa.json").write_text(
+        json.dumps([{"video_name": "xyz", "Q1": "colour?", "Q2": "which colour?", "A": "red"}])
+    )
+    res = runner.run(
+        VCGBench(str(vcg), num_frames=8, video_dir=str(vids)), setup, str(tmp_path / "vcg.json"),
+        batch_size=2, max_new_tokens=3, progress=False,
+    )  # fmt: skip
+    with open(res["summary"]["consistency_predictions_file"]) as f:
+        (row,) = json.load(f)
+    assert {"video_name", "Q1", "Q2", "A", "pred1", "pred2"} <= set(row)
+    with open(res["summary"]["generic_predictions_file"]) as f:
+        (row,) = json.load(f)
+    assert row["Q"] == "describe it" and "pred" in row
+
+
+def test_heatmap_png(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (3, 48, 48, 3), dtype=np.uint8)
+    rel = np.zeros((3, 4, 4), np.float32)
+    rel[1, 0, 0] = 1.0
+    paths = heatmap.save_heatmaps(tmp_path, frames, rel, caption="where?")
+    assert [os.path.basename(p) for p in paths] == [f"frame_{i:03d}.png" for i in range(3)]
+    im = np.asarray(Image.open(paths[1]))
+    assert im.shape == (48, 48, 3)
+    assert (tmp_path / "prompt.txt").read_text().strip() == "where?"
+    assert heatmap.save_heatmaps(tmp_path / "big", frames, rel, size=96)
+    assert Image.open(tmp_path / "big" / "frame_000.png").size == (96, 96)
+    lo, hi = heatmap.colormap(np.array([0.0, 1.0]))
+    assert lo.sum() < 20 and hi.sum() > 600
+    px = heatmap.denormalize(
+        (np.zeros((1, 1, 3)) - np.array(heatmap.CLIP_MEAN)) / np.array(heatmap.CLIP_STD)
+    )
+    assert px.max() == 0
