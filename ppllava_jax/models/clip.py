@@ -91,18 +91,20 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    """``fc2(act(fc1(x)))`` with ``act = cfg.hidden_act``."""
+    """``fc2(act(fc1(x)))`` with ``act = cfg.hidden_act``; ``x: float[B, ..., C]``."""
 
     cfg: Config
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
+        # any rank: the BT-Adapter runs it on class tokens [N, C] and patches [N, P, T, C]
+        mid = ("act_length",) if x.ndim == 3 else (None,) * (x.ndim - 2)
         y = layers.dense(cfg.intermediate_size, ("embed", "mlp"), cfg, name="fc1")(x)
-        y = layers.constrain(y, ("act_batch", "act_length", "act_mlp"))
+        y = layers.constrain(y, ("act_batch", *mid, "act_mlp"))
         y = layers.activation(cfg.hidden_act)(y)
         y = layers.dense(cfg.hidden_size, ("mlp", "embed"), cfg, name="fc2")(y)
-        return layers.constrain(y, layers.ACT_BLE)
+        return layers.constrain(y, ("act_batch", *mid, "act_embed"))
 
 
 class CLIPEncoderLayer(nn.Module):

@@ -1,0 +1,59 @@
+"""PPLLaVA-7B (Vicuna-7B, CLIP ViT-L/14-336 + BT-Adapter), video-only SFT (SPEC section 7).
+
+Plan the memory of a slice before renting it (ahead-of-time compile on simulated devices)::
+
+    python -m ppllava_jax.plan --config configs/ppllava_vicuna7b_videoonly.py \
+        --devices 64 --mesh fsdp=64 --batch-per-device 1 --hbm-gib 16
+
+Train (the training library reads ``train``/``optimizer``/``checkpoint``; the data and
+schedule sections are filled in by the training work)::
+
+    python train.py --config configs/ppllava_vicuna7b_videoonly.py \
+        --config.mesh.fsdp=-1 --config.batch.per_device=1
+
+This file owns the model, mesh and batch sections.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ppllava_jax.train.trainer import default_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = default_config()  # train / optimizer / checkpoint / dpo sections
+
+    # ---------------------------------------------------------------- model
+    m = c.model = ml_collections.ConfigDict()
+    m.preset = "ppllava_vicuna7b"  # plan.model_config builds PPLLaVAConfig() (7B defaults)
+    m.init_from = ""  # converted checkpoint directory (convert_torch_weights.py); "" = random
+    m.dtype = "bfloat16"  # compute dtype of activations/matmuls (softmax/norms/loss stay f32)
+    m.param_dtype = "float32"  # parameter storage (and so optimizer moments) dtype
+    m.scan_layers = True  # nn.scan over repeated layers: compile time flat in depth
+    m.remat_policy = "full"  # none | full | dots | dots_no_batch (gradient checkpointing)
+    m.attention_impl = "xla"  # xla | cudnn (NVIDIA flash attention, bf16) | auto
+    m.llm_layers = 32  # Vicuna-7B decoder layers (lower it only for experiments)
+    m.vocab_size = 32064  # llava-v1.6-vicuna-7b vocabulary (32000 + added tokens, padded)
+    m.num_frames = 32  # frames per video, each 336x336 (BT-Adapter max_T = 128)
+    m.clip_length = 248  # CLIP prompt tokens (Long-CLIP positions; the conversation, truncated)
+
+    # ---------------------------------------------------------------- mesh
+    mesh = c.mesh = ml_collections.ConfigDict()
+    mesh.data = 1  # pure data parallel (replicated parameters); within a slice
+    mesh.fsdp = -1  # data parallel + parameter/optimizer sharding (ZeRO-3); -1 = the rest
+    mesh.tensor = 1  # Megatron tensor parallel over heads / MLP / vocabulary
+    mesh.dcn_data = 1  # slices (multi-slice TPU) or nodes stacked on `data` over the slow network
+
+    # ---------------------------------------------------------------- batch
+    b = c.batch = ml_collections.ConfigDict()
+    b.per_device = 1  # samples per device per micro-batch (global = per_device * devices)
+    b.global_batch = 128  # SPEC section 7; grad_accum_steps = global / (per_device * devices)
+    b.max_length = 2048  # merged sequence: 1024 visual tokens (16 x 8 x 8) + text, padded
+    b.visual_tokens = 1024  # pooled tokens per 32-frame video: (32/2) x (24/3) x (24/3)
+
+    # ---------------------------------------------------------------- training (SPEC §7)
+    c.optimizer.lr = 2e-5  # AdamW, cosine, 3% warmup, no weight decay
+    c.optimizer.trainable = "ppllava_sft"  # LLM, BT-Adapter, projector MLP + CLIP projections
+    c.train.total_steps = 1000  # placeholder: set from the data size (1 epoch) by the trainer
+    return c
