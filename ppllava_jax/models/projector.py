@@ -99,9 +99,13 @@ class PPLLaVAProjector(nn.Module):
 
     def mlp(self, features: Array) -> Array:
         """The LLaVA MLP ``linear_2(act(linear_1(F)))``: ``float[..., C] -> float[..., D]``."""
-        y = self.linear_1(features)
+        # keep the items' axis batch-sharded (else the partitioner all-gathers every item's
+        # [T, P, D] values onto every device to meet the fsdp-sharded kernels)
+        mid = (None,) * (features.ndim - 2)
+        features = layers.constrain(features, ("act_batch", *mid, "act_embed"))
+        y = layers.constrain(self.linear_1(features), ("act_batch", *mid, "act_mlp"))
         y = layers.activation(self.cfg.projector_hidden_act)(y)
-        return self.linear_2(y)
+        return layers.constrain(self.linear_2(y), ("act_batch", *mid, "act_embed"))
 
     def text_embeds(self, clip_ids: Array, clip_mask: Array) -> Array:
         """``int32[N, L], int[N, L] -> float[N, d]``: projected pooled CLIP text (not normalised).
@@ -172,6 +176,7 @@ class PPLLaVAProjector(nn.Module):
                 stride = s0 if stride is None else stride
             k, s, _ = pool_windows((t, fh, fw), kernel=kernel, stride=stride)
             tokens = weighted_pool3d(values, attn, k, s, cfg.pooling_temp)
+            tokens = layers.constrain(tokens, ("act_batch", None, None, None, "act_embed"))
             t_out = tokens.shape[1]
             out["tokens"] = tokens
             out["token_mask"] = jnp.arange(t_out)[None] * s[0] + k[0] <= n_valid[:, None]
