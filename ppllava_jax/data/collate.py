@@ -63,6 +63,11 @@ class Sample:
     labels: int[S] or None (-100 = not supervised).
     media: the sample's visual input or None (text only).
     clip_ids, clip_mask: int[Lc], the CLIP prompt.
+    media_from: index of another sample of the same batch whose visual input this one reuses
+      (e.g. the rejected twin of a DPO pair): its image tokens get the same pool rows, the
+      visual input is not a second item of its group (the vision tower and the projector run
+      once for both), and ``media``/``clip_ids`` of this sample are ignored. The referenced
+      sample must have a visual input of its own (no chains).
     """
 
     input_ids: np.ndarray
@@ -70,6 +75,7 @@ class Sample:
     media: Media | None = None
     clip_ids: np.ndarray | None = None
     clip_mask: np.ndarray | None = None
+    media_from: int | None = None
 
 
 anyres_grid = anyres_grid_shape
@@ -164,7 +170,15 @@ def collate(
 
     members: dict[str, list[int]] = {g: [] for g in GROUPS}
     for i, s in enumerate(samples):
-        if s.media is not None:
+        if s.media_from is not None:
+            j = s.media_from
+            if not 0 <= j < len(samples) or j == i:
+                raise ValueError(f"sample {i}: media_from={j} is not another sample of the batch")
+            if samples[j].media is None or samples[j].media_from is not None:
+                raise ValueError(
+                    f"sample {i}: media_from={j} names a sample without a visual input of its own"
+                )
+        elif s.media is not None:
             members[s.media.kind].append(i)
     frames = {
         g: max(samples[i].media.pixels.shape[0] for i in idx) for g, idx in members.items() if idx
@@ -199,20 +213,22 @@ def collate(
         labels = np.full(ids.shape, IGNORE) if s.labels is None else np.asarray(s.labels)
         slots = np.flatnonzero(ids == image_token)
         pieces_ids, pieces_vis, pieces_lab = [], [], []
-        if s.media is None:
+        owner = i if s.media_from is None else s.media_from  # whose item fills the slots
+        media = samples[owner].media
+        if media is None:
             if len(slots):
                 raise ValueError(f"sample {i} has {len(slots)} image tokens but no visual input")
             layouts = []
         else:
-            g = s.media.kind
-            layouts = planner.local_layout(s.media, frames[g])
+            g = media.kind
+            layouts = planner.local_layout(media, frames[g])
             if len(slots) != len(layouts):
                 raise ValueError(
                     f"sample {i} ({g}) has {len(slots)} image tokens in its prompt, its visual "
                     f"input needs {len(layouts)} (one per video / image / image of a set)"
                 )
             base, per = offsets[g]
-            item = members[g].index(i)
+            item = members[g].index(owner)
             row0 = base + item * per
         prev = 0
         for slot, local in zip(slots, layouts, strict=True):

@@ -45,6 +45,27 @@ A batch is the dict of :func:`ppllava_jax.data.collate.collate` (numpy), plus
             "status": ["ok" | "skip" | "pad", ...],
             "skipped": {"missing_media": 1, "bad_media": 2, ...}}  # cumulative, incl. loading
 
+DPO (``data.dpo = True``): preference samples in the annotation format whose *last* QA turn
+carries a chosen and a rejected answer (earlier turns are ordinary context)::
+
+    {"video": "v.mp4", "QA": [{"q": "What happens?", "a": "A dog runs.",       # chosen
+                               "rejected": "A cat sleeps."}]}
+    {"video": "v.mp4", "QA": [{"q": "What happens?", "chosen": "A dog runs.",  # same
+                               "rejected": "A cat sleeps."}]}
+
+A sample without a non-blank ``rejected`` answer on its last turn, or with identical chosen and
+rejected answers, is a ``bad_annotation`` (skipped and counted at load time). Each sample is
+decoded once and gives two encodings with the same prompt and media: labels on the chosen
+answer and on the rejected one. The CLIP prompt is the conversation *without* the preferred
+answer (earlier turns and the last question), so the visual tokens, shared by both, do not see
+either answer. ``data.batch_size`` counts pairs: a batch has ``2 * batch_size`` rows, chosen rows
+``0..B-1`` then rejected rows ``B..2B-1``, row ``i + B`` the rejected twin of row ``i``
+(``meta['dpo_role']`` says which). The twins share the visual input: row ``i + B`` is collated
+with ``collate.Sample.media_from = i``, so its ``visual_index`` rows equal row ``i``'s and each
+pair is one item of its media group (the vision tower and the projector run once per pair).
+Skipping works on whole pairs (one record per pair), so pairs stay together; ``valid`` and
+every ``meta`` list have ``2 * batch_size`` entries. Not available with ``array_record``.
+
 Skip reasons: ``missing_media`` (file not found), ``bad_media`` (unreadable, truncated,
 empty), ``empty_qa`` (no or empty QA turns), ``bad_annotation`` (other malformed sample),
 ``too_long`` (merged length > ``max_length``), ``bad_sample`` (another DataError, e.g. a
@@ -56,6 +77,8 @@ from __future__ import annotations
 
 import bisect
 import copy
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -132,6 +155,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.answer_prefix = ""  # generation prompt: text after ASSISTANT: (e.g. "Best option:(")
     c.shard_index = -1  # this host's shard; -1 = jax.process_index()
     c.shard_count = -1  # number of shards; -1 = jax.process_count()
+    # Preference pairs for DPO (train.mode='dpo'): the last QA turn holds a chosen answer ("a"
+    # or "chosen") and a "rejected" one; batches of 2 x batch_size rows (chosen, then rejected
+    # twins) sharing each pair's decoded media (module docstring).
+    c.dpo = False
     return c
 
 
@@ -199,6 +226,10 @@ def validate_config(cfg: ml_collections.ConfigDict, model_cfg: Any) -> None:
             )
     if cfg.shard_count > 0 and not 0 <= cfg.shard_index < cfg.shard_count:
         bad("shard_index", f"{cfg.shard_index} not in [0, {cfg.shard_count})")
+    if cfg.dpo and cfg.array_record:
+        bad("dpo", "preference pairs are read from annotation files; unset data.array_record")
+    if cfg.dpo and cfg.generation_prompt:
+        bad("dpo", "preference pairs need answers; unset data.generation_prompt")
 
 
 def max_views(image_size: int, pinpoints: Sequence[Sequence[int]]) -> int:
@@ -233,6 +264,63 @@ class _LoadCounter(ann.SkipCounter):
         super().add(err)
         r = skip_reason(err)
         self.by_reason[r] = self.by_reason.get(r, 0) + 1
+
+
+# --------------------------------------------------------------------------------------
+# DPO annotations
+
+
+def parse_dpo_sample(
+    raw: Any, source: str, index: int, data_root: str = "", media_type: str | None = None
+) -> ann.Sample:
+    """A preference sample (module docstring): ``annotations.parse_sample`` with the last
+    turn's chosen answer as its ``a`` and the rejected answer in ``extra["rejected"]``."""
+    rejected = None
+    qa = raw.get("QA") if isinstance(raw, Mapping) else None
+    if isinstance(qa, list) and qa and isinstance(qa[-1], Mapping):
+        last = dict(qa[-1])
+        if "chosen" in last:
+            if "a" in last and last["a"] != last["chosen"]:
+                raise AnnotationError(source, index, "the last turn has both 'a' and 'chosen'")
+            last["a"] = last.pop("chosen")
+        rejected = last.pop("rejected", None)
+        raw = dict(raw, QA=[*qa[:-1], last])
+    sample = ann.parse_sample(raw, source, index, data_root, media_type)
+    if not isinstance(rejected, str) or not rejected.strip():
+        raise AnnotationError(
+            source, index, "DPO sample: the last turn has no 'rejected' answer (a non-blank string)"
+        )
+    if rejected.strip() == sample.turns[-1].a.strip():
+        raise AnnotationError(source, index, "DPO sample: chosen and rejected answers are equal")
+    return dataclasses.replace(sample, extra={**sample.extra, "rejected": rejected})
+
+
+def load_dpo_annotation_file(
+    path: str,
+    data_root: str = "",
+    media_type: str | None = None,
+    on_error: str = "skip",
+    skipped: ann.SkipCounter | None = None,
+) -> list[ann.Sample]:
+    """``annotations.load_annotation_file`` for preference samples (:func:`parse_dpo_sample`)."""
+    if not os.path.exists(path):
+        raise AnnotationError(path, None, "annotation file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise AnnotationError(path, None, f"cannot parse JSON ({e})") from e
+    if not isinstance(raw, list):
+        raise AnnotationError(path, None, f"expected a JSON list, got {type(raw).__name__}")
+    out = []
+    for i, r in enumerate(raw):
+        try:
+            out.append(parse_dpo_sample(r, path, i, data_root, media_type))
+        except AnnotationError as e:
+            if on_error == "raise":
+                raise
+            (skipped if skipped is not None else ann.SkipCounter()).add(e)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -419,6 +507,7 @@ class _Preprocess:
         self.seed = int(cfg.seed)
         self.generation_prompt = bool(cfg.generation_prompt) and not cfg.training
         self.answer_prefix = cfg.answer_prefix or None
+        self.dpo = bool(cfg.get("dpo", False))
         self.frames = {
             "video": self.num_frames,
             "image": max_views(self.size, self.pinpoints),
@@ -468,8 +557,11 @@ class _Preprocess:
             training=self.training,
             answer_prefix=self.answer_prefix if self.generation_prompt else None,
         )
+        clip_text = enc.clip_text
+        if self.dpo:  # the CLIP prompt without the preferred answer (shared by both twins)
+            clip_text = tpl.clip_text_of([*turns[:-1], tpl.Turn(turns[-1].q, None)], True)
         clip_ids, clip_mask = tpl.encode_clip_prompt(
-            self.clip_tokenizer, enc.clip_text, self.clip_max_length
+            self.clip_tokenizer, clip_text, self.clip_max_length
         )
         rec = {
             "input_ids": enc.input_ids.astype(np.int32),
@@ -478,6 +570,18 @@ class _Preprocess:
             "clip_mask": clip_mask,
             "kind": "",
         }
+        if self.dpo:
+            rej = tpl.encode_conversation(
+                self.tokenizer,
+                [*turns[:-1], tpl.Turn(turns[-1].q, sample.extra["rejected"])],
+                self.template,
+                self.model_cfg.image_token_index,
+                num_images=sample.num_images,
+                system=sample.system,
+                training=self.training,
+            )
+            rec["rejected_input_ids"] = rej.input_ids.astype(np.int32)
+            rec["rejected_labels"] = rej.labels.astype(np.int32)
         mt = sample.media_type
         if mt == "video":
             rng = np.random.default_rng([self.seed, epoch, position])
@@ -508,8 +612,12 @@ class _Preprocess:
         return rec
 
     def length_of(self, rec: dict) -> int:
+        """Merged length (DPO: of the longer twin)."""
         media = _media(rec)
-        return merged_length(self.planner, rec["input_ids"], media, self.frames)
+        n = merged_length(self.planner, rec["input_ids"], media, self.frames)
+        if "rejected_input_ids" in rec:
+            n = max(n, merged_length(self.planner, rec["rejected_input_ids"], media, self.frames))
+        return n
 
     # -- stage B: normalize
     @staticmethod
@@ -574,6 +682,7 @@ class _BatchSpec:
         self.source_names = list(source_names)
         self.initial_skips = dict(initial_skips)
         self.image_size = int(cfg.image_size)
+        self.dpo = bool(cfg.get("dpo", False))
 
 
 class _BatchIterDataset(grain.IterDataset):
@@ -664,6 +773,8 @@ class _BatchIterator(grain.DatasetIterator):
         return {
             "input_ids": ids,
             "labels": np.full(1, tpl.IGNORE_INDEX, np.int32),
+            "rejected_input_ids": ids,
+            "rejected_labels": np.full(1, tpl.IGNORE_INDEX, np.int32),
             "clip_ids": clip,
             "clip_mask": np.eye(1, s.clip_length, dtype=np.int32)[0],
             "kind": "video",
@@ -685,6 +796,17 @@ class _BatchIterator(grain.DatasetIterator):
                     clip_mask=src["clip_mask"],
                 )
             )
+        if s.dpo:  # rejected twins after the chosen rows, reusing their visual input
+            for i, r in enumerate(rows):
+                src = r if r["status"] == "ok" else dummy
+                samples.append(
+                    col.Sample(
+                        input_ids=src["rejected_input_ids"],
+                        labels=src["rejected_labels"],
+                        media_from=None if samples[i].media is None else i,
+                    )
+                )
+            rows = rows + rows
         caps = None
         if s.group_capacity == "batch":
             caps = {g: s.batch_size for g in col.GROUPS}
@@ -713,6 +835,9 @@ class _BatchIterator(grain.DatasetIterator):
             "status": [r["status"] for r in rows],
             "skipped": dict(self._skipped),
         }
+        if s.dpo:
+            n = len(rows) // 2
+            batch["meta"]["dpo_role"] = ["chosen"] * n + ["rejected"] * n
         return batch
 
     def get_state(self) -> dict:
@@ -800,9 +925,9 @@ class Pipeline:
                 for s in cfg.sources
             ]
             counter = _LoadCounter()
+            load = load_dpo_annotation_file if cfg.dpo else ann.load_annotation_file
             self.samples = [
-                ann.load_annotation_file(s.path, s.data_root, s.media_type, cfg.on_error, counter)
-                for s in self.sources
+                load(s.path, s.data_root, s.media_type, cfg.on_error, counter) for s in self.sources
             ]
             self.load_skipped = dict(counter.by_reason)
             sizes, weights = [len(x) for x in self.samples], [s.weight for s in self.sources]
@@ -908,9 +1033,11 @@ __all__ = [
     "SKIP_REASONS",
     "anyres_views_uint8",
     "default_config",
+    "load_dpo_annotation_file",
     "make_pipeline",
     "max_views",
     "merged_length",
+    "parse_dpo_sample",
     "skip_reason",
     "split_meta",
     "validate_config",
