@@ -5,13 +5,15 @@ Plan the memory of a slice before renting it (ahead-of-time compile on simulated
     python -m ppllava_jax.plan --config configs/ppllava_vicuna7b_videoonly.py \
         --devices 64 --mesh fsdp=64 --batch-per-device 1 --hbm-gib 16
 
-Train (the training library reads ``train``/``optimizer``/``checkpoint``; the data and
-schedule sections are filled in by the training work)::
+Train from the converted start point (``convert_torch_weights.py --source
+llava-v1.6-vicuna-7b-hf --clip clip-vit-large-patch14-336 --output ckpt/ppllava_start``) on the
+video part of the original mixture, one epoch (launch commands for TPU pods and multi-GPU:
+``configs/ppllava_vicuna7b_image_video.py``)::
 
-    python train.py --config configs/ppllava_vicuna7b_videoonly.py \
-        --config.mesh.fsdp=-1 --config.batch.per_device=1
+    python train.py --config configs/ppllava_vicuna7b_videoonly.py --workdir runs/sft_video \
+        --config.data.batch_size=128 --config.train.grad_accum_steps=1
 
-This file owns the model, mesh and batch sections.
+The image+video and DPO recipes start from this file's model, mesh and batch sections.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ def get_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- model
     m = c.model = ml_collections.ConfigDict()
     m.preset = "ppllava_vicuna7b"  # plan.model_config builds PPLLaVAConfig() (7B defaults)
-    m.init_from = ""  # converted checkpoint directory (convert_torch_weights.py); "" = random
     m.dtype = "bfloat16"  # compute dtype of activations/matmuls (softmax/norms/loss stay f32)
     m.param_dtype = "float32"  # parameter storage (and so optimizer moments) dtype
     m.scan_layers = True  # nn.scan over repeated layers: compile time flat in depth
@@ -52,8 +53,20 @@ def get_config() -> ml_collections.ConfigDict:
     b.max_length = 2048  # merged sequence: 1024 visual tokens (16 x 8 x 8) + text, padded
     b.visual_tokens = 1024  # pooled tokens per 32-frame video: (32/2) x (24/3) x (24/3)
 
+    # ---------------------------------------------------------------- start point and data
+    c.init_from = "ckpt/ppllava_start"  # convert_torch_weights.py output; "" = random init
+    from configs import ppllava_vicuna7b_image_video as iv  # (imports this file: lazily here)
+
+    c.data = iv.data_config([(n, k) for n, k in iv.MIXTURE if k == "video"])
+    c.data.buckets = [1152, 1536, 2048]  # every sample carries 1024 visual tokens
+
     # ---------------------------------------------------------------- training (SPEC §7)
+    c.train.num_samples = 500_000  # placeholder: samples in one epoch of the video mixture
+    c.train.global_batch = b.get_ref("global_batch")
+    c.train.total_steps = -((-c.train.get_ref("num_samples")) // c.train.get_ref("global_batch"))
     c.optimizer.lr = 2e-5  # AdamW, cosine, 3% warmup, no weight decay
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_ratio = 0.03
+    c.optimizer.weight_decay = 0.0
     c.optimizer.trainable = "ppllava_sft"  # LLM, BT-Adapter, projector MLP + CLIP projections
-    c.train.total_steps = 1000  # placeholder: set from the data size (1 epoch) by the trainer
     return c

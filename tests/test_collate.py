@@ -117,3 +117,39 @@ def test_collate_refuses_wrong_number_of_image_tokens():
 
 def test_groups_order_is_documented():
     assert GROUPS == ("video", "image", "multi")
+
+
+def test_micro_batches_are_self_contained():
+    """With micro_batches=k, rows j, j+k, ... (as train.step.microbatch splits them) and their
+    visual items form a batch equal to collating those samples alone."""
+    from ppllava_jax.train.step import microbatch
+
+    cfg = _cfg(pooling="ppllava")
+    rng = np.random.default_rng(0)
+
+    def vid(n):
+        return Media("video", rng.normal(size=(n, 24, 24, 3)).astype(np.float32))
+
+    def multi():
+        return Media("multi", rng.normal(size=(2, 24, 24, 3)).astype(np.float32))
+
+    # micro-batch 0 = rows 0, 2; micro-batch 1 = rows 1, 3: each one video and one image set
+    samples = [
+        Sample(np.array([1, 5, IMG, 6]), np.array([-100, -100, -100, 6]), vid(4)),
+        Sample(np.array([1, 7, IMG]), np.array([-100, 7, -100]), vid(4)),
+        Sample(np.array([1, IMG, 8, IMG, 9]), np.array([-100, -100, 8, -100, 9]), multi()),
+        Sample(np.array([1, IMG, IMG, 3]), np.array([-100, -100, -100, 3]), multi()),
+    ]
+    for s in samples:
+        s.clip_ids, s.clip_mask = rng.integers(0, 50, size=4), np.ones(4, np.int32)
+    k = 2
+    full = collate(samples, cfg, micro_batches=k, clip_length=4, buckets=[16])
+    split = {key: np.asarray(v) for key, v in microbatch(full, k).items()}
+    for j in range(k):
+        alone = collate(
+            samples[j::k], cfg, clip_length=4, buckets=[16], capacity={"video": 1, "multi": 1}
+        )
+        for key, v in alone.items():
+            np.testing.assert_array_equal(split[key][j], v, err_msg=f"micro {j} {key}")
+    with pytest.raises(ValueError, match="micro-batches"):
+        collate(samples[:3], cfg, micro_batches=2)

@@ -152,6 +152,7 @@ def collate(
     capacity: dict[str, int] | None = None,
     num_frames: dict[str, int] | None = None,
     clip_length: int | None = None,
+    micro_batches: int = 1,
 ) -> dict[str, np.ndarray]:
     """Collate samples into the static-shape batch described in the module docstring.
 
@@ -161,7 +162,15 @@ def collate(
       a power of two so few shapes are compiled.
     num_frames: frames/views per item of each group (default: the largest present).
     clip_length: CLIP prompt length (default: the longest present).
+    micro_batches: k for gradient accumulation. The train step splits every array by rows
+      ``j, j+k, j+2k, ...`` into micro-batch ``j`` (``train.step.microbatch``); with k > 1 each
+      group item sits in a slot ``s`` with ``s % k`` equal to its sample's row ``% k`` and
+      ``visual_index`` counts rows of micro-batch ``j``'s own pool (its items ``s // k``), so
+      every micro-batch is a self-contained batch. Capacities are then multiples of k.
     """
+    k = int(micro_batches)
+    if k < 1 or len(samples) % k:
+        raise ValueError(f"{len(samples)} samples do not split into {k} micro-batches")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side={padding_side!r}; use 'left' or 'right'")
     planner = Planner(cfg)
@@ -189,22 +198,32 @@ def collate(
                 raise ValueError(f"{g} group: an item has {frames[g]} frames/views > {n}")
             if g in frames:
                 frames[g] = n
-    caps = {}
+    # slot of every item: micro-batch (row % k) m takes slots m, m + k, m + 2k, ...
+    caps, slot_of = {}, {}
     for g, idx in members.items():
         if not idx:
             continue
-        want = (capacity or {}).get(g) or 1 << (len(idx) - 1).bit_length()
-        if want < len(idx):
-            raise ValueError(f"{len(idx)} {g} items do not fit capacity {want}")
+        used = [0] * k
+        for i in idx:
+            m = i % k
+            slot_of[i] = m + k * used[m]
+            used[m] += 1
+        need = max(used)
+        want = (capacity or {}).get(g) or k * (1 << (need - 1).bit_length())
+        if want % k or want // k < need:
+            raise ValueError(
+                f"{len(idx)} {g} items ({need} in one of {k} micro-batches) do not fit "
+                f"capacity {want} (a multiple of {k} with room for {need} per micro-batch)"
+            )
         caps[g] = want
 
-    # pool offsets of every group's items, and of the newline row
+    # pool offsets (within one micro-batch's pool) of every group's items, and of the newline
     offsets, start = {}, 0
     for g in GROUPS:
         if g in caps:
             t, h, w = planner.item_grid(g, frames[g])
             offsets[g] = (start, t * h * w)
-            start += caps[g] * t * h * w
+            start += (caps[g] // k) * t * h * w
     newline_row = start
 
     seqs = []
@@ -228,8 +247,12 @@ def collate(
                     f"input needs {len(layouts)} (one per video / image / image of a set)"
                 )
             base, per = offsets[g]
-            item = members[g].index(owner)
-            row0 = base + item * per
+            if owner % k != i % k:
+                raise ValueError(
+                    f"sample {i} shares the visual input of sample {owner}, which lands in "
+                    f"another of the {k} micro-batches"
+                )
+            row0 = base + (slot_of[owner] // k) * per
         prev = 0
         for slot, local in zip(slots, layouts, strict=True):
             pieces_ids.append(ids[prev:slot])
@@ -270,16 +293,20 @@ def collate(
         if g not in caps:
             continue
         idx = members[g]
-        px = [samples[i].media.pixels.astype(np.float32) for i in idx]
-        real = [np.ones(p.shape[0], bool) for p in px]
-        px = np.stack([_pad_to(p, frames[g]) for p in px])
-        real = np.stack([_pad_to(r, frames[g]) for r in real])
-        out[f"{g}_pixels"] = _pad_to(px, caps[g])
+        first = samples[idx[0]].media.pixels
+        px = np.zeros((caps[g], frames[g], *first.shape[1:]), np.float32)
+        real = np.zeros((caps[g], frames[g]), bool)
+        for i in idx:
+            p = samples[i].media.pixels
+            px[slot_of[i], : p.shape[0]] = p
+            real[slot_of[i], : p.shape[0]] = True
+        out[f"{g}_pixels"] = px
         mask_key = {"video": "video_frames", "image": "image_views", "multi": "multi_frames"}[g]
-        out[mask_key] = _pad_to(real, caps[g])
+        out[mask_key] = real
         cid = np.zeros((caps[g], lc), np.int32)
         cm = np.zeros((caps[g], lc), np.int32)
-        for j, i in enumerate(idx):
+        for i in idx:
+            j = slot_of[i]
             s = samples[i]
             if s.clip_ids is None:
                 continue
@@ -290,7 +317,8 @@ def collate(
         out[f"{g}_clip_mask"] = cm
     if "image" in caps:
         sizes = np.zeros((caps["image"], 2), np.int32)
-        for j, i in enumerate(members["image"]):
-            sizes[j] = samples[i].media.image_size or samples[i].media.pixels.shape[1:3]
+        for i in members["image"]:
+            media = samples[i].media
+            sizes[slot_of[i]] = media.image_size or media.pixels.shape[1:3]
         out["image_sizes"] = sizes
     return out

@@ -137,6 +137,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_length = 2048  # longest merged sequence (text + visual tokens); longer -> skipped
     c.buckets = [512, 1024, 2048]  # allowed padded lengths L; max(buckets) >= max_length
     c.padding_side = "right"  # right (training, scoring) | left (generation)
+    # k micro-batches per batch (train.grad_accum_steps, set by train.py): the batch is laid out
+    # so that rows j, j+k, ... with their visual inputs form a self-contained micro-batch
+    c.micro_batches = 1
     c.group_capacity = "batch"  # batch: each present media group padded to the batch size
     #                             (one shape per bucket); pow2: rounded up to a power of 2
     c.batch_size = 8  # per host (per JAX process)
@@ -178,6 +181,13 @@ def validate_config(cfg: ml_collections.ConfigDict, model_cfg: Any) -> None:
 
     if not cfg.sources and not cfg.array_record:
         bad("sources", "no annotation files given (or set data.array_record)")
+    k = int(cfg.get("micro_batches", 1))
+    if k < 1 or int(cfg.batch_size) % k:
+        bad(
+            "batch_size",
+            f"{cfg.batch_size} does not split into {k} micro-batches (train.grad_accum_steps); "
+            "use a batch size divisible by it",
+        )
     if cfg.on_error not in ann.ON_ERROR:
         bad("on_error", f"{cfg.on_error!r} is not one of {ann.ON_ERROR}")
     if cfg.padding_side not in ("left", "right"):
@@ -675,6 +685,7 @@ class _BatchSpec:
         self.clip_length = int(cfg.clip_max_length)
         self.frames = dict(frames)
         self.group_capacity = cfg.group_capacity
+        self.micro_batches = int(cfg.micro_batches)
         self.training = bool(cfg.training)
         self.drop_remainder = bool(cfg.drop_remainder) if cfg.training else False
         self.raise_errors = cfg.on_error == "raise"
@@ -818,6 +829,7 @@ class _BatchIterator(grain.DatasetIterator):
             capacity=caps,
             num_frames=s.frames,
             clip_length=s.clip_length,
+            micro_batches=s.micro_batches,
         )
         batch["valid"] = np.array([r["status"] == "ok" for r in rows])
 

@@ -44,8 +44,8 @@ def constrain(x: Array, names: Sequence[str | None]) -> Array:
     names = tuple(names)
     if 0 < x.ndim < len(names):  # keep the batch name and the trailing ones
         names = (names[0], *names[len(names) - x.ndim + 1 :])
-    elif x.ndim > len(names):
-        names = (None,) * (x.ndim - len(names)) + names
+    elif x.ndim > len(names) > 0:  # batch name first, extra middle dims unconstrained
+        names = (names[0], *([None] * (x.ndim - len(names))), *names[1:])
     return nn.with_logical_constraint(x, names)
 
 

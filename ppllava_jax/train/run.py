@@ -54,7 +54,8 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> PPLLaVAConfig:
-    """The ``PPLLaVAConfig`` of the ``model`` section (or of ``init_from``'s config.json)."""
+    """The ``PPLLaVAConfig`` of ``init_from``'s config.json (runtime fields from ``model``), of a
+    ``model.preset`` (the 7B recipes), or of the ``model`` section's fields (the demo)."""
     if cfg.get("init_from"):
         from ppllava_jax.convert.api import with_runtime
         from ppllava_jax.convert.ppllava_family import ppllava_config_from_hf
@@ -72,6 +73,10 @@ def model_config(cfg: ml_collections.ConfigDict) -> PPLLaVAConfig:
             if k in cfg.model
         }
         return with_runtime(ppllava_config_from_hf(hf), **rt)
+    if cfg.model.get("preset"):  # the 7B recipes: PPLLaVAConfig defaults + a few fields
+        from ppllava_jax.plan import model_config as preset_config
+
+        return preset_config(cfg.model)
     return ppllava_config_from_dict(cfg.model.to_dict())
 
 
@@ -234,6 +239,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     sharding.maybe_initialize_distributed()
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy we may fill in
     prepare_data(cfg, workdir)
+    cfg.data.micro_batches = int(cfg.train.get("grad_accum_steps", 1))
     mcfg = model_config(cfg)
     check_tokenizers(cfg, mcfg)
     mesh = sharding.make_mesh(dict(cfg.mesh))
