@@ -85,7 +85,8 @@ def layer_norm(cfg: Any, eps: float, name: str | None = None) -> nn.LayerNorm:
 
 
 class RMSNorm(nn.Module):
-    """LLaMA RMSNorm as transformers computes it: ``w * (x_f32 * rsqrt(mean(x^2) + eps)).astype(x)``."""
+    """LLaMA RMSNorm as transformers computes it:
+    ``w * (x_f32 * rsqrt(mean(x^2) + eps)).astype(x)``."""
 
     eps: float = 1e-6
     dtype: Dtype = jnp.float32
