@@ -42,16 +42,14 @@ def get_config() -> ml_collections.ConfigDict:
         projection_dim=64,
     )
     c.model.clip_text = dict(
-        vocab_size=682,  # the synthetic CLIP tokenizer (end-of-text = 681, the largest id)
+        vocab_size=1024,  # >= the synthetic CLIP tokenizer's ~700 (end-of-text = its largest id)
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
         projection_dim=64,
-        bos_token_id=680,
         eos_token_id=2,  # legacy rule: pool at the largest id (= end-of-text)
-        pad_token_id=681,
     )
     c.model.llm = dict(
         vocab_size=513,  # the synthetic LLaMA tokenizer: 512 pieces + <image>

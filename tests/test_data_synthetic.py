@@ -35,7 +35,7 @@ def test_layout_and_annotations(dataset):
             cands, letter = s.extra["candidates"], s.extra["answer_letter"]
             assert len(cands) == 4 and len(set(cands)) == 4
             assert cands["ABCD".index(letter)] == s.extra["answer"]
-            assert s.turns[0].a == f"({letter}) {s.extra['answer']}"
+            assert s.turns[0].a == f"{s.extra['answer']} ({letter})"
             assert "(A) " in s.turns[0].q and s.turns[0].q.endswith(S.MC_SUFFIX)
 
 

@@ -23,7 +23,9 @@ Question types (each clip has one; types in equal shares):
 
 Nothing is answerable from the text alone: per split and question type the correct
 answers cycle through every value equally often, the correct letter through (A)-(D)
-equally often, and the options are shuffled. The answer is written ``"(B) left"``;
+equally often, and the options are shuffled. The answer is written ``"left (B)"``: the value
+first, then its option letter (a tiny model learns the look-up from the value to the letter far
+faster than choosing a letter first, which needs the value and the look-up in one step);
 ``extra`` fields hold the bare question, the candidates, the answer and its letter.
 Deterministic given the seed (encoding is single-threaded).
 """
@@ -56,7 +58,7 @@ QTYPES = ("direction", "first_colour", "colour", "shape")
 LETTERS = "ABCD"
 MC_SUFFIX = "Only give the best option."
 MARKER = "COMPLETE"
-VERSION = 1
+VERSION = 2  # 2: answers read 'left (B)' (the value, then its letter)
 
 
 def _mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float):
@@ -196,7 +198,7 @@ def generate_split(
             {
                 "video": rel,
                 "media_type": "video",
-                "QA": [{"q": format_question(question, cands), "a": f"({letter}) {correct}"}],
+                "QA": [{"q": format_question(question, cands), "a": f"{correct} ({letter})"}],
                 "qtype": qtype,
                 "question": question,
                 "candidates": cands,

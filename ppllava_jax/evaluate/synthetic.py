@@ -2,7 +2,7 @@
 
 ``--data DIR`` is the dataset directory (``DIR/eval.json``, ``DIR/videos/``); the prompt is
 the one the demo model was trained with (``Question: ...\\nOptions:\\n(A) ...\\nOnly give the
-best option.``, the answer written ``(B) left``, no answer prefix). Accuracy overall and per
+best option.``, the answer written ``left (B)``, no answer prefix). Accuracy overall and per
 question type.
 """
 

@@ -206,7 +206,8 @@ class PPLLaVAVisionModel(nn.Module):
 
         Returns ``float[N, T, P, C]``: hidden state ``vision_feature_layer`` per frame, class
         token dropped (``vision_feature_select_strategy='default'``; ``'full'`` keeps it:
-        ``1 + P``). The CLIP trunk's outputs are ``stop_gradient``-ed (it is frozen).
+        ``1 + P``). The CLIP trunk is frozen by the optimizer (``optimizer.trainable``), not here:
+        differentiating only the trainable parameters skips its backward pass anyway.
         """
         cfg, vcfg = self.cfg, self.cfg.vision
         n, t = pixel_values.shape[:2]
@@ -236,14 +237,14 @@ class PPLLaVAVisionModel(nn.Module):
         last, hidden = self.encoder(x, taps=taps)
         if init:
             self.post_layernorm(last[:, 0])
-        hidden = jax.lax.stop_gradient(hidden).reshape(len(taps), n, t, *x.shape[1:])
+        hidden = hidden.reshape(len(taps), n, t, *x.shape[1:])
         tap = dict(zip(taps, hidden))
         x_k = tap[k]  # [N, T, 1+P, C]
         if n_adapt == 0:
             out = x_k
         else:
             pos = nn.meta.unbox(self.embeddings.variables["params"]["position_embedding"])
-            pos = jax.lax.stop_gradient(pos["embedding"]).astype(x.dtype)
+            pos = pos["embedding"].astype(x.dtype)
             cls, patches = None, None
             for j in range(n_adapt):
                 xi = tap[first + j + 1]

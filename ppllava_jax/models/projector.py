@@ -109,9 +109,10 @@ class PPLLaVAProjector(nn.Module):
 
     def text_embeds(self, clip_ids: Array, clip_mask: Array) -> Array:
         """``int32[N, L], int[N, L] -> float[N, d]``: projected pooled CLIP text (not normalised).
-        The text tower is frozen and, as in the original (``torch.no_grad``), gets no gradient."""
+        The recipe freezes the text tower (the original runs it under ``torch.no_grad``); that is
+        the optimizer's choice (``optimizer.trainable``), so a from-scratch run may train it."""
         pooled = self.clip_text_model(clip_ids, clip_mask)["pooler_output"]
-        return self.clip_text_projection(jax.lax.stop_gradient(pooled))
+        return self.clip_text_projection(pooled)
 
     def visual_attention(self, features: Array, clip_ids: Array, clip_mask: Array) -> Array:
         """Cosine similarity of every patch with the prompt: ``float32[N, T, P]``."""

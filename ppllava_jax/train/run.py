@@ -16,14 +16,13 @@ Steps, each failing early with a message that says what to change:
 
 from __future__ import annotations
 
+import glob
 import json
 import os
-import re
 import shutil
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -173,64 +172,31 @@ def export_final(workdir: str, params: Any, mcfg: PPLLaVAConfig, cfg) -> str:
         src = cfg.data.get(name)
         if src and os.path.isdir(src):
             shutil.copytree(src, os.path.join(out, name), dirs_exist_ok=True)
+    inference = {"template": cfg.data.template, "num_frames": int(cfg.data.num_frames)}
+    with open(os.path.join(out, "inference.json"), "w") as f:
+        json.dump(inference, f, indent=1)
     return out
 
 
-_LETTER = re.compile(r"\(?\s*([A-D])\s*\)")
+def score_synthetic(final: str, cfg, split: str, workdir: str) -> dict[str, Any]:
+    """Score the exported model on a split of the synthetic set with eval.py's own runner
+    (same prompts, extraction and records as ``eval.py --benchmark synthetic``)."""
+    from ppllava_jax.evaluate import runner
+    from ppllava_jax.evaluate.synthetic import Synthetic
 
-
-def score_synthetic(
-    model: PPLLaVA, params: Any, mcfg: PPLLaVAConfig, cfg, split: str, mesh=None
-) -> dict[str, float]:
-    """Greedy answers on a synthetic split; accuracy of the option letter, per question type."""
-    from transformers import AutoTokenizer
-
-    from ppllava_jax.generate import SamplingConfig, generate
-
-    data = cfg.data.to_dict()
-    data.update(
-        sources=[
-            dict(path=os.path.join(cfg.synthetic.dir, f"{split}.json"), data_root=cfg.synthetic.dir)
-        ],
-        training=False,
-        generation_prompt=True,
-        padding_side="left",
+    bench = Synthetic(cfg.synthetic.dir, num_frames=int(cfg.data.num_frames), split=split)
+    out = os.path.join(workdir, f"eval_{split}.json")
+    for old in glob.glob(os.path.splitext(out)[0] + ".answers*.jsonl"):
+        os.remove(old)  # a new model: answers of an earlier run do not count
+    res = runner.run(
+        bench,
+        runner.load_setup(final),
+        out,
         batch_size=int(cfg.eval.batch_size),
-        num_workers=0,
-        shuffle=False,
-        num_epochs=1,
-        shard_index=0,
-        shard_count=1,
-    )
-    pipe = pl.Pipeline(ml_collections.ConfigDict(data), mcfg)
-    tok = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
-    sc = SamplingConfig(
         max_new_tokens=int(cfg.eval.max_new_tokens),
-        eos_token_id=mcfg.llm.eos_token_id,
-        pad_token_id=mcfg.llm.pad_token_id,
+        progress=False,
     )
-    gen = jax.jit(lambda p, b: generate(model, p, b, sc))
-    right, total, by_type = 0, 0, {}
-    it = pipe.iterator()
-    for host in it:
-        batch, meta = pl.split_meta(host)
-        valid = batch.pop("valid")
-        batch.pop("labels", None)
-        out = jax.device_get(gen(params, {k: jnp.asarray(v) for k, v in batch.items()}))
-        for i in np.flatnonzero(valid):
-            text = tok.decode(out["tokens"][i][: out["lengths"][i]], skip_special_tokens=True)
-            ann = pipe.sample(int(meta["source"][i]), int(meta["index"][i]))
-            m = _LETTER.search("(" + text.strip()) or _LETTER.search(text)
-            ok = bool(m) and m.group(1) == ann.extra["answer_letter"]
-            right += ok
-            total += 1
-            q = ann.extra.get("qtype", "all")
-            r, n = by_type.get(q, (0, 0))
-            by_type[q] = (r + ok, n + 1)
-    pipe.close()
-    res = {"accuracy": right / max(total, 1), "num_questions": float(total)}
-    res.update({f"accuracy_{q}": r / n for q, (r, n) in sorted(by_type.items())})
-    return res
+    return res["summary"] if res else {}
 
 
 def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -264,12 +230,9 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         final = export_final(workdir, params, mcfg, cfg)
         summary["final"] = final
         split = cfg.get("eval", {}).get("split", "")
-        if split and cfg.get("synthetic") is not None:
-            scores = score_synthetic(model, params, mcfg, cfg, split, mesh)
+        if split and cfg.get("synthetic") is not None and jax.process_index() == 0:
+            scores = score_synthetic(final, cfg, split, workdir)
             summary.update({f"eval_{k}": v for k, v in scores.items()})
-            print("[eval] " + json.dumps(scores), flush=True)
-            with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-                json.dump(scores, f, indent=1)
     return summary
 
 
