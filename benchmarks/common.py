@@ -1,0 +1,453 @@
+"""Shared helpers of the benchmark scripts: timing, JSON lines, machine facts, model configs,
+hand-built batches, the analytic FLOP count and the jitted SFT train step.
+
+Every script prints one JSON object per line (``emit``); each line carries ``bench``, the
+measurement's fields and ``machine`` (CPU model, cores, load average at that moment, backend,
+device kind, library versions). Timings are medians over repeats after warm-up and are never
+compared against a threshold: the development machine has 2 cores shared with other jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def setup_jax(compilation_cache: bool = False) -> Any:
+    """Import JAX for a benchmark: the persistent compilation cache off (compile times are
+    real), float32 matmuls at full precision. Returns the ``jax`` module."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", compilation_cache)
+    return jax
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_avg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine() -> dict[str, Any]:
+    """Where the figure comes from (the load average is read now: call per measurement)."""
+    out: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "load_1_5_15": load_avg(),
+        "python": platform.python_version(),
+    }
+    if "jax" in sys.modules:
+        import jax
+
+        d = jax.devices()[0]
+        out.update(
+            jax=jax.__version__,
+            backend=d.platform,
+            device_kind=str(getattr(d, "device_kind", "")),
+            devices=jax.device_count(),
+        )
+    if "torch" in sys.modules:
+        import torch
+
+        out.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    return out
+
+
+def emit(bench: str, **fields: Any) -> dict[str, Any]:
+    """Print one JSON line ``{"bench": ..., **fields, "machine": {...}}`` and return it."""
+    rec = {"bench": bench, **fields, "machine": machine()}
+    print(json.dumps(rec, default=_json_default), flush=True)
+    return rec
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(o)
+
+
+def base_parser(doc: str):
+    """argparse with ``--quick`` (short run, < 5 min on 2 cores), ``--smoke`` (the smallest
+    setting, for the smoke test: seconds) and ``--repeats``."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        description=doc.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="a short run (smaller shapes)")
+    p.add_argument("--smoke", action="store_true", help="the smallest setting (smoke test)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs after compilation")
+    return p
+
+
+def size_of(args: Any) -> str:
+    return "smoke" if args.smoke else ("quick" if args.quick else "full")
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def block(x: Any) -> Any:
+    """Wait for JAX arrays in ``x`` (no-op for anything else)."""
+    if "jax" in sys.modules:
+        import jax
+
+        return jax.block_until_ready(x)
+    return x
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` (blocked on its result) after ``warmup`` calls."""
+    for _ in range(max(warmup, 0)):
+        block(fn())
+    out = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        block(fn())
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def summary(times: Sequence[float]) -> dict[str, float]:
+    """``median_s`` (the figure), ``min_s``, ``max_s``, ``repeats``."""
+    return {
+        "median_s": round(statistics.median(times), 6),
+        "min_s": round(min(times), 6),
+        "max_s": round(max(times), 6),
+        "repeats": len(times),
+    }
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def ppllava_config(
+    *,
+    vision_layers: int,
+    vision_width: int,
+    llm_layers: int,
+    llm_width: int,
+    image_size: int,
+    patch_size: int = 14,
+    vocab_size: int = 8192,
+    pooling: str = "ppllava",
+    btadapter: bool = True,
+    btadapter_depth: int = 2,
+    kernel: tuple[int, int, int] = (2, 3, 3),
+    text_layers: int = 2,
+    text_width: int = 128,
+    clip_positions: int = 77,
+    max_positions: int = 8192,
+    dtype: str = "float32",
+    scan_layers: bool = True,
+    remat_policy: str = "none",
+) -> Any:
+    """A PPLLaVA config of the given sizes (heads of width 64, MLPs 4x / ~2.7x wide)."""
+    from ppllava_jax.models.config import (
+        CLIPTextConfig,
+        CLIPVisionConfig,
+        LlamaConfig,
+        PPLLaVAConfig,
+    )
+
+    heads = lambda w: max(w // 64, 1)  # noqa: E731
+    grid = image_size // patch_size
+    vision = CLIPVisionConfig(
+        hidden_size=vision_width,
+        intermediate_size=4 * vision_width,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=heads(vision_width),
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=text_width,
+    )
+    text = CLIPTextConfig(
+        vocab_size=1024,
+        hidden_size=text_width,
+        intermediate_size=4 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads(text_width),
+        max_position_embeddings=clip_positions,
+        projection_dim=text_width,
+        eos_token_id=2,
+    )
+    inter = int(round(llm_width * 8 / 3 / 64)) * 64
+    llm = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=llm_width,
+        intermediate_size=inter,
+        num_hidden_layers=llm_layers,
+        num_attention_heads=heads(llm_width),
+        num_key_value_heads=heads(llm_width),
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+    )
+    img_kernel = (1, *kernel[1:])
+    return PPLLaVAConfig(
+        vision=vision,
+        clip_text=text,
+        llm=llm,
+        image_token_index=vocab_size - 1,
+        frame_shape=(grid, grid),
+        pooling=pooling,
+        pooling_kernel=kernel,
+        pooling_stride=kernel,
+        image_pooling_kernel=img_kernel,
+        image_pooling_stride=img_kernel,
+        image_grid_pinpoints=((image_size, 2 * image_size), (2 * image_size, image_size)),
+        btadapter=btadapter,
+        btadapter_depth=min(btadapter_depth, vision_layers),
+        max_T=64,
+        extend_clip=False,
+        dtype=dtype,
+        scan_layers=scan_layers,
+        remat_policy=remat_policy,
+    )
+
+
+def demo_model_config() -> Any:
+    """The model section of ``configs/demo.py`` as a ``PPLLaVAConfig``."""
+    import importlib.util
+
+    from ppllava_jax.models.config import ppllava_config_from_dict
+
+    spec = importlib.util.spec_from_file_location("_demo_config", ROOT / "configs/demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return ppllava_config_from_dict(mod.get_config().model.to_dict()), mod.get_config()
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def video_sft_batch(
+    cfg: Any,
+    *,
+    batch: int,
+    frames: int,
+    text_len: int,
+    clip_len: int = 16,
+    newline_per_frame: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A right-padded SFT batch of ``batch`` videos in ``data.collate`` format (numpy).
+
+    Each row: ``[bos, 7 prompt tokens, <visual tokens>, text_len - 8 answer tokens]``, the answer
+    supervised, no padding. The visual tokens are the item's projector output in (t, row, col)
+    order; with ``newline_per_frame`` the ``image_newline`` row follows every frame's ``h * w``
+    tokens (the layout transformers' LLaVA-NeXT gives one single-view image per frame; pooling
+    'none' only). Returns the arrays with ``labels``.
+    """
+    import numpy as np
+
+    from ppllava_jax.data.collate import Planner
+
+    t, h, w = Planner(cfg).item_grid("video", frames)
+    per_item = t * h * w
+    newline_row = batch * per_item
+    vis = []
+    for b in range(batch):
+        rows = b * per_item + np.arange(per_item)
+        if newline_per_frame:
+            rows = np.concatenate(
+                [np.append(r, newline_row) for r in rows.reshape(t, h * w)]
+            ).astype(np.int64)
+        vis.append(rows)
+    n_vis = len(vis[0])
+    prompt = 8
+    length = n_vis + text_len
+    rng = np.random.default_rng(seed)
+    v = cfg.llm.vocab_size
+    ids = rng.integers(3, v - 1, size=(batch, length)).astype(np.int32)
+    ids[:, 0] = cfg.llm.bos_token_id
+    visual_index = np.full((batch, length), -1, np.int32)
+    for b in range(batch):
+        visual_index[b, prompt : prompt + n_vis] = vis[b]
+    ids[:, prompt : prompt + n_vis] = cfg.pad_token_id
+    labels = np.full((batch, length), -100, np.int32)
+    labels[:, prompt + n_vis :] = ids[:, prompt + n_vis :]
+    s = cfg.vision.image_size
+    out = {
+        "input_ids": ids,
+        "visual_index": visual_index,
+        "attention_mask": np.ones((batch, length), np.int32),
+        "positions": np.tile(np.arange(length, dtype=np.int32), (batch, 1)),
+        "labels": labels,
+        "video_pixels": rng.standard_normal((batch, frames, s, s, 3)).astype(np.float32),
+        "video_frames": np.ones((batch, frames), bool),
+    }
+    if cfg.pooling == "ppllava":
+        out["video_clip_ids"] = rng.integers(3, 1000, size=(batch, clip_len)).astype(np.int32)
+        out["video_clip_mask"] = np.ones((batch, clip_len), np.int32)
+    return out
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def analytic_forward_flops(cfg: Any, batch: int, length: int, frames: int, clip_len: int) -> dict:
+    """FLOPs of one forward pass of PPLLaVA over a video batch, by part (matmuls and attention
+    only, 2 per multiply-add; softmax, norms and element-wise work not counted).
+
+    Counts what the loss depends on: the CLIP trunk up to hidden state ``vision_feature_layer``
+    (the last layer's output is unused; the scanned trunk computes it anyway), the BT-Adapter
+    layers that feed that state (``btadapter_depth - 1`` with ``vision_feature_layer = -2``),
+    the CLIP text tower and the projector's CLIP projections ('ppllava'), the projector MLP, the
+    LLaMA decoder over the merged ``length`` tokens and the LM head. Attention is counted over
+    full ``S x S`` score matrices (what ``jax.nn.dot_product_attention`` computes, causal or not).
+    """
+    v, tx, llm = cfg.vision, cfg.clip_text, cfg.llm
+    c, inter = v.hidden_size, v.intermediate_size
+    p = v.num_patches
+    n_tok = p + 1
+    nf = batch * frames
+
+    def enc_layer(width: int, mlp: int, seq: int) -> float:  # per token
+        return 2 * (4 * width * width + 2 * width * mlp) + 4 * seq * width
+
+    from ppllava_jax.models.clip import normalize_taps
+
+    k = normalize_taps((cfg.vision_feature_layer,), v.num_hidden_layers)[0]
+    parts: dict[str, float] = {}
+    parts["vision_patch_embed"] = nf * p * 2 * (3 * v.patch_size**2) * c
+    parts["vision_trunk"] = nf * n_tok * k * enc_layer(c, inter, n_tok)
+    if cfg.btadapter:
+        first = v.num_hidden_layers - cfg.btadapter_depth
+        n_adapt = max(0, k - first)
+        # temporal layer: qkv + out + temporal_fc (5 C^2) and attention over the frames, per
+        # patch; spatial layer: one CLIP encoder layer per frame over 1 + P tokens
+        temporal = nf * p * (2 * 5 * c * c + 4 * frames * c)
+        spatial = nf * n_tok * enc_layer(c, inter, n_tok)
+        parts["btadapter"] = n_adapt * (temporal + spatial)
+    d = llm.hidden_size
+    parts["projector_mlp"] = nf * p * 2 * (c * d + d * d)
+    if cfg.pooling == "ppllava":
+        pd = cfg.clip_projection_dim
+        parts["clip_text"] = (
+            batch
+            * clip_len
+            * tx.num_hidden_layers
+            * enc_layer(tx.hidden_size, tx.intermediate_size, clip_len)
+            + batch * 2 * tx.hidden_size * pd
+        )
+        parts["clip_visual_projection"] = nf * p * (2 * c * pd + 2 * pd)
+        parts["pooling"] = nf * p * 2 * d
+    hd, nh, nkv = llm.head_dim, llm.num_attention_heads, llm.num_key_value_heads
+    per_tok = 2 * (2 * d * nh * hd + 2 * d * nkv * hd + 3 * d * llm.intermediate_size)
+    per_tok += 4 * length * nh * hd
+    parts["llm"] = batch * length * llm.num_hidden_layers * per_tok
+    parts["lm_head"] = batch * length * 2 * d * llm.vocab_size
+    parts = {kk: float(vv) for kk, vv in parts.items()}
+    parts["total"] = float(sum(parts.values()))
+    return parts
+
+
+def analytic_train_flops(cfg: Any, batch: int, length: int, frames: int, clip_len: int) -> float:
+    """Model FLOPs of one SFT step with every parameter trained: 3 x forward (forward, input
+    gradients, weight gradients), no rematerialisation recompute, optimizer update not counted."""
+    return 3.0 * analytic_forward_flops(cfg, batch, length, frames, clip_len)["total"]
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def sft_step(cfg: Any, *, lr: float = 1e-5):
+    """``(init_state, step_fn)`` for SFT of every parameter with this project's optimizer (AdamW,
+    constant ``lr``, no weight decay, global-norm clipping at 1.0) and train step.
+
+    ``init_state(params) -> TrainState`` (traceable: ``jax.eval_shape`` gives an abstract state);
+    ``step_fn = jax.jit(make_train_step(...), donate_argnums=0)``, called as
+    ``step_fn(state, batch, rng) -> (state, metrics)``.
+    """
+    import jax
+    import ml_collections
+
+    from ppllava_jax.models.ppllava import PPLLaVA
+    from ppllava_jax.train.optimizer import (
+        default_optimizer_config,
+        make_optimizer,
+        trainable_predicate,
+    )
+    from ppllava_jax.train.state import create_train_state
+    from ppllava_jax.train.step import make_train_step
+
+    opt = default_optimizer_config()
+    opt.lr = lr
+    opt.schedule = "constant"
+    opt.warmup_steps = 0
+    opt.trainable = "all"
+    opt.weight_decay = 0.0
+    opt.grad_clip_norm = 1.0
+    config = ml_collections.ConfigDict(
+        {"optimizer": opt, "train": {"total_steps": 1000, "grad_accum_steps": 1}}
+    )
+    tx, schedule = make_optimizer(opt, 1000)
+    pred = trainable_predicate(opt)
+    model = PPLLaVA(cfg)
+
+    def apply_fn(p, batch, *, train, rng):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model.apply({"params": p}, inputs, deterministic=not train, rngs={"dropout": rng})
+
+    step = make_train_step(apply_fn, config, "sft", tx=tx, schedule=schedule)
+    return (lambda params: create_train_state(params, tx, pred)), jax.jit(step, donate_argnums=(0,))
+
+
+def random_params(cfg: Any, seed: int = 0) -> Any:
+    import flax.linen as nn
+    import jax
+
+    from ppllava_jax.models.ppllava import init_params
+
+    return nn.unbox(jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(seed)))
+
+
+def matmul_flops_per_s(n: int, repeats: int, dtype: str = "float32") -> dict[str, Any]:
+    """FLOP/s of a jitted ``[n, n] @ [n, n]`` matmul on the default device (median of
+    ``repeats`` after one warm-up; 2 n^3 FLOPs per product)."""
+    import jax
+    import jax.numpy as jnp
+
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(kb, (n, n), jnp.dtype(dtype))
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    block(f(a, b))
+    times = time_calls(lambda: f(a, b), repeats, warmup=1)
+    s = summary(times)
+    return {"n": n, "dtype": dtype, **s, "flops_per_s": 2 * n**3 / s["median_s"]}

@@ -1,0 +1,100 @@
+"""Smoke test of benchmarks/: each script runs once in its smallest setting (``--smoke``) as a
+subprocess; every stdout line must be a JSON object with the expected keys. No speed is checked
+(the figures of a smoke run mean nothing)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MACHINE = {"cpu", "cores", "load_1_5_15"}
+
+# script -> {bench name: keys every line of that bench must have}
+EXPECTED = {
+    "train_step": {
+        "train_step": {"side", "step_s", "first_step_s", "loss_first_step", "seq_len"},
+        "train_step_ratio": {
+            "jax_step_s",
+            "torch_step_s",
+            "torch_over_jax",
+            "jax_compile_s",
+            "loss_jax",
+            "loss_torch",
+            "same_loss",
+        },
+    },
+    "utilisation": {
+        "matmul": {"n", "median_s", "flops_per_s"},
+        "utilisation": {
+            "step_s",
+            "compile_s",
+            "flops_model",
+            "flops_xla_unscanned",
+            "achieved_flops_per_s",
+            "matmul_flops_per_s",
+            "fraction_of_matmul",
+            "peak_flops_per_s",
+            "mfu",
+        },
+    },
+    "compression": {
+        "compression": {"pooling", "visual_tokens", "answer_s", "prompt_len", "compile_generate_s"},
+        "compression_ratio": {"answer_s", "visual_tokens", "none_over_ppllava", "avp_over_ppllava"},
+    },
+    "pooling_op": {
+        "pooling_op": {"side", "x_shape", "median_s"},
+        "pooling_op_ratio": {"jax_s", "torch_s", "torch_over_jax", "max_abs_diff", "allclose"},
+    },
+    "decode": {
+        "decode": {"batch", "prefill_s", "generate_s", "decode_tokens_per_s", "new_tokens"},
+    },
+    "data": {
+        "data": {"num_workers", "samples_per_s", "first_batch_s", "samples"},
+    },
+}
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # one CPU device, as a user runs the scripts (conftest asks for 8 simulated ones)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_benchmark_script_prints_json(script):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--smoke"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert lines, proc.stderr[-4000:]
+    seen = set()
+    for ln in lines:
+        rec = json.loads(ln)  # every line is one JSON object
+        assert isinstance(rec, dict), ln
+        bench = rec.get("bench")
+        assert bench in EXPECTED[script], ln
+        missing = EXPECTED[script][bench] - set(rec)
+        assert not missing, f"{bench} lacks {sorted(missing)}: {ln}"
+        assert MACHINE <= set(rec["machine"]), ln
+        seen.add(bench)
+    assert seen == set(EXPECTED[script]), seen
+    if script == "train_step":
+        ratio = next(json.loads(ln) for ln in lines if '"train_step_ratio"' in ln)
+        assert ratio["same_loss"], ratio  # both sides computed the same model
+    if script == "pooling_op":
+        ratio = next(json.loads(ln) for ln in lines if '"pooling_op_ratio"' in ln)
+        assert ratio["allclose"] and ratio["max_abs_diff"] < 1e-4, ratio
