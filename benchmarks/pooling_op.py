@@ -11,7 +11,7 @@ weights ``w float32[N, T, H, W]`` (the prompt-guided attention); in each (2, 3, 
 ``p = softmax(w[window] / 0.01)`` and the output is ``sum(p * x[window])``: ``[1, 16, 8, 8, 4096]``
 = 1,024 tokens.
 
-PyTorch reference (written here, eager, float32, ``torch.get_num_threads()`` threads):
+PyTorch reference (written here, eager, float32, ``torch.get_num_threads()`` threads or CUDA):
 ``x.unfold`` over T, H, W gives the windows as a view ``[N, T', H', W', C, kt, kh, kw]``,
 ``w.unfold`` the weight windows; softmax over each flattened window of ``w / temperature``; an
 ``einsum`` forms the weighted sum. The two results are compared once (``max_abs_diff``;
@@ -66,7 +66,9 @@ def main() -> int:
     # weights 0..0.05: logits 0..5 after / 0.01, so the window softmax is far from uniform
     w = rng.random(shape[:4], dtype=np.float32) * 0.05
     xj, wj = jax.device_put(x), jax.device_put(w)
-    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # PyTorch on the GPU when there is one
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    xt, wt = torch.from_numpy(x).to(dev), torch.from_numpy(w).to(dev)
 
     fj = jax.jit(lambda a, b: weighted_pool3d(a, b, KERNEL, KERNEL, TEMPERATURE))
     t0 = time.perf_counter()
@@ -74,7 +76,7 @@ def main() -> int:
     compile_s = time.perf_counter() - t0
 
     with torch.no_grad():
-        ref = torch_weighted_pool3d(xt, wt, KERNEL, KERNEL, TEMPERATURE).numpy()
+        ref = torch_weighted_pool3d(xt, wt, KERNEL, KERNEL, TEMPERATURE).cpu().numpy()
     out = np.asarray(compiled(xj, wj))
     max_abs = float(np.max(np.abs(out - ref)))
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)  # sanity, once
@@ -90,6 +92,7 @@ def main() -> int:
         b = time.perf_counter()
         with torch.no_grad():
             torch_weighted_pool3d(xt, wt, KERNEL, KERNEL, TEMPERATURE)
+        sync()
         c = time.perf_counter()
         tj.append(b - a)
         tt.append(c - b)
@@ -104,7 +107,7 @@ def main() -> int:
         bytes_in=int(x.nbytes + w.nbytes),
     )
     common.emit("pooling_op", side="jax", **info, **sj, compile_s=round(compile_s, 3))
-    common.emit("pooling_op", side="torch_unfold", **info, **st)
+    common.emit("pooling_op", side="torch_unfold", torch_device=dev, **info, **st)
     common.emit(
         "pooling_op_ratio",
         **info,

@@ -29,8 +29,11 @@ AdamW (lr 1e-5, betas 0.9/0.999, eps 1e-8, no weight decay). JAX: ``train.step.m
 + ``train.optimizer.make_optimizer``, ``jax.jit`` with the state donated, lowered and compiled
 ahead of time (``compile_s``, reported apart; no persistent compilation cache). PyTorch: eager,
 ``loss.backward()``, ``clip_grad_norm_``, ``torch.optim.AdamW.step()``, ``zero_grad``;
-``torch.get_num_threads()`` threads. Both float32. After ``--warmup`` steps each, the timed
-steps alternate JAX, PyTorch, JAX, ... so both see the same machine load; medians reported.
+``torch.get_num_threads()`` threads (``--torch-threads``), on CUDA when available. Both
+float32. After ``--warmup`` steps each, the timed steps alternate JAX, PyTorch, JAX, ... so both
+see the same machine load; medians reported. PyTorch's OpenMP threads suffer badly when other
+processes hold the cores (steps 10x slower were seen with a training run beside it), so read the
+ratio together with the load average printed with it.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ def torch_llava_next(s: dict, batch: int):
 def main() -> int:
     ap = common.base_parser(__doc__)
     ap.add_argument("--batch", type=int, default=1, help="videos per step")
+    ap.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     args = ap.parse_args()
     size = common.size_of(args)
     s = SIZES[size]
@@ -103,6 +107,11 @@ def main() -> int:
     import transformers.models.llava_next.modeling_llava_next as hf_llava
 
     from ppllava_jax.convert.api import convert_checkpoint, load_checkpoint
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # PyTorch on the GPU when there is one
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
     # -- the same weights on both sides
     model_t = torch_llava_next(s, args.batch)
@@ -128,6 +137,7 @@ def main() -> int:
         image_sizes=torch.tensor([[s["img"], s["img"]]] * px.shape[0]),
         labels=torch.tensor(batch["labels"].astype(np.int64)),
     )
+    inputs_t = {k: v.to(dev) for k, v in inputs_t.items()}
     # one view per frame (transformers' rule counts base + >= 1 crop for any image size)
     hf_llava.image_size_to_num_patches = lambda *a, **k: 1
 
@@ -148,7 +158,7 @@ def main() -> int:
         return m
 
     # -- PyTorch
-    model_t.train()
+    model_t.to(dev).train()
     opt = torch.optim.AdamW(
         model_t.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
     )
@@ -159,12 +169,13 @@ def main() -> int:
         torch.nn.utils.clip_grad_norm_(model_t.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         return out.loss.detach()
 
     t3 = time.perf_counter()
     loss_j = float(jax_step()["loss"])  # first step: the initial weights on both sides
     t4 = time.perf_counter()
-    loss_t = float(torch_step())
+    loss_t = float(torch_step().cpu())
     t5 = time.perf_counter()
     for _ in range(max(args.warmup - 1, 0)):
         common.block(jax_step())
@@ -208,6 +219,7 @@ def main() -> int:
     common.emit(
         "train_step",
         side="torch",
+        torch_device=dev,
         **shape,
         step_s=st["median_s"],
         **{f"step_{k}": v for k, v in st.items() if k != "median_s"},
