@@ -88,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.image_size = SIZE
     c.data.image_grid_pinpoints = [list(p) for p in c.model.image_grid_pinpoints]
     c.data.clip_max_length = 77
+    c.data.clip_prompt = "question"  # the conversation holds the answer (see pipeline.py)
     c.data.max_length = 160
     c.data.buckets = [128, 160]
     c.data.batch_size = 32

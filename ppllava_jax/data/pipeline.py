@@ -154,6 +154,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.on_error = "skip"  # skip (count + warn) | raise
     c.max_consecutive_skips = 1000  # raise if this many samples in a row are bad
     c.training = True  # CLIP prompt = whole conversation (train) or the question (eval)
+    # conversation: as `training` says (the original recipe: the conversation, answers included,
+    # when training); question: always the first question. A model whose projector and text
+    # tower train from scratch learns to read the answer out of a conversation prompt (the
+    # pooling weights depend on it), which is absent at evaluation: the demo uses "question".
+    c.clip_prompt = "conversation"
     c.generation_prompt = False  # eval: end the prompt where the model answers (no labels)
     c.answer_prefix = ""  # generation prompt: text after ASSISTANT: (e.g. "Best option:(")
     c.shard_index = -1  # this host's shard; -1 = jax.process_index()
@@ -188,6 +193,8 @@ def validate_config(cfg: ml_collections.ConfigDict, model_cfg: Any) -> None:
             f"{cfg.batch_size} does not split into {k} micro-batches (train.grad_accum_steps); "
             "use a batch size divisible by it",
         )
+    if cfg.get("clip_prompt", "conversation") not in ("conversation", "question"):
+        bad("clip_prompt", f"{cfg.clip_prompt!r}; use 'conversation' or 'question'")
     if cfg.on_error not in ann.ON_ERROR:
         bad("on_error", f"{cfg.on_error!r} is not one of {ann.ON_ERROR}")
     if cfg.padding_side not in ("left", "right"):
@@ -508,6 +515,7 @@ class _Preprocess:
         self.clip_tokenizer_dir = cfg.clip_tokenizer
         self.num_frames = int(cfg.num_frames)
         self.training = bool(cfg.training)
+        self.clip_prompt = str(cfg.clip_prompt)
         self.sampling = cfg.frame_sampling or ("rand" if cfg.training else "middle")
         self.size = int(cfg.image_size)
         self.pinpoints = [tuple(int(x) for x in p) for p in cfg.image_grid_pinpoints]
@@ -568,7 +576,9 @@ class _Preprocess:
             answer_prefix=self.answer_prefix if self.generation_prompt else None,
         )
         clip_text = enc.clip_text
-        if self.dpo:  # the CLIP prompt without the preferred answer (shared by both twins)
+        if self.clip_prompt == "question":
+            clip_text = tpl.clip_text_of(turns, False)
+        elif self.dpo:  # the CLIP prompt without the preferred answer (shared by both twins)
             clip_text = tpl.clip_text_of([*turns[:-1], tpl.Turn(turns[-1].q, None)], True)
         clip_ids, clip_mask = tpl.encode_clip_prompt(
             self.clip_tokenizer, clip_text, self.clip_max_length

@@ -229,10 +229,12 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             return summary
         final = export_final(workdir, params, mcfg, cfg)
         summary["final"] = final
-        split = cfg.get("eval", {}).get("split", "")
-        if split and cfg.get("synthetic") is not None and jax.process_index() == 0:
-            scores = score_synthetic(final, cfg, split, workdir)
-            summary.update({f"eval_{k}": v for k, v in scores.items()})
+        del params, result
+    # scored like eval.py does it: the export is read back onto eval's own mesh
+    split = cfg.get("eval", {}).get("split", "")
+    if split and cfg.get("synthetic") is not None and jax.process_index() == 0:
+        scores = score_synthetic(final, cfg, split, workdir)
+        summary.update({f"eval_{k}": v for k, v in scores.items()})
     return summary
 
 
