@@ -418,9 +418,8 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     own rows and the global batch is their concatenation in process order; every key must then
     divide (a replicated key would need the same rows on every host), else a ``ShardingError``.
 
-    Multi-host caveat: ``visual_index`` points into the pool of the batch's visual items; each
-    host's collate must produce indices into the *global* pool (its items' offsets shifted by
-    the items of the hosts before it, group by group), which ``collate`` does not do yet.
+    Multi-host: ``visual_index`` must point into the *global* pool of visual items; shift each
+    host's batch with ``data.collate.globalize_visual_index`` first (``train.py`` does).
     """
     local_batch = {k: np.asarray(v) for k, v in local_batch.items()}
     if jax.process_count() > 1:

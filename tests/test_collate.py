@@ -153,3 +153,52 @@ def test_micro_batches_are_self_contained():
             np.testing.assert_array_equal(split[key][j], v, err_msg=f"micro {j} {key}")
     with pytest.raises(ValueError, match="micro-batches"):
         collate(samples[:3], cfg, micro_batches=2)
+
+
+def _resolve(batch, cfg, k):
+    """(group, item tag, token) of every visual position, read through the pool the model builds
+    for each micro-batch (rows j, j+k, ...; items j, j+k, ... of every group; newline last)."""
+    planner = Planner(cfg)
+    out = {}
+    for j in range(k):
+        pool = []
+        for g in GROUPS:
+            if f"{g}_pixels" not in batch:
+                continue
+            px = batch[f"{g}_pixels"][j::k]
+            n = int(np.prod(planner.item_grid(g, px.shape[1])))
+            pool += [(g, float(px[i, 0, 0, 0, 0]), t) for i in range(len(px)) for t in range(n)]
+        pool.append("newline")
+        for r in range(j, batch["visual_index"].shape[0], k):
+            out[r] = [pool[v] for v in batch["visual_index"][r] if v >= 0]
+    return out
+
+
+def test_globalized_visual_index_reads_the_same_tokens_across_hosts():
+    from ppllava_jax.data.collate import globalize_visual_index
+
+    cfg = _cfg(pooling="ppllava")
+    k, hosts = 2, 2
+    tag = iter(range(1, 100))
+    rows, cols = anyres_grid((40, 60), cfg.image_grid_pinpoints, cfg.vision.image_size)
+
+    def media(kind, n):
+        px = np.zeros((n, 24, 24, 3), np.float32)
+        px[:, 0, 0, 0] = next(tag)
+        return Media(kind, px, (40, 60) if kind == "image" else None)
+
+    local, expect = [], {}
+    for h in range(hosts):
+        samples = [
+            Sample(np.array([1, IMG, 5]), media=media("video", 4)),
+            Sample(np.array([1, IMG, 6]), media=media("image", 1 + rows * cols)),
+            Sample(np.array([1, IMG, IMG]), media=media("multi", 2)),
+            Sample(np.array([1, IMG, 7]), media=media("video", 4)),
+        ]
+        b = collate(samples, cfg, micro_batches=k, buckets=[128], capacity={g: 4 for g in GROUPS})
+        for r, toks in _resolve(b, cfg, k).items():
+            expect[h * 4 + r] = toks
+        local.append(globalize_visual_index(b, cfg, h, hosts, k))
+    glob = {key: np.concatenate([b[key] for b in local]) for key in local[0]}
+    got = _resolve(glob, cfg, k)
+    assert got == expect

@@ -322,3 +322,45 @@ def collate(
             sizes[slot_of[i]] = media.image_size or media.pixels.shape[1:3]
         out["image_sizes"] = sizes
     return out
+
+
+def globalize_visual_index(
+    batch: dict[str, np.ndarray],
+    cfg: Any,
+    process_index: int,
+    process_count: int,
+    micro_batches: int = 1,
+) -> dict[str, np.ndarray]:
+    """Shift one host's ``visual_index`` into the pool of the *global* batch.
+
+    With several processes, ``jax.make_array_from_process_local_data`` concatenates the hosts'
+    rows and group items in process order, so the model's pool (per micro-batch: each group's
+    items of every host, group after group, then ``image_newline``) is ``process_count`` times
+    larger than a host's own. A local pool row ``base_g + item * n_g + t`` of group ``g``
+    becomes ``process_count * base_g + (process_index * cap_g / k + item) * n_g + t``, the
+    newline row ``process_count * local_pool``. Every host must produce the same shapes (same
+    groups, capacities and bucket), which ``make_array_from_process_local_data`` needs anyway.
+    """
+    if process_count == 1:
+        return batch
+    k = int(micro_batches)
+    planner = Planner(cfg)
+    spans = []  # (local start, local end, global start, items per micro-batch, tokens per item)
+    start = 0
+    for g in GROUPS:
+        key = f"{g}_pixels"
+        if key not in batch:
+            continue
+        cap, frames = batch[key].shape[:2]
+        n = int(np.prod(planner.item_grid(g, frames)))
+        per = cap // k
+        spans.append((start, start + per * n, process_count * start, per, n))
+        start += per * n
+    vis = np.asarray(batch["visual_index"])
+    out = vis.copy()
+    for lo, hi, glo, per, n in spans:
+        sel = (vis >= lo) & (vis < hi)
+        rel = vis[sel] - lo
+        out[sel] = glo + (process_index * per + rel // n) * n + rel % n
+    out[vis == start] = process_count * start  # image_newline
+    return {**batch, "visual_index": out.astype(np.int32)}

@@ -29,6 +29,7 @@ import numpy as np
 from ppllava_jax import sharding
 from ppllava_jax.convert import params_io
 from ppllava_jax.convert.ppllava_family import ppllava_config_to_hf
+from ppllava_jax.data import collate
 from ppllava_jax.data import pipeline as pl
 from ppllava_jax.models.config import PPLLaVAConfig, ppllava_config_from_dict
 from ppllava_jax.models.ppllava import PPLLaVA, init_params
@@ -220,7 +221,12 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             init_params=params,
             data_iterator=TrainBatches(pipe.iterator()),
             param_shardings=shardings,
-            place_batch=lambda b: sharding.shard_batch(b, mesh),
+            place_batch=lambda b: sharding.shard_batch(
+                collate.globalize_visual_index(
+                    b, mcfg, jax.process_index(), jax.process_count(), cfg.data.micro_batches
+                ),
+                mesh,
+            ),
         )
         pipe.close()
         params = result.state.full_params()
