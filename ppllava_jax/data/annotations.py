@@ -20,7 +20,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -170,8 +170,10 @@ def load_annotation_file(
     media_type: str | None = None,
     on_error: str = "skip",
     skipped: SkipCounter | None = None,
+    parse: Callable[..., Sample] | None = None,
 ) -> list[Sample]:
-    """Read and validate one annotation file.
+    """Read and validate one annotation file (each entry through ``parse``, default
+    ``parse_sample``; the DPO reader passes its own).
 
     A missing or unparsable file, or one that is not a JSON list, always raises
     AnnotationError. Bad samples are skipped and counted in ``skipped`` (or raise when
@@ -192,7 +194,7 @@ def load_annotation_file(
     out = []
     for i, r in enumerate(raw):
         try:
-            out.append(parse_sample(r, path, i, data_root, media_type))
+            out.append((parse or parse_sample)(r, path, i, data_root, media_type))
         except AnnotationError as e:
             if on_error == "raise":
                 raise

@@ -78,7 +78,6 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -320,24 +319,9 @@ def load_dpo_annotation_file(
     skipped: ann.SkipCounter | None = None,
 ) -> list[ann.Sample]:
     """``annotations.load_annotation_file`` for preference samples (:func:`parse_dpo_sample`)."""
-    if not os.path.exists(path):
-        raise AnnotationError(path, None, "annotation file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise AnnotationError(path, None, f"cannot parse JSON ({e})") from e
-    if not isinstance(raw, list):
-        raise AnnotationError(path, None, f"expected a JSON list, got {type(raw).__name__}")
-    out = []
-    for i, r in enumerate(raw):
-        try:
-            out.append(parse_dpo_sample(r, path, i, data_root, media_type))
-        except AnnotationError as e:
-            if on_error == "raise":
-                raise
-            (skipped if skipped is not None else ann.SkipCounter()).add(e)
-    return out
+    return ann.load_annotation_file(
+        path, data_root, media_type, on_error, skipped, parse=parse_dpo_sample
+    )
 
 
 # --------------------------------------------------------------------------------------
