@@ -5,7 +5,15 @@ XLA_FLAGS must be set before JAX is imported anywhere, so it is done here, at co
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 simulated devices; the CPU collectives of those 8 threads share 2 cores in CI, and a slow
+# rendezvous must not abort the process (XLA's default terminate timeout is far shorter).
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
+    " --xla_cpu_collective_timeout_seconds=1800"
+    " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300",
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
