@@ -192,6 +192,9 @@ def test_2x2x2_loss_and_grads_equal_one_device(cfg, params):
     vg = _loss(model)
     one = jax.devices()[0]
     loss1, g1 = jax.jit(vg)(jax.device_put(params, one), jax.device_put(batch, one))
+    # finish the one-device program before the 8-device one starts: a CPU collective needs all
+    # 8 device threads at once, and a busy device 0 on 2 cores can stall its rendezvous
+    jax.block_until_ready((loss1, g1))
 
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     p_sh = sharding.param_shardings(abstract_params(cfg), mesh)
