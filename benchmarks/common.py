@@ -321,66 +321,17 @@ def video_sft_batch(
 
 
 def analytic_forward_flops(cfg: Any, batch: int, length: int, frames: int, clip_len: int) -> dict:
-    """FLOPs of one forward pass of PPLLaVA over a video batch, by part (matmuls and attention
-    only, 2 per multiply-add; softmax, norms and element-wise work not counted).
+    """``ppllava_jax.flops.forward_flops`` of a video batch (one clip per row), by part."""
+    from ppllava_jax import flops
 
-    Counts what the loss depends on: the CLIP trunk up to hidden state ``vision_feature_layer``
-    (the last layer's output is unused; the scanned trunk computes it anyway), the BT-Adapter
-    layers that feed that state (``btadapter_depth - 1`` with ``vision_feature_layer = -2``),
-    the CLIP text tower and the projector's CLIP projections ('ppllava'), the projector MLP, the
-    LLaMA decoder over the merged ``length`` tokens and the LM head. Attention is counted over
-    full ``S x S`` score matrices (what ``jax.nn.dot_product_attention`` computes, causal or not).
-    """
-    v, tx, llm = cfg.vision, cfg.clip_text, cfg.llm
-    c, inter = v.hidden_size, v.intermediate_size
-    p = v.num_patches
-    n_tok = p + 1
-    nf = batch * frames
-
-    def enc_layer(width: int, mlp: int, seq: int) -> float:  # per token
-        return 2 * (4 * width * width + 2 * width * mlp) + 4 * seq * width
-
-    from ppllava_jax.models.clip import normalize_taps
-
-    k = normalize_taps((cfg.vision_feature_layer,), v.num_hidden_layers)[0]
-    parts: dict[str, float] = {}
-    parts["vision_patch_embed"] = nf * p * 2 * (3 * v.patch_size**2) * c
-    parts["vision_trunk"] = nf * n_tok * k * enc_layer(c, inter, n_tok)
-    if cfg.btadapter:
-        first = v.num_hidden_layers - cfg.btadapter_depth
-        n_adapt = max(0, k - first)
-        # temporal layer: qkv + out + temporal_fc (5 C^2) and attention over the frames, per
-        # patch; spatial layer: one CLIP encoder layer per frame over 1 + P tokens
-        temporal = nf * p * (2 * 5 * c * c + 4 * frames * c)
-        spatial = nf * n_tok * enc_layer(c, inter, n_tok)
-        parts["btadapter"] = n_adapt * (temporal + spatial)
-    d = llm.hidden_size
-    parts["projector_mlp"] = nf * p * 2 * (c * d + d * d)
-    if cfg.pooling == "ppllava":
-        pd = cfg.clip_projection_dim
-        parts["clip_text"] = (
-            batch
-            * clip_len
-            * tx.num_hidden_layers
-            * enc_layer(tx.hidden_size, tx.intermediate_size, clip_len)
-            + batch * 2 * tx.hidden_size * pd
-        )
-        parts["clip_visual_projection"] = nf * p * (2 * c * pd + 2 * pd)
-        parts["pooling"] = nf * p * 2 * d
-    hd, nh, nkv = llm.head_dim, llm.num_attention_heads, llm.num_key_value_heads
-    per_tok = 2 * (2 * d * nh * hd + 2 * d * nkv * hd + 3 * d * llm.intermediate_size)
-    per_tok += 4 * length * nh * hd
-    parts["llm"] = batch * length * llm.num_hidden_layers * per_tok
-    parts["lm_head"] = batch * length * 2 * d * llm.vocab_size
-    parts = {kk: float(vv) for kk, vv in parts.items()}
-    parts["total"] = float(sum(parts.values()))
-    return parts
+    return flops.forward_flops(cfg, batch, length, [(batch, frames, False)], clip_len)
 
 
 def analytic_train_flops(cfg: Any, batch: int, length: int, frames: int, clip_len: int) -> float:
-    """Model FLOPs of one SFT step with every parameter trained: 3 x forward (forward, input
-    gradients, weight gradients), no rematerialisation recompute, optimizer update not counted."""
-    return 3.0 * analytic_forward_flops(cfg, batch, length, frames, clip_len)["total"]
+    """Model FLOPs of one SFT step with every parameter trained (``ppllava_jax.flops``)."""
+    from ppllava_jax import flops
+
+    return flops.train_flops(cfg, batch, length, [(batch, frames, False)], clip_len)
 
 
 # ----------------------------------------------------------------------------- train step

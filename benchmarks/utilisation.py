@@ -10,7 +10,7 @@ prompt-guided pooling (2, 2, 2) of 8 frames of 112 px = 64 visual tokens per vid
 decoder), random weights, every parameter trained (AdamW, clipping), scanned layers, remat off;
 float32 on CPU, bfloat16 compute on an accelerator (``--dtype`` overrides).
 
-FLOPs of the step: the analytic count of ``common.analytic_train_flops`` (3 x the forward
+FLOPs of the step: the analytic count of ``ppllava_jax.flops`` (3 x the forward
 matmuls/attention of what the loss depends on; no remat recompute, optimizer not counted),
 cross-checked against XLA's ``cost_analysis()`` of the same step compiled with *unscanned*
 layers (XLA counts a scanned loop body once, so the scanned program's count is also printed to

@@ -3,7 +3,7 @@
     python train.py --config configs/demo.py --workdir runs/demo
 
 creates the dataset in ``runs/demo/data`` when missing (coloured shapes moving in short mp4
-clips; multiple-choice questions, two of four types need the temporal order), trains every part
+clips; multiple-choice questions, two of three types need the temporal order), trains every part
 of a small PPLLaVA (vision tower with BT-Adapter, prompt-guided pooling, LLaMA decoder) and
 reports the held-out multiple-choice accuracy at the end (chance: 25%).
 Any field can be overridden: ``--config.train.total_steps=200``.
@@ -11,7 +11,7 @@ Any field can be overridden: ``--config.train.total_steps=200``.
 
 import ml_collections
 
-from ppllava_jax.data import pipeline
+from ppllava_jax.data import pipeline, synthetic
 from ppllava_jax.train import trainer
 
 FRAMES = 8  # frames sampled per clip
@@ -25,7 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.synthetic = ml_collections.ConfigDict()
     c.synthetic.dir = ""  # "" = <workdir>/data
     c.synthetic.num_train = 3000  # training clips
-    c.synthetic.num_eval = 200  # held-out clips
+    c.synthetic.num_eval = 300  # held-out clips
+    c.synthetic.qtypes = list(synthetic.DEFAULT_QTYPES)  # colour, first_colour, last_colour
     c.synthetic.frames = 16  # frames per clip
     c.synthetic.size = SIZE  # clip width = height
     c.synthetic.seed = 0
@@ -47,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=77,
+        max_position_embeddings=32,  # the questions are short
         projection_dim=64,
         eos_token_id=2,  # legacy rule: pool at the largest id (= end-of-text)
     )
@@ -67,15 +68,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.pad_token_id = 3
     c.model.frame_shape = (6, 6)  # patch grid of one frame
     c.model.pooling = "ppllava"  # prompt-guided pooling
-    c.model.pooling_kernel = (2, 2, 2)  # video: 8 frames x 6x6 -> 4 x 3x3 = 36 tokens
-    c.model.pooling_stride = (2, 2, 2)
+    # video: 8 frames x 6x6 patches -> one token per frame, the prompt-weighted mean of its
+    # patches (few visual tokens: a from-scratch LLM finds them far sooner than 36)
+    c.model.pooling_kernel = (1, 6, 6)
+    c.model.pooling_stride = (1, 6, 6)
     c.model.image_pooling_kernel = (1, 2, 2)
     c.model.image_pooling_stride = (1, 2, 2)
     c.model.image_grid_pinpoints = ((SIZE, 2 * SIZE), (2 * SIZE, SIZE), (2 * SIZE, 2 * SIZE))
     c.model.btadapter = True
     c.model.btadapter_depth = 1
+    c.model.vision_feature_layer = -1  # the last layer, so the one adapter layer is used
     c.model.max_T = 16
-    c.model.extend_clip = False  # 77 CLIP positions are plenty here
+    c.model.extend_clip = False  # no Long-CLIP extension: 32 positions are plenty here
     c.model.scan_layers = True
     c.model.dtype = "float32"
     c.model.remat_policy = "none"
@@ -87,10 +91,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_frames = FRAMES
     c.data.image_size = SIZE
     c.data.image_grid_pinpoints = [list(p) for p in c.model.image_grid_pinpoints]
-    c.data.clip_max_length = 77
+    c.data.clip_max_length = 32
     c.data.clip_prompt = "question"  # the conversation holds the answer (see pipeline.py)
-    c.data.max_length = 128
-    c.data.buckets = [96, 128]
+    c.data.max_length = 64  # ~48 text tokens + 8 visual tokens
+    c.data.buckets = [64]
     c.data.batch_size = 32
     c.data.num_workers = 0
     c.data.prefetch_batches = 2
@@ -103,12 +107,14 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
-    c.train.total_steps = 500  # ~0.8 s/step on 2 CPU cores: training + data + eval < 10 min
+    # ~0.8 s/step on 2 CPU cores (data decoding included); held-out accuracy reaches 100% near
+    # step 200. Data + training + export + scoring: ~6 minutes.
+    c.train.total_steps = 400
     c.train.log_every = 25
     c.train.seed = 0
     c.optimizer.trainable = "all"  # from scratch: train everything (the recipe freezes CLIP)
     c.optimizer.lr = 2e-3
-    c.optimizer.warmup_steps = 50
+    c.optimizer.warmup_steps = 40
     c.optimizer.weight_decay = 0.0
     c.checkpoint.save_every = 200
     c.checkpoint.keep = 2

@@ -12,8 +12,9 @@ depth 4, CLIP text 12 layers / 248 positions, Vicuna-7B 32 layers, vocab 32064),
 ``batch.max_length`` tokens, all as abstract arrays with their shardings; then
 ``jax.jit(train_step).lower(...).compile()`` ahead of time and prints, per device: parameter
 bytes (trainable + frozen), optimizer-state bytes, the batch, the compiler's temporary memory
-(``memory_analysis()``), their total, and FLOPs per step (``cost_analysis()`` and an analytic
-count), as a table and one JSON line per batch size.
+(``memory_analysis()``), their total, and FLOPs per step (``cost_analysis()`` and the analytic
+count of ``ppllava_jax.flops`` for what the recipe trains), as a table and one JSON line per
+batch size.
 
 The figures come from XLA's CPU compiler: buffer assignment, fusion and rematerialisation differ
 on TPU and GPU, so treat them as estimates (typically within tens of percent); leave headroom.
@@ -129,37 +130,6 @@ def _nbytes_per_device(tree: Any, shardings: Any) -> int:
     return total
 
 
-def analytic_flops(cfg: Any, batch: int, length: int, frames: int, clip_len: int) -> float:
-    """Model FLOPs of one SFT step for the whole batch (matmuls only; 2 per MAC): frozen CLIP
-    trunk and text tower forward; BT-Adapter, projector and LLM forward + backward (x3); without
-    rematerialisation's recompute (the "model FLOPs" of MFU)."""
-    v, t, llm = cfg.vision, cfg.clip_text, cfg.llm
-    n_tok = v.num_patches + 1
-    nf = batch * frames
-
-    def enc_layer(c: int, i: int, s: int) -> float:  # per token: qkvo + mlp, + attention
-        return 2 * (4 * c * c + 2 * c * i) + 4 * s * c
-
-    vit = nf * n_tok * v.num_hidden_layers * enc_layer(v.hidden_size, v.intermediate_size, n_tok)
-    text = (
-        batch
-        * clip_len
-        * t.num_hidden_layers
-        * enc_layer(t.hidden_size, t.intermediate_size, clip_len)
-    )
-    d = cfg.btadapter_depth
-    c = v.hidden_size
-    # temporal layer (attention over frames + temporal_fc) and spatial layer, per patch token
-    bta = (
-        nf * n_tok * d * (2 * 5 * c * c + 4 * frames * c + enc_layer(c, v.intermediate_size, n_tok))
-    )
-    proj = nf * v.num_patches * 2 * (c * llm.hidden_size + llm.hidden_size**2 + c * 768)
-    h, kv = llm.hidden_size, llm.num_key_value_heads * llm.head_dim
-    per_tok = 2 * (2 * h * h + 2 * h * kv + 3 * h * llm.intermediate_size) + 4 * length * h
-    lm = batch * length * (llm.num_hidden_layers * per_tok + 2 * h * llm.vocab_size)
-    return float(vit + text + 3 * (bta + proj + lm))
-
-
 def plan_one(config: Any, mesh: Any, per_device: int, *, show_params: bool = False) -> dict:
     """Lower and compile the train step for one batch size; returns the figures (bytes per
     device, FLOPs) as a dict."""
@@ -167,9 +137,9 @@ def plan_one(config: Any, mesh: Any, per_device: int, *, show_params: bool = Fal
     import jax
     import numpy as np
 
-    from ppllava_jax import sharding
+    from ppllava_jax import flops, sharding
     from ppllava_jax.models.ppllava import PPLLaVA, abstract_params
-    from ppllava_jax.train.optimizer import make_optimizer, trainable_predicate
+    from ppllava_jax.train.optimizer import make_optimizer, param_paths, trainable_predicate
     from ppllava_jax.train.state import create_train_state, state_shardings
     from ppllava_jax.train.step import make_train_step
 
@@ -249,7 +219,10 @@ def plan_one(config: Any, mesh: Any, per_device: int, *, show_params: bool = Fal
     total = arg_b + out_b - alias_b + temp_b
     n_dev = mesh.devices.size
     flops_xla = float(cost.get("flops", 0.0)) if cost else 0.0
-    flops_model = analytic_flops(cfg, global_batch, length, frames, clip_len)
+    trained = [p for p in param_paths(params_abs) if pred(p)]
+    flops_model = flops.train_flops(
+        cfg, global_batch, length, [(global_batch, frames, False)], clip_len, trained
+    )
     trainable_n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(st_abs.params))
     frozen_n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(st_abs.frozen))
     return {

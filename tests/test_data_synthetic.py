@@ -13,7 +13,7 @@ from ppllava_jax.data.annotations import load_annotation_file
 from ppllava_jax.data.templates import encode_conversation, get_template
 from ppllava_jax.data.video import load_video
 
-ARGS = dict(num_train=48, num_eval=24, frames=8, size=32, seed=3)
+ARGS = dict(num_train=48, num_eval=24, frames=8, size=32, seed=3, qtypes=S.QTYPES)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_layout_and_annotations(dataset):
             cands, letter = s.extra["candidates"], s.extra["answer_letter"]
             assert len(cands) == 4 and len(set(cands)) == 4
             assert cands["ABCD".index(letter)] == s.extra["answer"]
-            assert s.turns[0].a == f"{s.extra['answer']} ({letter})"
+            assert s.turns[0].a == s.extra["answer"]
             assert "(A) " in s.turns[0].q and s.turns[0].q.endswith(S.MC_SUFFIX)
 
 
@@ -85,10 +85,15 @@ def test_clip_content_matches_answers(dataset):
             second = next(c for c in a["candidates"] if c != first and _centroid(clip[-1], c))
             assert _centroid(clip[0], first) is not None and _centroid(clip[-1], first) is None
             assert _centroid(clip[0], second) is None
+        elif a["qtype"] == "last_colour":
+            last = a["answer"]
+            first = next(c for c in a["candidates"] if c != last and _centroid(clip[0], c))
+            assert _centroid(clip[-1], last) is not None and _centroid(clip[0], last) is None
+            assert _centroid(clip[-1], first) is None
         elif a["qtype"] == "colour":
             assert _centroid(clip[4], a["answer"]) is not None
         checked[a["qtype"]] += 1
-    assert len(checked) == 4
+    assert len(checked) == len(S.QTYPES)
 
 
 def test_tokenizers_and_encoding(dataset):
@@ -114,7 +119,11 @@ def test_deterministic_and_idempotent(dataset, tmp_path):
         S.ensure_dataset(out, **{**ARGS, "seed": 4})
     small = dict(ARGS, num_train=8, num_eval=4)
     S.main(
-        ["--out", str(tmp_path / "a")] + [f"--{k.replace('_', '-')}={v}" for k, v in small.items()]
+        ["--out", str(tmp_path / "a")]
+        + [
+            f"--{k.replace('_', '-')}={','.join(v) if k == 'qtypes' else v}"
+            for k, v in small.items()
+        ]
     )
     S.ensure_dataset(tmp_path / "b", **small)
     for split in ("train", "eval"):
@@ -129,3 +138,12 @@ def test_deterministic_and_idempotent(dataset, tmp_path):
     assert json.load(open(tmp_path / "c" / "train.json")) != json.load(
         open(tmp_path / "a" / "train.json")
     )
+
+
+def test_question_types_are_chosen(tmp_path):
+    info = S.ensure_dataset(tmp_path, **dict(ARGS, num_train=6, num_eval=3, qtypes=["colour"]))
+    assert info["question_types"] == ["colour"]
+    assert {a["qtype"] for a in json.load(open(tmp_path / "train.json"))} == {"colour"}
+    assert S.DEFAULT_QTYPES == ("colour", "first_colour", "last_colour")
+    with pytest.raises(ValueError, match="pick distinct ones"):
+        S.ensure_dataset(tmp_path / "x", qtypes=["colour", "size"])

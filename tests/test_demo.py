@@ -22,6 +22,7 @@ def _small(cfg, steps):
     cfg.synthetic.size = 32
     cfg.model.vision = dict(cfg.model.vision, image_size=32, hidden_size=32, num_hidden_layers=2)
     cfg.model.frame_shape = (4, 4)
+    cfg.model.pooling_kernel = cfg.model.pooling_stride = (1, 4, 4)
     cfg.model.btadapter_depth = 1
     cfg.model.image_grid_pinpoints = ((32, 64), (64, 32))
     cfg.model.llm = dict(cfg.model.llm, hidden_size=32, intermediate_size=64, num_hidden_layers=2)

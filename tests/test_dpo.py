@@ -178,6 +178,7 @@ def _tiny_dpo_config(out, path, steps):
     c = demo.get_config()
     c.model.vision = dict(c.model.vision, image_size=32, hidden_size=32, num_hidden_layers=2)
     c.model.frame_shape = (4, 4)
+    c.model.pooling_kernel = c.model.pooling_stride = (1, 4, 4)
     c.model.btadapter_depth = 1
     c.model.image_grid_pinpoints = ((32, 64), (64, 32))
     c.model.llm = dict(c.model.llm, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
@@ -190,7 +191,7 @@ def _tiny_dpo_config(out, path, steps):
         bos_token_id=ctok.bos_token_id,
         pad_token_id=ctok.pad_token_id,
     )
-    c.data.update(_data_cfg(out, path, batch_size=4, num_epochs=0, clip_max_length=48))
+    c.data.update(_data_cfg(out, path, batch_size=4, num_epochs=0, clip_max_length=32))
     c.train.mode = "dpo"
     c.train.total_steps = steps
     c.train.log_every = 1

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ppllava_jax.data import synthetic
 from ppllava_jax.data.video import write_video
 from ppllava_jax.evaluate import heatmap, runner
 from ppllava_jax.evaluate.mvbench import MVBench
@@ -57,7 +58,7 @@ def test_resume_no_duplicates_same_accuracy(env):
     assert [r["id"] for r in res["records"]] == [f"eval:{i}" for i in range(8)]
     assert res["summary"]["accuracy"] == full["summary"]["accuracy"]
     assert res["summary"]["num_questions"] == 8 and res["summary"]["num_missing"] == 0
-    assert set(res["summary"]["by_qtype"]) == {"direction", "first_colour", "colour", "shape"}
+    assert set(res["summary"]["by_qtype"]) == set(synthetic.DEFAULT_QTYPES)
     assert [r["pred_letter"] for r in res["records"]] == [r["pred_letter"] for r in full["records"]]
     with open(out) as f:
         assert json.load(f)["summary"] == res["summary"]

@@ -2,8 +2,8 @@
 
 ``--data DIR`` is the dataset directory (``DIR/eval.json``, ``DIR/videos/``); the prompt is
 the one the demo model was trained with (``Question: ...\\nOptions:\\n(A) ...\\nOnly give the
-best option.``, the answer written ``left (B)``, no answer prefix). Accuracy overall and per
-question type.
+best option.``, no answer prefix); the model answers with the option's text (``red``), which the
+extractor maps to its letter. Accuracy overall and per question type.
 """
 
 from __future__ import annotations

@@ -162,9 +162,9 @@ class LlamaConfig(Runtime):
     @classmethod
     def from_hf(cls, d: dict[str, Any], **runtime: Any) -> LlamaConfig:
         d = dict(d)
-        if d.get("rope_scaling") not in (None, {}) and d["rope_scaling"].get("rope_type", d[
-            "rope_scaling"
-        ].get("type")) not in (None, "default"):
+        if d.get("rope_scaling") not in (None, {}) and d["rope_scaling"].get(
+            "rope_type", d["rope_scaling"].get("type")
+        ) not in (None, "default"):
             raise NotImplementedError(f"rope_scaling={d['rope_scaling']} is not supported")
         rp = d.get("rope_parameters")  # transformers 5 moves rope_theta here
         if isinstance(rp, dict) and "rope_theta" in rp and "rope_theta" not in d:

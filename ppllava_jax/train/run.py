@@ -44,7 +44,8 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     from ppllava_jax.data import synthetic
 
     out = syn.dir or os.path.join(workdir, "data")
-    kw = {k: syn[k] for k in ("num_train", "num_eval", "frames", "size", "seed")}
+    names = ("num_train", "num_eval", "frames", "size", "seed", "qtypes")
+    kw = {k: syn[k] for k in names if k in syn}
     synthetic.ensure_dataset(out, **kw)
     with cfg.unlocked():
         cfg.synthetic.dir = out
@@ -165,6 +166,18 @@ def build_params(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig, mesh) -> t
     return params, shardings
 
 
+def step_flops(mcfg: PPLLaVAConfig, params: Any, opt_cfg) -> Any:
+    """Per-device model FLOPs of a step as a function of the host batch (for MFU): the analytic
+    count of ``ppllava_jax.flops`` (XLA's count misses all but one pass of a scanned layer)."""
+    from ppllava_jax import flops
+    from ppllava_jax.train.optimizer import param_paths, trainable_predicate
+
+    pred = trainable_predicate(opt_cfg)
+    trained = [p for p in param_paths(params) if pred(p)]
+    per_host = jax.local_device_count()
+    return lambda batch: flops.batch_train_flops(mcfg, batch, trained) / per_host
+
+
 def export_final(workdir: str, params: Any, mcfg: PPLLaVAConfig, cfg) -> str:
     """``<workdir>/final``: converted layout + tokenizers (what eval.py and chat read)."""
     out = os.path.join(workdir, "final")
@@ -221,6 +234,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             init_params=params,
             data_iterator=TrainBatches(pipe.iterator()),
             param_shardings=shardings,
+            flops_per_step=step_flops(mcfg, params, cfg.optimizer),
             place_batch=lambda b: sharding.shard_batch(
                 collate.globalize_visual_index(
                     b, mcfg, jax.process_index(), jax.process_count(), cfg.data.micro_batches
@@ -254,4 +268,5 @@ __all__ = [
     "model_config",
     "prepare_data",
     "score_synthetic",
+    "step_flops",
 ]

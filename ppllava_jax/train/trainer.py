@@ -136,7 +136,7 @@ def train(
     param_shardings: PyTree | None = None,
     batch_sharding: Sharding | PyTree | None = None,
     place_batch: Callable[[Mapping[str, Any]], dict] | None = None,
-    flops_per_step: float | None = None,
+    flops_per_step: float | Callable[[Mapping[str, Any]], float] | None = None,
     stop_at_step: int | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
@@ -162,7 +162,9 @@ def train(
       batch_sharding: the global batch's ``Sharding`` (or a dict of them per key), used to
         assemble global arrays with ``jax.make_array_from_process_local_data``.
       place_batch: overrides the batch placement altogether (host dict -> device dict).
-      flops_per_step: per-device FLOPs of one step for MFU, overriding the compiler's count.
+      flops_per_step: per-device FLOPs of one step for MFU, or a function of the host batch
+        giving them (e.g. ``ppllava_jax.flops.batch_train_flops``), called once per compiled
+        shape. None: XLA's ``cost_analysis()``, which counts a scanned layer body only once.
       stop_at_step: stop (and save) after this step although the schedule runs to
         ``total_steps`` (time-sliced jobs, tests); a later call resumes.
       log: where progress text goes.
@@ -288,7 +290,10 @@ def train(
                     t = time.perf_counter()
                     exe = jitted.lower(state, batch, rng).compile()
                     n_micro = batch["labels"].shape[0] if batch["labels"].ndim == 3 else accum
-                    fl = flops_per_step or ((compiled_flops(exe) or 0.0) * n_micro or None)
+                    if callable(flops_per_step):
+                        fl = flops_per_step(host_batch)
+                    else:
+                        fl = flops_per_step or ((compiled_flops(exe) or 0.0) * n_micro or None)
                     compiled[sig] = (exe, fl)
                     log(
                         f"[train] compiled the step for {dict((k, s) for k, s, _ in sig)} "
