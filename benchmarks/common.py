@@ -320,6 +320,19 @@ def video_sft_batch(
 # ----------------------------------------------------------------------------- FLOPs
 
 
+def time_generate_runs(runs: dict, warmup: int, repeats: int) -> None:
+    """Time each run's ``gen()`` (whole generation) and ``pre()`` (prefill only), interleaving
+    the runs so drift on a shared machine hits them alike; appends seconds to ``tg`` / ``tp``."""
+    for r in runs.values():
+        for _ in range(max(warmup, 0)):
+            block(r["gen"]())
+            block(r["pre"]())
+    for _ in range(repeats):
+        for r in runs.values():
+            r["tg"] += time_calls(r["gen"], 1, warmup=0)
+            r["tp"] += time_calls(r["pre"], 1, warmup=0)
+
+
 def analytic_forward_flops(cfg: Any, batch: int, length: int, frames: int, clip_len: int) -> dict:
     """``ppllava_jax.flops.forward_flops`` of a video batch (one clip per row), by part."""
     from ppllava_jax import flops

@@ -111,14 +111,7 @@ def main() -> int:
             tg=[],
             tp=[],
         )
-    for r in runs.values():
-        for _ in range(max(args.warmup, 0)):
-            common.block(r["gen"]())
-            common.block(r["pre"]())
-    for _ in range(repeats):
-        for r in runs.values():
-            r["tg"] += common.time_calls(r["gen"], 1, warmup=0)
-            r["tp"] += common.time_calls(r["pre"], 1, warmup=0)
+    common.time_generate_runs(runs, args.warmup, repeats)
     shape = dict(
         size=size,
         frames=frames,

@@ -100,14 +100,7 @@ def main() -> int:
             tg=[],
             tp=[],
         )
-    for r in runs.values():
-        for _ in range(max(args.warmup, 0)):
-            common.block(r["gen"]())
-            common.block(r["pre"]())
-    for _ in range(repeats):
-        for r in runs.values():
-            r["tg"] += common.time_calls(r["gen"], 1, warmup=0)
-            r["tp"] += common.time_calls(r["pre"], 1, warmup=0)
+    common.time_generate_runs(runs, args.warmup, repeats)
     for bsz, r in runs.items():
         sg, sp = common.summary(r["tg"]), common.summary(r["tp"])
         dec = sg["median_s"] - sp["median_s"]  # <= 0 only when noise swamps a tiny run

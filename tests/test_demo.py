@@ -69,6 +69,7 @@ def test_demo_trains_resumes_and_scores(tmp_path):
         ("--config.mesh.tensor=3", "mesh"),
         ("--config.model.pooling_kernel=(64,2,2)", "kernel"),
         ("--config.no_such_field=1", "no_such_field"),
+        ("--config.train.mode=dpo", "data.dpo"),
     ],
 )
 def test_bad_config_fails_before_training(tmp_path, override, message):

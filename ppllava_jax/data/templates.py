@@ -67,27 +67,20 @@ class Template:
     image_format: str = IMAGE_PLACEHOLDER + "\n"
 
 
+_PLAIN_V1 = Template(
+    name="plain_v1",
+    system="",
+    system_format="{system} ",
+    user_format="USER: {q} ASSISTANT:",
+    answer_format=" {a}",
+    eos=None,
+    after_eos="",
+    add_bos=True,
+)
+
 TEMPLATES: dict[str, Template] = {
-    "plain_v1": Template(
-        name="plain_v1",
-        system="",
-        system_format="{system} ",
-        user_format="USER: {q} ASSISTANT:",
-        answer_format=" {a}",
-        eos=None,
-        after_eos="",
-        add_bos=True,
-    ),
-    "vicuna_v1": Template(
-        name="vicuna_v1",
-        system=VICUNA_SYSTEM,
-        system_format="{system} ",
-        user_format="USER: {q} ASSISTANT:",
-        answer_format=" {a}",
-        eos=None,
-        after_eos="",
-        add_bos=True,
-    ),
+    "plain_v1": _PLAIN_V1,
+    "vicuna_v1": dataclasses.replace(_PLAIN_V1, name="vicuna_v1", system=VICUNA_SYSTEM),
     "plain_qwen": Template(
         name="plain_qwen",
         system=QWEN_SYSTEM,

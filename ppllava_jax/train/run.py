@@ -81,6 +81,19 @@ def model_config(cfg: ml_collections.ConfigDict) -> PPLLaVAConfig:
     return ppllava_config_from_dict(cfg.model.to_dict())
 
 
+def check_mode(cfg: ml_collections.ConfigDict) -> None:
+    """``train.mode`` and ``data.dpo`` must agree: DPO steps read chosen/rejected row pairs."""
+    mode = cfg.train.get("mode", "sft")
+    if mode not in ("sft", "dpo"):
+        raise ValueError(f"train.mode={mode!r}; use 'sft' or 'dpo'")
+    if (mode == "dpo") != bool(cfg.data.get("dpo", False)):
+        raise ValueError(
+            f"train.mode={mode!r} but data.dpo={bool(cfg.data.get('dpo', False))}: a DPO run "
+            "needs preference pairs (set both --config.train.mode=dpo and --config.data.dpo=True, "
+            "as configs/ppllava_vicuna7b_dpo.py does), an SFT run plain samples"
+        )
+
+
 def check_tokenizers(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig) -> None:
     """The tokenizers must fit the model's embedding tables and image token."""
     from transformers import AutoTokenizer
@@ -220,6 +233,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy we may fill in
     prepare_data(cfg, workdir)
     cfg.data.micro_batches = int(cfg.train.get("grad_accum_steps", 1))
+    check_mode(cfg)
     mcfg = model_config(cfg)
     check_tokenizers(cfg, mcfg)
     mesh = sharding.make_mesh(dict(cfg.mesh))
@@ -261,6 +275,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 __all__ = [
     "TrainBatches",
     "build_params",
+    "check_mode",
     "check_tokenizers",
     "export_final",
     "main",
