@@ -1,7 +1,7 @@
 """Talk about a video in the terminal; the answer streams token by token.
 
     python -m ppllava_jax.chat --checkpoint DIR --video clip.mp4 [--num_frames 32]
-    printf 'What colour is the square?\\nWhich way does it move?\\n' | \\
+    printf 'What colour is the square?\\nWhich colour appears first?\\n' | \\
         python -m ppllava_jax.chat --checkpoint runs/demo/final --video a.mp4 --num_frames 8
 
 Each stdin line is one question; the answer is printed on stdout as ``ASSISTANT: ...``, token
