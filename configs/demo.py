@@ -95,6 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.clip_prompt = "question"  # the conversation holds the answer (see pipeline.py)
     c.data.max_length = 64  # ~48 text tokens + 8 visual tokens
     c.data.buckets = [64]
+    c.data.fixed_groups = ["video"]  # every batch has its video group (multi-host shapes)
     c.data.batch_size = 32
     c.data.num_workers = 0
     c.data.prefetch_batches = 2

@@ -64,6 +64,7 @@ import ml_collections
 
 from configs import ppllava_vicuna7b_videoonly as videoonly
 from ppllava_jax.data import pipeline
+from ppllava_jax.data.collate import GROUPS
 
 GLOBAL_BATCH = 128  # SPEC section 7
 NUM_SAMPLES = 800_000  # placeholder: ~300k images + ~300k LLaVA-Hound + ~200k VideoChat2-IT
@@ -100,6 +101,9 @@ def data_config(mixture=MIXTURE) -> ml_collections.ConfigDict:
     """The data section shared by the 7B recipes: 32 frames, 248-token CLIP prompts."""
     d = pipeline.default_config()
     d.sources = sources(mixture)
+    # the same arrays on every host (multi-host): each group of the mixture in every batch
+    kinds = {"video": "video", "image": "image", "multi-image": "multi"}
+    d.fixed_groups = [g for g in GROUPS if g in {kinds[k] for _, k in mixture}]
     d.tokenizer = "hf/llava-v1.6-vicuna-7b-hf"  # LLaMA tokenizer with <image> = 32000
     d.clip_tokenizer = "hf/clip-vit-large-patch14-336"
     d.template = "plain_v1"

@@ -410,6 +410,15 @@ def abstract_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.ShapeDtyp
     }
 
 
+def max_over_processes(value: int) -> int:
+    """The largest ``value`` of all processes (a host-side all-gather; ``value`` on one)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
 def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Global arrays from each host's slice of the batch (``make_array_from_process_local_data``).
 

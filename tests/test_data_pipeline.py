@@ -270,3 +270,18 @@ def test_bad_config_fails_early(data):
         pl.Pipeline(_cfg(out, max_length=200), _model(info))
     with pytest.raises(ValueError, match="pooling kernel"):
         pl.Pipeline(_cfg(out, num_frames=1), _model(info))
+
+
+def test_fixed_length_and_groups_give_one_shape(data):
+    out, info = data
+    mcfg = _model(info)
+    p = pl.Pipeline(_cfg(out, fixed_length=True, fixed_groups=["video", "image"]), mcfg)
+    it = p.iterator()
+    shapes = set()
+    for _ in range(3):
+        b, _ = pl.split_meta(next(it))
+        shapes.add(tuple(sorted((k, v.shape) for k, v in b.items())))
+        assert b["input_ids"].shape[1] == max(BUCKETS) and not b["image_views"].any()
+    assert len(shapes) == 1
+    with pytest.raises(ValueError, match="fixed_groups"):
+        pl.Pipeline(_cfg(out, fixed_groups=["audio"]), mcfg)

@@ -153,6 +153,7 @@ def collate(
     num_frames: dict[str, int] | None = None,
     clip_length: int | None = None,
     micro_batches: int = 1,
+    groups: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
     """Collate samples into the static-shape batch described in the module docstring.
 
@@ -167,6 +168,8 @@ def collate(
       group item sits in a slot ``s`` with ``s % k`` equal to its sample's row ``% k`` and
       ``visual_index`` counts rows of micro-batch ``j``'s own pool (its items ``s // k``), so
       every micro-batch is a self-contained batch. Capacities are then multiples of k.
+    groups: groups present in the batch even without items (empty, frame masks all False;
+      needs ``num_frames`` for them), so batches of other hosts or steps have the same arrays.
     """
     k = int(micro_batches)
     if k < 1 or len(samples) % k:
@@ -192,6 +195,13 @@ def collate(
     frames = {
         g: max(samples[i].media.pixels.shape[0] for i in idx) for g, idx in members.items() if idx
     }
+    for g in groups:
+        if g not in GROUPS:
+            raise ValueError(f"group {g!r} is not one of {GROUPS}")
+        if g not in frames:
+            if not num_frames or g not in num_frames:
+                raise ValueError(f"an empty {g} group needs its frames in num_frames")
+            frames[g] = int(num_frames[g])
     if num_frames:
         for g, n in num_frames.items():
             if g in frames and frames[g] > n:
@@ -201,14 +211,14 @@ def collate(
     # slot of every item: micro-batch (row % k) m takes slots m, m + k, m + 2k, ...
     caps, slot_of = {}, {}
     for g, idx in members.items():
-        if not idx:
+        if not idx and g not in groups:
             continue
         used = [0] * k
         for i in idx:
             m = i % k
             slot_of[i] = m + k * used[m]
             used[m] += 1
-        need = max(used)
+        need = max(max(used), 1)
         want = (capacity or {}).get(g) or k * (1 << (need - 1).bit_length())
         if want % k or want // k < need:
             raise ValueError(
@@ -293,8 +303,9 @@ def collate(
         if g not in caps:
             continue
         idx = members[g]
-        first = samples[idx[0]].media.pixels
-        px = np.zeros((caps[g], frames[g], *first.shape[1:]), np.float32)
+        size = cfg.vision.image_size
+        shape = samples[idx[0]].media.pixels.shape[1:] if idx else (size, size, 3)
+        px = np.zeros((caps[g], frames[g], *shape), np.float32)
         real = np.zeros((caps[g], frames[g]), bool)
         for i in idx:
             p = samples[i].media.pixels
@@ -321,6 +332,34 @@ def collate(
             media = samples[i].media
             sizes[slot_of[i]] = media.image_size or media.pixels.shape[1:3]
         out["image_sizes"] = sizes
+    return out
+
+
+_SEQ_PAD = {"input_ids": None, "visual_index": -1, "attention_mask": 0, "labels": IGNORE}
+
+
+def pad_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A right-padded batch lengthened to ``length`` tokens (new positions unattended, unlabelled,
+    no visual token; ``positions`` repeat the last one). Multi-host training pads every host's
+    batch to the longest host's length so all hosts feed one global array."""
+    have = batch["input_ids"].shape[-1]
+    if length == have:
+        return batch
+    if length < have:
+        raise ValueError(f"cannot shorten a batch of length {have} to {length}")
+    if (batch["attention_mask"][:, 0] == 0).any():
+        raise ValueError("pad_length needs a right-padded batch (padding_side='right')")
+    out = dict(batch)
+    extra = length - have
+    for k, fill in {**_SEQ_PAD, "positions": None}.items():
+        if k not in batch:
+            continue
+        v = batch[k]
+        if k == "positions":
+            tail = np.repeat(v[:, -1:], extra, axis=1)
+        else:
+            tail = np.full((v.shape[0], extra), pad_id if fill is None else fill, v.dtype)
+        out[k] = np.concatenate([v, tail], axis=1)
     return out
 
 

@@ -141,6 +141,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.micro_batches = 1
     c.group_capacity = "batch"  # batch: each present media group padded to the batch size
     #                             (one shape per bucket); pow2: rounded up to a power of 2
+    # Identical shapes in every batch (what multi-host training needs: all hosts feed one global
+    # array per step): fixed_groups are present in every batch, with empty items when a batch
+    # has none (e.g. ["video"] or ["video", "image"]); fixed_length pads to the largest bucket.
+    c.fixed_groups = []
+    c.fixed_length = False
     c.batch_size = 8  # per host (per JAX process)
     c.seed = 0  # shuffling and frame sampling
     c.shuffle = True  # training only; evaluation is always in order
@@ -202,6 +207,9 @@ def validate_config(cfg: ml_collections.ConfigDict, model_cfg: Any) -> None:
         bad("frame_sampling", f"{cfg.frame_sampling!r}; use '', 'rand' or 'middle'")
     if cfg.group_capacity not in ("batch", "pow2"):
         bad("group_capacity", f"{cfg.group_capacity!r}; use 'batch' or 'pow2'")
+    unknown_groups = [g for g in cfg.fixed_groups if g not in col.GROUPS]
+    if unknown_groups or len(set(cfg.fixed_groups)) != len(list(cfg.fixed_groups)):
+        bad("fixed_groups", f"{list(cfg.fixed_groups)}; use distinct ones of {list(col.GROUPS)}")
     tpl.get_template(cfg.template)
     for f in ("batch_size", "num_frames", "image_size", "clip_max_length", "max_length"):
         if int(cfg[f]) <= 0:
@@ -679,6 +687,9 @@ class _BatchSpec:
         self.clip_length = int(cfg.clip_max_length)
         self.frames = dict(frames)
         self.group_capacity = cfg.group_capacity
+        self.fixed_groups = tuple(cfg.fixed_groups)
+        if cfg.fixed_length:
+            self.buckets = self.buckets[-1:]
         self.micro_batches = int(cfg.micro_batches)
         self.training = bool(cfg.training)
         self.drop_remainder = bool(cfg.drop_remainder) if cfg.training else False
@@ -824,6 +835,7 @@ class _BatchIterator(grain.DatasetIterator):
             num_frames=s.frames,
             clip_length=s.clip_length,
             micro_batches=s.micro_batches,
+            groups=s.fixed_groups,
         )
         batch["valid"] = np.array([r["status"] == "ok" for r in rows])
 

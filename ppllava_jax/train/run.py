@@ -94,6 +94,30 @@ def check_mode(cfg: ml_collections.ConfigDict) -> None:
         )
 
 
+def common_length(batch: dict[str, np.ndarray], mcfg: PPLLaVAConfig) -> dict[str, np.ndarray]:
+    """Pad this host's batch to the longest length of all hosts (each host picks its own bucket;
+    the global array needs one). A no-op on one host."""
+    if jax.process_count() == 1:
+        return batch
+    length = sharding.max_over_processes(batch["input_ids"].shape[-1])
+    pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else 0
+    return collate.pad_length(batch, length, pad)
+
+
+def check_multihost(cfg: ml_collections.ConfigDict, process_count: int) -> None:
+    """Every host must feed the same array shapes in a step. Lengths are agreed on per step
+    (``common_length``); the visual groups of every batch have to be fixed by the config."""
+    if process_count <= 1:
+        return
+    d = cfg.data
+    if not list(d.get("fixed_groups", [])):
+        raise ValueError(
+            f"{process_count} processes need the same visual groups in every batch on every host: "
+            "set data.fixed_groups to the media of the mixture, e.g. ['video'] or "
+            "['video', 'image']"
+        )
+
+
 def check_tokenizers(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig) -> None:
     """The tokenizers must fit the model's embedding tables and image token."""
     from transformers import AutoTokenizer
@@ -234,6 +258,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     prepare_data(cfg, workdir)
     cfg.data.micro_batches = int(cfg.train.get("grad_accum_steps", 1))
     check_mode(cfg)
+    check_multihost(cfg, jax.process_count())
     mcfg = model_config(cfg)
     check_tokenizers(cfg, mcfg)
     mesh = sharding.make_mesh(dict(cfg.mesh))
@@ -251,7 +276,11 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             flops_per_step=step_flops(mcfg, params, cfg.optimizer),
             place_batch=lambda b: sharding.shard_batch(
                 collate.globalize_visual_index(
-                    b, mcfg, jax.process_index(), jax.process_count(), cfg.data.micro_batches
+                    common_length(b, mcfg),
+                    mcfg,
+                    jax.process_index(),
+                    jax.process_count(),
+                    cfg.data.micro_batches,
                 ),
                 mesh,
             ),
@@ -276,6 +305,8 @@ __all__ = [
     "TrainBatches",
     "build_params",
     "check_mode",
+    "check_multihost",
+    "common_length",
     "check_tokenizers",
     "export_final",
     "main",
