@@ -108,8 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
-    # ~0.8 s/step on 2 CPU cores (data decoding included); held-out accuracy reaches 100% near
-    # step 200. Data + training + export + scoring: ~6 minutes.
+    # ~0.7 s/step on 2 CPU cores (data decoding included); the loss falls below 0.05 around step
+    # 200-250, held-out accuracy 100%. Data + training + export + scoring: ~5.5 minutes.
     c.train.total_steps = 400
     c.train.log_every = 25
     c.train.seed = 0
