@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.synthetic.dir = ""  # "" = <workdir>/data
     c.synthetic.num_train = 3000  # training clips
     c.synthetic.num_eval = 300  # held-out clips
-    c.synthetic.qtypes = list(synthetic.DEFAULT_QTYPES)  # colour, first_colour, last_colour
+    c.synthetic.qtypes = synthetic.DEFAULT_QTYPES  # colour, first_colour, last_colour
     c.synthetic.frames = 16  # frames per clip
     c.synthetic.size = SIZE  # clip width = height
     c.synthetic.seed = 0
@@ -95,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.clip_prompt = "question"  # the conversation holds the answer (see pipeline.py)
     c.data.max_length = 64  # ~48 text tokens + 8 visual tokens
     c.data.buckets = [64]
-    c.data.fixed_groups = ["video"]  # every batch has its video group (multi-host shapes)
+    c.data.fixed_groups = ("video",)  # every batch has its video group (multi-host shapes)
     c.data.batch_size = 32
     c.data.num_workers = 0
     c.data.prefetch_batches = 2

@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.batch_size = PAIRS_PER_UPDATE // 4  # pairs per host: 4 hosts (v5p-32) x 16 = 64
     d.max_length = 2048  # the original's model_max_length; 1024 visual tokens + text
     d.buckets = [1152, 1536, 2048]  # video only
-    d.fixed_groups = ["video"]
+    d.fixed_groups = ("video",)
 
     t = c.train
     t.mode = "dpo"

@@ -103,7 +103,7 @@ def data_config(mixture=MIXTURE) -> ml_collections.ConfigDict:
     d.sources = sources(mixture)
     # the same arrays on every host (multi-host): each group of the mixture in every batch
     kinds = {"video": "video", "image": "image", "multi-image": "multi"}
-    d.fixed_groups = [g for g in GROUPS if g in {kinds[k] for _, k in mixture}]
+    d.fixed_groups = tuple(g for g in GROUPS if g in {kinds[k] for _, k in mixture})
     d.tokenizer = "hf/llava-v1.6-vicuna-7b-hf"  # LLaMA tokenizer with <image> = 32000
     d.clip_tokenizer = "hf/clip-vit-large-patch14-336"
     d.template = "plain_v1"

@@ -144,7 +144,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Identical shapes in every batch (what multi-host training needs: all hosts feed one global
     # array per step): fixed_groups are present in every batch, with empty items when a batch
     # has none (e.g. ["video"] or ["video", "image"]); fixed_length pads to the largest bucket.
-    c.fixed_groups = []
+    c.fixed_groups = ()
     c.fixed_length = False
     c.batch_size = 8  # per host (per JAX process)
     c.seed = 0  # shuffling and frame sampling
