@@ -333,20 +333,6 @@ def time_generate_runs(runs: dict, warmup: int, repeats: int) -> None:
             r["tp"] += time_calls(r["pre"], 1, warmup=0)
 
 
-def analytic_forward_flops(cfg: Any, batch: int, length: int, frames: int, clip_len: int) -> dict:
-    """``ppllava_jax.flops.forward_flops`` of a video batch (one clip per row), by part."""
-    from ppllava_jax import flops
-
-    return flops.forward_flops(cfg, batch, length, [(batch, frames, False)], clip_len)
-
-
-def analytic_train_flops(cfg: Any, batch: int, length: int, frames: int, clip_len: int) -> float:
-    """Model FLOPs of one SFT step with every parameter trained (``ppllava_jax.flops``)."""
-    from ppllava_jax import flops
-
-    return flops.train_flops(cfg, batch, length, [(batch, frames, False)], clip_len)
-
-
 # ----------------------------------------------------------------------------- train step
 
 

@@ -49,6 +49,7 @@ def main() -> int:
     jax = common.setup_jax()
     import flax.linen as nn
 
+    from ppllava_jax import flops
     from ppllava_jax.models.ppllava import abstract_params
     from ppllava_jax.train.metrics import compiled_flops, peak_flops_per_device
 
@@ -79,8 +80,9 @@ def main() -> int:
         cfg, batch=s["batch"], frames=s["frames"], text_len=s["text"], clip_len=clip_len
     )
     length = int(batch["input_ids"].shape[1])
-    flops_model = common.analytic_train_flops(cfg, s["batch"], length, s["frames"], clip_len)
-    parts = common.analytic_forward_flops(cfg, s["batch"], length, s["frames"], clip_len)
+    videos = [(s["batch"], s["frames"], False)]  # one clip per row
+    flops_model = flops.train_flops(cfg, s["batch"], length, videos, clip_len)
+    parts = flops.forward_flops(cfg, s["batch"], length, videos, clip_len)
     jbatch = jax.tree.map(jax.numpy.asarray, batch)
     rng = jax.random.PRNGKey(0)
 

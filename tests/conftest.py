@@ -14,11 +14,12 @@ os.environ.setdefault(
     " --xla_cpu_collective_timeout_seconds=1800"
     " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300",
 )
-# XLA's CPU pool has max(cores, devices) = 8 threads: too few, 8 devices blocked in different
-# collectives of one program deadlocked it (see ppllava_jax/__init__.py, which sets the same)
-os.environ.setdefault("PJRT_NPROC", "64")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# importing the package enlarges XLA's CPU thread pool for the simulated devices (PJRT_NPROC, see
+# ppllava_jax/__init__.py: with max(cores, devices) = 8 threads, 8 devices deadlocked)
+import ppllava_jax  # noqa: E402, F401, I001
 
 import jax  # noqa: E402
 

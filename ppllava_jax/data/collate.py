@@ -133,6 +133,11 @@ def _pad_to(a: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
     return np.pad(a, pad)
 
 
+def _padding(pad_id: int) -> dict[str, int]:
+    """What a padded position holds in each ``[B, L]`` array (``positions`` aside)."""
+    return {"input_ids": pad_id, "visual_index": -1, "attention_mask": 0, "labels": IGNORE}
+
+
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     for b in sorted(buckets):
         if length <= b:
@@ -281,12 +286,7 @@ def collate(
     longest = max(len(q[0]) for q in seqs)
     length = pick_bucket(longest, buckets) if buckets else longest
     b = len(samples)
-    out = {
-        "input_ids": np.full((b, length), pad_id, np.int32),
-        "visual_index": np.full((b, length), -1, np.int32),
-        "attention_mask": np.zeros((b, length), np.int32),
-        "labels": np.full((b, length), IGNORE, np.int32),
-    }
+    out = {k: np.full((b, length), fill, np.int32) for k, fill in _padding(pad_id).items()}
     for i, (ids, vis, lab) in enumerate(seqs):
         n = len(ids)
         sl = slice(0, n) if padding_side == "right" else slice(length - n, length)
@@ -335,9 +335,6 @@ def collate(
     return out
 
 
-_SEQ_PAD = {"input_ids": None, "visual_index": -1, "attention_mask": 0, "labels": IGNORE}
-
-
 def pad_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
     """A right-padded batch lengthened to ``length`` tokens (new positions unattended, unlabelled,
     no visual token; ``positions`` repeat the last one). Multi-host training pads every host's
@@ -351,14 +348,14 @@ def pad_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dict[s
         raise ValueError("pad_length needs a right-padded batch (padding_side='right')")
     out = dict(batch)
     extra = length - have
-    for k, fill in {**_SEQ_PAD, "positions": None}.items():
-        if k not in batch:
-            continue
-        v = batch[k]
-        if k == "positions":
+    tails = {k: np.full(extra, fill) for k, fill in _padding(pad_id).items()}
+    for k, v in batch.items():
+        if k in tails:
+            tail = np.broadcast_to(tails[k].astype(v.dtype), (v.shape[0], extra))
+        elif k == "positions":
             tail = np.repeat(v[:, -1:], extra, axis=1)
         else:
-            tail = np.full((v.shape[0], extra), pad_id if fill is None else fill, v.dtype)
+            continue
         out[k] = np.concatenate([v, tail], axis=1)
     return out
 

@@ -40,6 +40,7 @@ Deterministic given the seed (encoding is single-threaded).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -338,16 +339,8 @@ def ensure_dataset(out: str | os.PathLike, **kwargs) -> dict:
     directory or delete it). Returns dataset_info.
     """
     out = os.fspath(out)
-    defaults = dict(
-        num_train=400,
-        num_eval=100,
-        frames=16,
-        size=64,
-        seed=0,
-        fps=8.0,
-        codec=None,
-        qtypes=DEFAULT_QTYPES,
-    )
+    params = inspect.signature(generate).parameters
+    defaults = {k: p.default for k, p in params.items() if k != "out"}
     unknown = set(kwargs) - set(defaults)
     if unknown:
         raise TypeError(f"unknown arguments {sorted(unknown)}; allowed: {sorted(defaults)}")
@@ -371,12 +364,9 @@ def ensure_dataset(out: str | os.PathLike, **kwargs) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--num-train", type=int, default=400)
-    p.add_argument("--num-eval", type=int, default=100)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=float, default=8.0)
+    d = {k: v.default for k, v in inspect.signature(generate).parameters.items()}
+    for name in ("num_train", "num_eval", "frames", "size", "seed", "fps"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(d[name]), default=d[name])
     p.add_argument("--codec", default=None, help="libx264 (default when available) or mpeg4")
     p.add_argument(
         "--qtypes", default=",".join(DEFAULT_QTYPES), help=f"comma-separated, of {list(QTYPES)}"
