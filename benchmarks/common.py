@@ -320,6 +320,43 @@ def video_sft_batch(
 # ----------------------------------------------------------------------------- FLOPs
 
 
+def generate_run(model: Any, params: Any, batch: dict, sc: Any, *, prefill: bool = True) -> dict:
+    """Compile ``generate`` (and, with ``prefill``, the prompt's prefill alone) for one left-padded
+    batch, check one call makes ``sc.max_new_tokens`` tokens per row, and return the entry
+    ``time_generate_runs`` times: ``gen``/``pre`` callables, ``info`` (prompt length, compile
+    seconds) and empty ``tg``/``tp`` lists."""
+    import jax
+    import numpy as np
+
+    from ppllava_jax.generate import generate
+
+    def prefill_fn(p, b):
+        rows, lp = b["attention_mask"].shape
+        cache = model.apply({"params": p}, rows, lp + sc.max_new_tokens, method="init_cache")
+        return model.apply({"params": p}, b, cache, method="prefill")[0]
+
+    rng = jax.random.PRNGKey(0)
+    t0 = time.perf_counter()
+    gen_c = jax.jit(lambda p, b, r: generate(model, p, b, sc, r)).lower(params, batch, rng)
+    gen_c = gen_c.compile()
+    t1 = time.perf_counter()
+    pre_c = jax.jit(prefill_fn).lower(params, batch).compile() if prefill else None
+    t2 = time.perf_counter()
+    out = gen_c(params, batch, rng)
+    assert (np.asarray(out["lengths"]) == sc.max_new_tokens).all()
+    return dict(
+        gen=lambda: gen_c(params, batch, rng)["tokens"],
+        pre=(lambda: pre_c(params, batch)) if pre_c else (lambda: None),
+        info=dict(
+            prompt_len=int(batch["attention_mask"].shape[1]),
+            compile_generate_s=round(t1 - t0, 3),
+            compile_prefill_s=round(t2 - t1, 3),
+        ),
+        tg=[],
+        tp=[],
+    )
+
+
 def time_generate_runs(runs: dict, warmup: int, repeats: int) -> None:
     """Time each run's ``gen()`` (whole generation) and ``pre()`` (prefill only), interleaving
     the runs so drift on a shared machine hits them alike; appends seconds to ``tg`` / ``tp``."""

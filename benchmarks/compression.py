@@ -23,7 +23,6 @@ faster).
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,7 +47,7 @@ def main() -> int:
     import numpy as np
 
     from ppllava_jax.data.collate import Media, Planner, Sample, collate
-    from ppllava_jax.generate import SamplingConfig, generate
+    from ppllava_jax.generate import SamplingConfig
     from ppllava_jax.models.ppllava import PPLLaVA
 
     sc = SamplingConfig(max_new_tokens=s["new"], eos_token_id=-1, pad_token_id=0)
@@ -83,34 +82,8 @@ def main() -> int:
         t, h, w = Planner(cfg).item_grid("video", frames)
         model = PPLLaVA(cfg)
         params = common.random_params(cfg)
-        gen = jax.jit(lambda p, b, r, model=model: generate(model, p, b, sc, r))
-
-        def prefill(p, b, model=model, n=sc.max_new_tokens):
-            lp = b["attention_mask"].shape[1]
-            cache = model.apply({"params": p}, 1, lp + n, method="init_cache")
-            return model.apply({"params": p}, b, cache, method="prefill")[0]
-
-        rng = jax.random.PRNGKey(0)
-        t0 = time.perf_counter()
-        gen_c = gen.lower(params, batch, rng).compile()
-        t1 = time.perf_counter()
-        pre_c = jax.jit(prefill).lower(params, batch).compile() if size != "smoke" else None
-        t2 = time.perf_counter()
-        out = gen_c(params, batch, rng)
-        assert int(out["lengths"][0]) == sc.max_new_tokens
-        runs[mode] = dict(
-            gen=lambda g=gen_c, p=params, b=batch, r=rng: g(p, b, r)["tokens"],
-            pre=(lambda f=pre_c, p=params, b=batch: f(p, b)) if pre_c else (lambda: None),
-            info=dict(
-                visual_tokens=t * h * w,
-                visual_grid=[t, h, w],
-                prompt_len=int(batch["attention_mask"].shape[1]),
-                compile_generate_s=round(t1 - t0, 3),
-                compile_prefill_s=round(t2 - t1, 3),
-            ),
-            tg=[],
-            tp=[],
-        )
+        runs[mode] = common.generate_run(model, params, batch, sc, prefill=size != "smoke")
+        runs[mode]["info"].update(visual_tokens=t * h * w, visual_grid=[t, h, w])
     common.time_generate_runs(runs, args.warmup, repeats)
     shape = dict(
         size=size,

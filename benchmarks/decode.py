@@ -21,7 +21,6 @@ Compile times apart; batch sizes round-robin per repeat.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,7 +44,7 @@ def main() -> int:
     import numpy as np
 
     from ppllava_jax.data.collate import Media, Planner, Sample, collate
-    from ppllava_jax.generate import SamplingConfig, generate
+    from ppllava_jax.generate import SamplingConfig
     from ppllava_jax.models.ppllava import PPLLaVA
 
     cfg, demo = common.demo_model_config()
@@ -55,12 +54,6 @@ def main() -> int:
     size_px = cfg.vision.image_size
     t, h, w = Planner(cfg).item_grid("video", FRAMES)
     rng_np = np.random.default_rng(0)
-
-    def prefill(p, b, n=sc.max_new_tokens):
-        lp = b["attention_mask"].shape[1]
-        bsz = b["attention_mask"].shape[0]
-        cache = model.apply({"params": p}, bsz, lp + n, method="init_cache")
-        return model.apply({"params": p}, b, cache, method="prefill")[0]
 
     runs = {}
     for bsz in s["batches"]:
@@ -80,26 +73,7 @@ def main() -> int:
             )
         batch = collate(samples, cfg, padding_side="left", buckets=[128, 256])
         batch = {k: jax.numpy.asarray(v) for k, v in batch.items() if k != "labels"}
-        rng = jax.random.PRNGKey(0)
-        t0 = time.perf_counter()
-        gen_c = jax.jit(lambda p, b, r: generate(model, p, b, sc, r)).lower(params, batch, rng)
-        gen_c = gen_c.compile()
-        t1 = time.perf_counter()
-        pre_c = jax.jit(prefill).lower(params, batch).compile()
-        t2 = time.perf_counter()
-        out = gen_c(params, batch, rng)
-        assert (np.asarray(out["lengths"]) == sc.max_new_tokens).all()
-        runs[bsz] = dict(
-            gen=lambda g=gen_c, b=batch, r=rng: g(params, b, r)["tokens"],
-            pre=lambda f=pre_c, b=batch: f(params, b),
-            info=dict(
-                prompt_len=int(batch["attention_mask"].shape[1]),
-                compile_generate_s=round(t1 - t0, 3),
-                compile_prefill_s=round(t2 - t1, 3),
-            ),
-            tg=[],
-            tp=[],
-        )
+        runs[bsz] = common.generate_run(model, params, batch, sc)
     common.time_generate_runs(runs, args.warmup, repeats)
     for bsz, r in runs.items():
         sg, sp = common.summary(r["tg"]), common.summary(r["tp"])
