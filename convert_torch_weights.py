@@ -10,9 +10,12 @@
     python convert_torch_weights.py --source hf/llava-v1.6-vicuna-7b-hf \
         --clip hf/clip-vit-large-patch14-336 --output ckpt/ppllava_start
 
-The model family is detected from config.json (``--family`` overrides). Errors (a missing
-directory, an unknown family, tensors that do not fit the config) are printed and the exit code
-is 1.
+The model family is detected from config.json (``--family`` overrides). The output is written
+to a temporary sibling (``OUTPUT.tmp-XXXX``) and replaces ``--output`` as a whole only when
+complete: an interrupted run leaves the previous output untouched. An output that is (or holds)
+the source, or an existing directory that is not a checkpoint, is refused. Errors (a missing
+directory, an unknown family, a damaged weight file, tensors that do not fit the config) are
+printed as one line and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--source", required=True, help="directory to read")
-    p.add_argument("--output", required=True, help="directory to write (overwritten)")
+    p.add_argument("--output", required=True, help="directory to write (replaced when complete)")
     p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
@@ -66,13 +69,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     # Imported after argument parsing so that --help is fast.
-    from ppllava_jax.convert import api
+    from ppllava_jax.convert import api, params_io
     from ppllava_jax.convert.torch_io import CheckpointError
 
     try:
         if args.clip:
             from ppllava_jax.convert.ppllava_family import build_start_point
 
+            params_io.check_output(args.output, [args.source, args.clip])
             out = build_start_point(
                 args.source,
                 args.clip,
@@ -98,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                 family=args.family,
                 scan_layers=args.scan,
             )
-    except (FileNotFoundError, NotImplementedError, ValueError, CheckpointError) as e:
-        # ConversionError and CheckpointError are ValueErrors with messages for people.
+    except (OSError, NotImplementedError, ValueError, CheckpointError) as e:
+        # ConversionError, CheckpointError and OutputError are ValueErrors with messages for
+        # people; OSError: a missing directory, no permission or space to write the output.
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

@@ -1,11 +1,14 @@
 """Evaluate a checkpoint on a benchmark (greedy decoding, SPEC §8).
 
     python eval.py --checkpoint DIR --benchmark mvbench --data MVBench/ --out mvbench.json
-    python eval.py --checkpoint DIR --benchmark videomme --data videomme/ --subtitles \\
-        --out videomme_sub.json
-    python eval.py --checkpoint DIR --benchmark openqa --data msvd_qa.json \\
-        --video_dir MSVD/videos --out msvd.json          # + msvd_pred.json for the judge
-    python eval.py --checkpoint DIR --benchmark vcgbench --data vcgbench/ --out vcg.json
+    python eval.py --checkpoint DIR --benchmark videomme --data Video-MME/ --use_subtitles \\
+        --out videomme_sub.json                   # + videomme_sub_videomme_results.json
+    python eval.py --checkpoint DIR --benchmark openqa --data MSVD-QA/new_test_qa.json \\
+        --video_dir MSVD/YouTubeClips --qa_dataset msvd --out msvd.json  # + msvd_pred.json
+    python eval.py --checkpoint DIR --benchmark openqa --data video_chatgpt/test_q.json \\
+        --video_dir ActivityNet/activitynet_frames --out anet.json     # frame folders, 3 fps
+    python eval.py --checkpoint DIR --benchmark vcgbench --data video_chatgpt/ --out vcg.json
+                                          # + vcg_general.json, vcg_temporal.json, vcg_consist.json
     python eval.py --checkpoint runs/demo/final --benchmark synthetic --data runs/demo/data \\
         --out runs/demo/eval_synthetic.json --save-attention runs/demo/attention
 
@@ -22,12 +25,26 @@ Checkpoint directory ``DIR`` (what train.py's final export writes)::
     DIR/inference.json               optional defaults: {"template": ..., "num_frames": ...}
 
 Runs are resumable: answers are appended to ``<out stem>.answers.jsonl`` and a rerun with the
-same ``--out`` asks only the questions not answered yet. Data parallel over all devices
-(``--mesh``) and hosts (each host its own shard of questions; ``--out`` on a shared disk).
+same ``--out`` asks only the questions not answered yet. The answers file records the
+checkpoint (a hash of its config.json and orbax save metadata) and the settings that change a
+prompt, its frames or its answer (benchmark and its data, frames, subtitles, system prompts,
+split, template, tokenizers and --tokenizer_legacy, dtype, --max_new_tokens). A rerun with the
+same ``--out`` but another checkpoint or other such settings REFUSES to start, naming each
+difference; ``--fresh`` deletes the old answers and starts afresh (or choose another ``--out``).
+Data parallel over all devices (``--mesh``) and hosts (each host its own shard of questions;
+``--out`` on a shared disk).
+
+A mistake (a missing checkpoint or data, a checkpoint that is not a PPLLaVA one or whose
+parameters do not fit its config.json, a bad flag) is printed as one ``error: ...`` line without
+a traceback (``PPLLAVA_TRACEBACK=1`` shows it).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from ppllava_jax import cli_errors
+
+cli_errors.allow_list_overrides()
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "optional training config (configs/*.py): template, frames, mesh defaults"
@@ -38,17 +55,58 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_string("data", None, "benchmark data: directory or question file")
 flags.DEFINE_string("out", None, "results JSON (answers go to <out stem>.answers.jsonl)")
-flags.DEFINE_integer("num_frames", 0, "frames per video (0: benchmark default; 32, synthetic 8)")
-flags.DEFINE_integer("num_frames_long", 64, "videomme: frames for medium and long videos")
+flags.DEFINE_bool(
+    "fresh",
+    False,
+    "delete the answers already in <out stem>.answers*.jsonl and start afresh. Without it a rerun "
+    "resumes them if they were given by the same checkpoint under the same settings, and "
+    "refuses to start (naming what differs) if not",
+)
+flags.DEFINE_integer(
+    "num_frames",
+    0,
+    "frames per video (0: benchmark default: 32; videomme 32 short / "
+    "--num_frames_long medium+long; synthetic 8)",
+)
+flags.DEFINE_integer("num_frames_long", 64, "videomme, --num_frames 0: frames of medium / long")
 flags.DEFINE_integer("batch_size", 0, "questions per batch per host (0: max(8, local devices))")
 flags.DEFINE_integer("max_new_tokens", 0, "answer length limit (0: benchmark default / 200)")
 flags.DEFINE_string("video_dir", "", "videomme/openqa/vcgbench: where the videos are")
 flags.DEFINE_string("subtitle_dir", "", "videomme: where <videoID>.srt are (default root/subtitle)")
-flags.DEFINE_bool("subtitles", False, "videomme: add the subtitles shown at the sampled frames")
+flags.DEFINE_bool(
+    "use_subtitles",
+    False,
+    "videomme: the subtitles of the frames read in the prompt (the original's --use_subtitles)",
+)
+flags.DEFINE_alias("subtitles", "use_subtitles")
+flags.DEFINE_enum(
+    "qa_dataset",
+    "",
+    ["", "msvd", "msrvtt", "activitynet"],
+    "openqa: the dataset's layout (default: activitynet with test_q.json + test_a.json, else msvd)",
+)
+flags.DEFINE_bool("vcg_system", False, "vcgbench: the conv_vcg_v1 prompt (Video-ChatGPT system)")
+flags.DEFINE_bool(
+    "vcg_legacy_labels",
+    False,
+    "vcgbench: write consistency records as the original does (its Q1 holds Q2 and vice versa)",
+)
 flags.DEFINE_string("split", "eval", "synthetic: split to score")
 flags.DEFINE_string("tokenizer", "", "LLM tokenizer directory (default DIR/tokenizer)")
 flags.DEFINE_string("clip_tokenizer", "", "CLIP tokenizer directory (default DIR/clip_tokenizer)")
 flags.DEFINE_string("template", "", "conversation template (default plain_v1)")
+flags.DEFINE_enum(
+    "tokenizer_legacy",
+    "true",
+    ["true", "false", "file"],
+    "Llama pre-tokenization of exact benchmark prompts: legacy (the released tokenizers), "
+    "non-legacy, or as the tokenizer file says",
+)
+flags.DEFINE_bool(
+    "mvbench_system",
+    False,
+    "mvbench: put the MVBench system text in the prompt (the shipped script leaves it out)",
+)
 flags.DEFINE_string("mesh", "", "mesh over local devices, e.g. 'data=1,fsdp=-1,tensor=1'")
 flags.DEFINE_string("dtype", "", "compute dtype: float32 | bfloat16 (default: the config's)")
 flags.DEFINE_integer("num_workers", 0, "video decoding worker processes")
@@ -68,10 +126,13 @@ def main(argv: list[str]) -> None:
 
     names = [
         "num_frames", "num_frames_long", "batch_size", "max_new_tokens", "video_dir",
-        "subtitle_dir", "subtitles", "split", "tokenizer", "clip_tokenizer", "template", "mesh",
+        "subtitle_dir", "use_subtitles", "split", "tokenizer", "clip_tokenizer", "template", "mesh",
         "dtype", "num_workers", "save_attention", "max_attention", "no_progress",
+        "tokenizer_legacy", "mvbench_system", "qa_dataset", "vcg_system", "vcg_legacy_labels",
+        "fresh",
     ]  # fmt: skip
-    cli.main(
+    cli_errors.report_user_errors(
+        cli.main,
         checkpoint=FLAGS.checkpoint,
         benchmark=FLAGS.benchmark,
         data=FLAGS.data,
@@ -86,4 +147,4 @@ if __name__ == "__main__":
     import sys
 
     sys.argv = [a.replace("--save-attention", "--save_attention", 1) for a in sys.argv]
-    app.run(main)
+    app.run(main, flags_parser=cli_errors.parse_flags)

@@ -4,11 +4,19 @@
     python train.py --config configs/ppllava_vicuna7b_videoonly.py --workdir gs://.../run1 \\
         --config.init_from=ckpt/ppllava_start --config.optimizer.lr=1e-5
 
-Logic lives in ``ppllava_jax.train.run``; this file only parses flags.
+Logic lives in ``ppllava_jax.train.run``; this file only parses flags. List-valued fields take
+JSON or Python lists (``--config.data.buckets='[256, 512]'``,
+``--config.data.sources='[{"path": "train.json", "data_root": "media/"}]'``). A mistake (an
+unknown config field, a missing file, a bad setting or unusable data) is printed as one
+``error: ...`` line without a traceback (``PPLLAVA_TRACEBACK=1`` shows it).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from ppllava_jax import cli_errors
+
+cli_errors.allow_list_overrides()
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and data go")
@@ -21,8 +29,8 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from ppllava_jax.train import run
 
-    run.main(_CONFIG.value, _WORKDIR.value)
+    cli_errors.report_user_errors(run.main, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli_errors.parse_flags)

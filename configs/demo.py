@@ -93,6 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.image_grid_pinpoints = [list(p) for p in c.model.image_grid_pinpoints]
     c.data.clip_max_length = 32
     c.data.clip_prompt = "question"  # the conversation holds the answer (see pipeline.py)
+    # answers-only labels on the whole text: the demo scores a prompt ending in "ASSISTANT:",
+    # while the original's encoding leaves an unsupervised "▁" token after it (pipeline.py)
+    c.data.text_encoding = "offsets"
     c.data.max_length = 64  # ~48 text tokens + 8 visual tokens
     c.data.buckets = [64]
     c.data.fixed_groups = ("video",)  # every batch has its video group (multi-host shapes)
@@ -103,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
     # -- evaluation at the end of training: held-out multiple choice accuracy
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "eval"  # synthetic split scored at the end ("" = none)
-    c.eval.batch_size = 50
+    c.eval.batch_size = 48
     c.eval.max_new_tokens = 4
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

@@ -107,6 +107,10 @@ def data_config(mixture=MIXTURE) -> ml_collections.ConfigDict:
     d.tokenizer = "hf/llava-v1.6-vicuna-7b-hf"  # LLaMA tokenizer with <image> = 32000
     d.clip_tokenizer = "hf/clip-vit-large-patch14-336"
     d.template = "plain_v1"
+    # the released Vicuna tokenizer's pre-tokenization (a '▁' after each special token) and the
+    # original's training samples (Interleave_sft_dataset: ids, labels, CLIP text)
+    d.tokenizer_legacy = True
+    d.text_encoding = "original"
     d.num_frames = 32  # (32/2) x (24/3) x (24/3) = 1024 visual tokens per video
     d.clip_max_length = 248  # Long-CLIP positions; the whole conversation, truncated
     # Merged lengths: an any-resolution image is <= 64 + 16 x 17 = 336 tokens, a video 1024,
@@ -138,7 +142,11 @@ def get_config() -> ml_collections.ConfigDict:
     #                                    but the step count below)
     c.train.global_batch = GLOBAL_BATCH  # = data.batch_size x hosts (documentation + the count)
     c.train.total_steps = -((-c.train.get_ref("num_samples")) // c.train.get_ref("global_batch"))
+    c.train.epochs = 1  # the original's num_train_epochs (the video-only recipe's is 2)
     c.train.grad_accum_steps = 2  # 64-sample micro-batches: 4 per v5p chip
+    # the original's loss: token mean per group of 8 rows (its per-device micro-batch), averaged
+    c.train.loss_normalization = "per_device_mean"
+    c.train.loss_group_size = 8
     c.train.log_every = 10
 
     # -------------------------------------------------------- optimizer (SPEC §7)

@@ -6,9 +6,13 @@ Plan the memory of a slice before renting it (ahead-of-time compile on simulated
         --devices 64 --mesh fsdp=64 --batch-per-device 1 --hbm-gib 16
 
 Train from the converted start point (``convert_torch_weights.py --source
-llava-v1.6-vicuna-7b-hf --clip clip-vit-large-patch14-336 --output ckpt/ppllava_start``) on the
-video part of the original mixture, one epoch (launch commands for TPU pods and multi-GPU:
-``configs/ppllava_vicuna7b_image_video.py``)::
+llava-v1.6-vicuna-7b-hf --clip clip-vit-large-patch14-336 --output ckpt/ppllava_start``) as the
+original's ``config/vicuna/ppllava_vicuna7b_videoonly.yaml`` does: LLaVA-Hound's video
+instructions alone (its ``llava_hound_300k``: ``llavahound_all_vid.json``, frame folders read as
+``video_reader_type: 'rawframe'``, 32 frames), **2 epochs**, 8 per GPU x 2 accumulation x 8 GPUs
+= 128 per update, lr 2e-5 cosine, 3% warmup, no weight decay, the loss a token mean per device
+micro-batch of 8 (``train.loss_normalization``). Launch commands for TPU pods and multi-GPU:
+``configs/ppllava_vicuna7b_image_video.py``::
 
     python train.py --config configs/ppllava_vicuna7b_videoonly.py --workdir runs/sft_video \
         --config.data.batch_size=128 --config.train.grad_accum_steps=1
@@ -36,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.attention_impl = "xla"  # xla | cudnn (NVIDIA flash attention, bf16) | auto
     m.llm_layers = 32  # Vicuna-7B decoder layers (lower it only for experiments)
     m.vocab_size = 32064  # llava-v1.6-vicuna-7b vocabulary (32000 + added tokens, padded)
-    m.num_frames = 32  # frames per video, each 336x336 (BT-Adapter max_T = 128)
+    m.num_frames = 32  # frames per video, each 336x336 (the start point's max_T = 64)
     m.clip_length = 248  # CLIP prompt tokens (Long-CLIP positions; the conversation, truncated)
 
     # ---------------------------------------------------------------- mesh
@@ -57,13 +61,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_from = "ckpt/ppllava_start"  # convert_torch_weights.py output; "" = random init
     from configs import ppllava_vicuna7b_image_video as iv  # (imports this file: lazily here)
 
-    c.data = iv.data_config([(n, k) for n, k in iv.MIXTURE if k == "video"])
+    c.data = iv.data_config([("llava_hound_300k", "video")])  # the original's only source
     c.data.buckets = [1152, 1536, 2048]  # every sample carries 1024 visual tokens
 
     # ---------------------------------------------------------------- training (SPEC §7)
-    c.train.num_samples = 500_000  # placeholder: samples in one epoch of the video mixture
-    c.train.global_batch = b.get_ref("global_batch")
-    c.train.total_steps = -((-c.train.get_ref("num_samples")) // c.train.get_ref("global_batch"))
+    t = c.train
+    t.num_samples = 300_000  # placeholder: samples of llava_hound_300k (set it to your count)
+    t.epochs = 2  # the original's num_train_epochs for this recipe
+    t.global_batch = b.get_ref("global_batch")
+    t.total_steps = -(
+        (-t.get_ref("num_samples") * t.get_ref("epochs")) // t.get_ref("global_batch")
+    )
+    # the original's loss: a token mean per device micro-batch (per_device_train_batch_size 8),
+    # averaged over devices and accumulation steps; groups of 8 rows whatever this mesh is
+    t.loss_normalization = "per_device_mean"
+    t.loss_group_size = 8
     c.optimizer.lr = 2e-5  # AdamW, cosine, 3% warmup, no weight decay
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_ratio = 0.03

@@ -16,7 +16,10 @@ to stderr; ``--save-attention DIR`` writes the prompt-to-patch relevance of ever
 turn to ``DIR/turn_NN/frame_TTT.png``.
 
 The checkpoint directory is the one ``eval.py`` reads (``config.json``, ``params/``,
-``tokenizer/``, ``clip_tokenizer/``).
+``tokenizer/``, ``clip_tokenizer/``). The video is read before the model is loaded, so a
+missing or unreadable one is reported at once; such mistakes are printed as one ``error: ...``
+line (exit status 1, ``PPLLAVA_TRACEBACK=1`` for a traceback). A question too long for the
+model's context is answered with ``[error] ...`` advice and the chat goes on.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ import jax
 import numpy as np
 
 from ppllava_jax.data import templates as tpl
+
+
+class QuestionTooLongError(ValueError):
+    """A question whose prompt does not fit the decoder's positions, even without history."""
 
 
 class Chat:
@@ -49,11 +56,12 @@ class Chat:
         seed: int = 0,
         system: str | None = None,
         save_attention: str = "",
+        keep_attention: bool = False,
+        clip: Any = None,
     ):
         from transformers import AutoTokenizer
 
         from ppllava_jax.data import image as img
-        from ppllava_jax.data import video as vid
         from ppllava_jax.evaluate.runner import video_buckets
         from ppllava_jax.generate import SamplingConfig, StepDecoder
 
@@ -67,7 +75,8 @@ class Chat:
             if setup.clip_tokenizer_dir
             else None
         )
-        clip = vid.load_video(video, num_frames, "middle")
+        if clip is None or len(clip.frames) != num_frames:  # clip: load_clip(video, num_frames)
+            clip = load_clip(video, num_frames)
         s = cfg.vision.image_size
         frames = np.stack([img._resize(f, s, s) for f in clip.frames])
         self.frames_uint8 = frames
@@ -85,6 +94,12 @@ class Chat:
         )
         self.decoder = StepDecoder(setup.model, self.sc, setup.mesh)
         self.buckets = video_buckets(cfg, num_frames, max_new_tokens)
+        # every prompt that leaves room for the answer fits (the last bucket: all of that room)
+        self.positions = int(cfg.llm.max_position_embeddings)
+        self.max_new_tokens = int(max_new_tokens)
+        room = self.positions - self.max_new_tokens
+        if room > max(self.buckets):
+            self.buckets = [*self.buckets, room]
         self.clip_len = int(cfg.clip_text.max_position_embeddings)
         self.history: list[tpl.Turn] = []
         self.system = system
@@ -93,6 +108,10 @@ class Chat:
         self.turn = 0
         self.last_prompt = ""
         self._maps = None
+        # keep_attention: after each answer, ``last_attention`` holds the prompt-to-patch
+        # relevance of that question, float32[num_frames, h, w] (the web demo shows it)
+        self.keep_attention = keep_attention
+        self.last_attention: np.ndarray | None = None
 
     def reset(self) -> None:
         self.history = []
@@ -115,9 +134,8 @@ class Chat:
             sample = col.Sample(input_ids=enc.input_ids, media=col.Media("video", self.pixels))
             if self.ctok is not None:
                 text = tpl.clip_text_of([tpl.Turn(question)], training=False)
-                sample.clip_ids, sample.clip_mask = tpl.encode_clip_prompt(
-                    self.ctok, text, self.clip_len
-                )
+                encode = tpl.encode_siglip_prompt if cfg.qwen else tpl.encode_clip_prompt
+                sample.clip_ids, sample.clip_mask = encode(self.ctok, text, self.clip_len)
             try:
                 batch = col.collate(
                     [sample],
@@ -130,8 +148,25 @@ class Chat:
                 return batch
             except ValueError:
                 if not self.history:
-                    raise
+                    raise self._too_long(question, len(enc.input_ids)) from None
                 self.history = self.history[1:]  # too long: forget the oldest turn
+
+    def _too_long(self, question: str, prompt_ids: int) -> QuestionTooLongError:
+        """What to do about a question that does not fit even alone."""
+        from ppllava_jax.data import collate as col
+
+        t, h, w = col.Planner(self.cfg).item_grid("video", self.num_frames)
+        visual = int(t * h * w)
+        q_ids = len(self.tok(question, add_special_tokens=False).input_ids)
+        fit = self.positions - self.max_new_tokens - visual - (prompt_ids - 1 - q_ids)
+        return QuestionTooLongError(
+            f"the question is too long for this model: its prompt is {prompt_ids - 1} text tokens "
+            f"(the question {q_ids}) + {visual} visual tokens ({self.num_frames} frames), and the "
+            f"model reads {self.positions} positions, {self.max_new_tokens} of them kept for the "
+            f"answer (--max_new_tokens). Ask a shorter question: about {max(fit, 0)} question "
+            "tokens fit (a chat started with fewer --num_frames or a smaller --max_new_tokens "
+            "leaves more room)."
+        )
 
     def ask(self, question: str) -> Iterator[str]:
         """Yield the answer's text as it grows; the turn is then kept in the history."""
@@ -155,14 +190,17 @@ class Chat:
         final = self.tok.decode(ids, skip_special_tokens=True)
         if final.startswith(shown) and len(final) > len(shown):
             yield final[len(shown) :]
-        if self.save_attention:
-            self._save_maps(placed, question)
+        if self.save_attention or self.keep_attention:
+            self.last_attention = self._relevance(placed)
+        if self.save_attention and self.last_attention is not None:
+            self._save_maps(self.last_attention, question)
         self.history.append(tpl.Turn(question, final.strip() or "..."))
         self.turn += 1
 
-    def _save_maps(self, placed: dict, question: str) -> None:
+    def _relevance(self, placed: dict) -> np.ndarray | None:
+        """float32[num_frames, h, w]: prompt-to-patch cosine of ``placed`` (None: the model's
+        pooling has no prompt guidance)."""
         from ppllava_jax import sharding
-        from ppllava_jax.evaluate import heatmap
 
         model = self.setup.model
         if self._maps is None:
@@ -172,8 +210,12 @@ class Chat:
         with sharding.mesh_context(self.setup.mesh):
             maps = self._maps(self.setup.params, placed)
         if maps is None:
-            return
-        maps = np.asarray(jax.device_get(maps))[0]
+            return None
+        return np.asarray(jax.device_get(maps), np.float32)[0][: self.num_frames]
+
+    def _save_maps(self, maps: np.ndarray, question: str) -> None:
+        from ppllava_jax.evaluate import heatmap
+
         heatmap.save_heatmaps(
             os.path.join(self.save_attention, f"turn_{self.turn:02d}"),
             self.frames_uint8,
@@ -181,6 +223,29 @@ class Chat:
             caption=question,
             size=max(224, self.frames_uint8.shape[1]),
         )
+
+
+def load_clip(video: str, num_frames: int) -> Any:
+    """The ``num_frames`` frames the chat reads (segment middles) of ``video`` (a file, GIF or
+    frame folder); a missing or unreadable one raises ``MediaError`` naming it."""
+    from ppllava_jax.data import video as vid
+    from ppllava_jax.data.errors import MediaError
+
+    if not os.path.exists(video):
+        raise MediaError(video, "not found (--video): give an existing video file, GIF or folder")
+    return vid.load_video(video, num_frames, "middle")
+
+
+def _inference_defaults(checkpoint: str) -> dict[str, Any]:
+    """``DIR/inference.json`` (defaults such as ``num_frames``), {} when absent or unreadable."""
+    import json
+
+    try:
+        with open(os.path.join(checkpoint, "inference.json")) as f:
+            d = json.load(f)
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -209,10 +274,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, stdin=None, stdout=None, stderr=None) -> int:
+    """The chat command; a user's mistake is printed as ``error: ...`` (exit status 1)."""
+    from ppllava_jax import cli_errors
+
     a = parse_args(argv)
+    return cli_errors.report_user_errors(_main, a, stdin, stdout, stderr)
+
+
+def _main(a: argparse.Namespace, stdin=None, stdout=None, stderr=None) -> int:
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     from ppllava_jax.evaluate.runner import load_setup
 
+    # the video first: a wrong path is said before minutes of model loading
+    num_frames = a.num_frames or int(_inference_defaults(a.checkpoint).get("num_frames", 32))
+    clip = load_clip(a.video, num_frames)
     setup = load_setup(
         a.checkpoint,
         tokenizer=a.tokenizer,
@@ -224,7 +299,7 @@ def main(argv: list[str] | None = None, stdin=None, stdout=None, stderr=None) ->
     chat = Chat(
         setup,
         a.video,
-        num_frames=a.num_frames or int(setup.defaults.get("num_frames", 32)),
+        num_frames=num_frames,
         max_new_tokens=a.max_new_tokens,
         temperature=a.temperature,
         top_k=a.top_k,
@@ -232,6 +307,7 @@ def main(argv: list[str] | None = None, stdin=None, stdout=None, stderr=None) ->
         seed=a.seed,
         system=a.system,
         save_attention=a.save_attention,
+        clip=clip,
     )
     tty = hasattr(stdin, "isatty") and stdin.isatty()
     if tty:

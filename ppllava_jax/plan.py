@@ -55,6 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=None, help="frames per video")
     p.add_argument("--llm-layers", type=int, default=None, help="LLM depth (experiments)")
     p.add_argument("--params", action="store_true", help="also print every parameter's layout")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="hosts (JAX processes) the devices are spread over, in equal blocks: prints which "
+        "devices each owns and which rows of the global batch it feeds",
+    )
     return p.parse_args(argv)
 
 
@@ -88,9 +95,19 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def model_config(m: Any):
-    """``PPLLaVAConfig`` from a config's ``model`` section (7B defaults)."""
-    from ppllava_jax.models.config import LlamaConfig, PPLLaVAConfig
+    """``PPLLaVAConfig`` from a config's ``model`` section (7B defaults; ``preset``
+    ``ppllava_qwen7b``: the Qwen2 + SigLIP 7B)."""
+    from ppllava_jax.models.config import LlamaConfig, PPLLaVAConfig, ppllava_qwen7b_config
 
+    if m.get("preset") == "ppllava_qwen7b":
+        return ppllava_qwen7b_config(
+            llm_layers=int(m.llm_layers),
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+            scan_layers=bool(m.scan_layers),
+            remat_policy=m.remat_policy,
+            attention_impl=m.attention_impl,
+        )
     return PPLLaVAConfig(
         llm=LlamaConfig(num_hidden_layers=int(m.llm_layers), vocab_size=int(m.vocab_size)),
         dtype=m.dtype,
@@ -130,9 +147,13 @@ def _nbytes_per_device(tree: Any, shardings: Any) -> int:
     return total
 
 
-def plan_one(config: Any, mesh: Any, per_device: int, *, show_params: bool = False) -> dict:
+def plan_one(
+    config: Any, mesh: Any, per_device: int, *, show_params: bool = False, processes: int = 1
+) -> dict:
     """Lower and compile the train step for one batch size; returns the figures (bytes per
-    device, FLOPs) as a dict."""
+    device, FLOPs) and ``hosts`` (``sharding.host_layout`` for ``processes`` hosts: each one's
+    devices and the rows of the global batch it feeds, ``data.batch_size`` = rows per host)
+    as a dict."""
     import flax.linen as nn
     import jax
     import numpy as np
@@ -154,7 +175,13 @@ def plan_one(config: Any, mesh: Any, per_device: int, *, show_params: bool = Fal
     )
 
     boxed = abstract_params(cfg)
-    report = sharding.sharding_report(boxed, mesh)
+    if global_batch % processes:
+        raise ValueError(
+            f"a global batch of {global_batch} rows does not split over {processes} processes"
+        )
+    report = sharding.sharding_report(
+        boxed, mesh, processes=processes, rows_per_host=global_batch // processes
+    )
     if show_params:
         print(sharding.format_report(report))
     if report["unnamed"]:
@@ -249,6 +276,12 @@ def plan_one(config: Any, mesh: Any, per_device: int, *, show_params: bool = Fal
         "flops_per_device_xla": flops_xla,
         "flops_per_device_model": flops_model / n_dev,
         "fallbacks": len(report["fallbacks"]),
+        "processes": processes,
+        "rows_per_host": global_batch // processes,
+        "hosts": [
+            {k: e[k] for k in ("process", "devices", "rows", "device_rows") if k in e}
+            for e in report["hosts"]
+        ],
         "build_s": round(t1 - t0, 1),
         "lower_s": round(t2 - t1, 1),
         "compile_s": round(t3 - t2, 1),
@@ -300,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     t0 = time.perf_counter()
     for i, n in enumerate(int(s) for s in sizes.split(",")):
-        r = plan_one(config, mesh, n, show_params=args.params and i == 0)
+        r = plan_one(config, mesh, n, show_params=args.params and i == 0, processes=args.processes)
         if args.hbm_gib is not None:
             r["hbm_gib"] = args.hbm_gib
             r["fits"] = r["total_bytes"] <= args.hbm_gib * 2**30
@@ -314,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         f"frozen {r0['frozen_params'] / 1e9:.2f}B parameters"
     )
     print(format_table(rows, args.hbm_gib))
+    for r in rows:
+        print(
+            f"\nbatch {r['batch_per_device']}/device on {r['processes']} host(s): "
+            f"data.batch_size={r['rows_per_host']} rows per host"
+        )
+        print(sharding.format_host_layout(r["hosts"]))
     print(
         "(XLA CPU compiler's figures on simulated devices: TPU/GPU buffer assignment differs; "
         f"planning took {time.perf_counter() - t0:.0f} s)"

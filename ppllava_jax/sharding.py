@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -284,10 +285,18 @@ def abstract_with_shardings(
     )
 
 
-def sharding_report(abstract_boxed: Any, mesh: Mesh, rules=LOGICAL_RULES) -> dict[str, Any]:
+def sharding_report(
+    abstract_boxed: Any,
+    mesh: Mesh,
+    rules=LOGICAL_RULES,
+    *,
+    processes: int | None = None,
+    rows_per_host: int | None = None,
+) -> dict[str, Any]:
     """Where every parameter goes: ``dict(rows, unnamed, fallbacks, bytes_per_device,
-    bytes_total)``; ``rows`` = ``(path, shape, logical names, mesh spec, bytes per device)``.
-    ``format_report`` prints it."""
+    bytes_total, hosts)``; ``rows`` = ``(path, shape, logical names, mesh spec, bytes per
+    device)``, ``hosts`` = ``host_layout(mesh, rows_per_host, processes)`` (each host's devices
+    and the batch rows it feeds). ``format_report`` prints it."""
     notes: list[str] = []
     shardings = param_shardings(abstract_boxed, mesh, rules, notes=notes)
     rows, per_dev, total = [], 0, 0
@@ -306,6 +315,7 @@ def sharding_report(abstract_boxed: Any, mesh: Mesh, rules=LOGICAL_RULES) -> dic
         "fallbacks": notes,
         "bytes_per_device": per_dev,
         "bytes_total": total,
+        "hosts": host_layout(mesh, rows_per_host, processes),
     }
 
 
@@ -321,6 +331,9 @@ def format_report(report: dict[str, Any], max_rows: int | None = None) -> str:
     lines.append(f"without logical names: {report['unnamed'] or 'none'}")
     lines.append(f"fallbacks (indivisible): {len(report['fallbacks'])}")
     lines.extend("  " + n for n in report["fallbacks"])
+    if report.get("hosts"):
+        lines.append(f"hosts ({len(report['hosts'])}):")
+        lines.extend("  " + x for x in format_host_layout(report["hosts"]).splitlines())
     return "\n".join(lines)
 
 
@@ -386,6 +399,32 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def batch_devices(mesh: Mesh) -> int:
+    """How many ways the batch axis is split: the size of ``data`` x ``fsdp``."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def check_batch_rows(rows: int, mesh: Mesh, *, what: str = "the batch", setting: str = "") -> None:
+    """Refuse (``ShardingError``) a batch whose ``rows`` the ``data`` x ``fsdp`` axes do not
+    divide: ``batch_shardings`` would replicate it, every device computing every row (and FLOP/s
+    per device would be overstated). Call it before compiling. The message names ``setting`` (the
+    config field or flag to change) and what divides: the nearest multiples of the data-parallel
+    size, and the data-parallel sizes that divide ``rows``."""
+    n = batch_devices(mesh)
+    if rows > 0 and rows % n == 0:
+        return
+    lo, hi = rows // n * n, -(-max(rows, 1) // n) * n
+    near = " or ".join(str(m) for m in dict.fromkeys((lo, hi)) if m > 0)
+    divs = [d for d in range(1, max(rows, 1) + 1) if rows % d == 0 and d <= len(mesh.devices.flat)]
+    axes = ", ".join(f"{a}={mesh.shape[a]}" for a in BATCH_AXES)
+    raise ShardingError(
+        f"{what}: {rows} rows do not split over the mesh's data x fsdp = {n} devices ({axes}); "
+        f"a batch is not replicated over data-parallel devices. Use a multiple of {n} rows "
+        f"({near}){f' via {setting}' if setting else ''}, or a mesh whose data x fsdp divides "
+        f"{rows} ({', '.join(map(str, divs))})"
+    )
+
+
 def batch_shardings(batch: dict[str, Any], mesh: Mesh, *, strict: bool = False) -> dict:
     """Per key: the leading axis over ``data`` x ``fsdp`` where that divides it, else the longest
     dividing prefix of those axes, else replicated (a visual group of 1 item in a batch of 4).
@@ -408,6 +447,25 @@ def abstract_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.ShapeDtyp
         )
         for k, v in batch.items()
     }
+
+
+def process_barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Wait until every process gets here (no-op on one process), through the coordination
+    service (gRPC, ``timeout_s``) rather than a device collective: gloo creates its context for
+    a set of devices on their first collective and gives up when the processes arrive more
+    than 30 s apart (one still compiling, loading or decoding), so call this before a first
+    collective that may be reached at different times. Each ``name`` is used once per run."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client of jax.distributed.initialize
+
+    client = distributed.global_state.client
+    if client is None:  # not started by jax.distributed (cannot happen with process_count > 1)
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
 
 
 def max_over_processes(value: int) -> int:
@@ -482,17 +540,145 @@ def init_sharded_cache(
     return jax.jit(lambda: init_cache(llm_cfg, batch, max_len, dtype), out_shardings=sh)()
 
 
-def maybe_initialize_distributed() -> bool:
-    """Call ``jax.distributed.initialize()`` when the environment describes a multi-process job
-    (a coordinator address, SLURM, or a multi-host TPU slice). Returns True when it did."""
-    env = os.environ
+def distributed_settings(env: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """Keyword arguments for ``jax.distributed.initialize`` from the environment, or None for a
+    single-process run.
+
+    A multi-process job is recognised by ``JAX_COORDINATOR_ADDRESS`` (+ ``JAX_NUM_PROCESSES``
+    and ``JAX_PROCESS_ID``: what ``python -m ppllava_jax.launch`` sets, and what a Kubernetes
+    pod spec sets, e.g. ``JAX_PROCESS_ID`` from the indexed Job's completion index), by SLURM
+    (``SLURM_NTASKS`` > 1: JAX reads the rest from ``srun``'s variables) or by a multi-host TPU
+    slice (``TPU_WORKER_HOSTNAMES``, ``MEGASCALE_COORDINATOR_ADDRESS``: JAX asks the TPU
+    metadata). Values left out are auto-detected by JAX. ``PPLLAVA_HEARTBEAT_TIMEOUT`` (seconds,
+    JAX's default 100) bounds how long the others wait for a process that died without a word
+    (SIGKILL, a lost host) before they stop with an error; ``PPLLAVA_INIT_TIMEOUT`` how long
+    processes wait for each other at start-up (default 300).
+    """
+    env = dict(os.environ if env is None else env)
     multi = (
         "JAX_COORDINATOR_ADDRESS" in env
-        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("JAX_NUM_PROCESSES", "1") or 1) > 1
+        or int(env.get("SLURM_NTASKS", "1") or 1) > 1
         or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
         or "MEGASCALE_COORDINATOR_ADDRESS" in env
     )
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-        return True
-    return False
+    if not multi:
+        return None
+    kw: dict[str, Any] = {}
+    for name, key in (
+        ("coordinator_address", "JAX_COORDINATOR_ADDRESS"),
+        ("num_processes", "JAX_NUM_PROCESSES"),
+        ("process_id", "JAX_PROCESS_ID"),
+        ("heartbeat_timeout_seconds", "PPLLAVA_HEARTBEAT_TIMEOUT"),
+        ("initialization_timeout", "PPLLAVA_INIT_TIMEOUT"),
+    ):
+        value = env.get(key, "")
+        if value == "":
+            continue
+        if name == "coordinator_address":
+            kw[name] = value
+            continue
+        try:
+            kw[name] = int(value)
+        except ValueError:
+            raise ValueError(f"environment variable {key}={value!r} must be an integer") from None
+    n, i = kw.get("num_processes"), kw.get("process_id")
+    if n is not None and i is not None and not 0 <= i < n:
+        raise ValueError(f"JAX_PROCESS_ID={i} is not in [0, JAX_NUM_PROCESSES={n})")
+    return kw
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call ``jax.distributed.initialize`` when the environment describes a multi-process job
+    (``distributed_settings``); CPU collectives across processes go through gloo. Must run
+    before anything touches a JAX device. Returns True when it initialised."""
+    kw = distributed_settings()
+    if kw is None or jax.distributed.is_initialized():
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kw)
+    sys.excepthook = _exit_on_error(sys.excepthook)
+    return True
+
+
+def _exit_on_error(previous: Callable[..., Any]) -> Callable[..., None]:
+    """An uncaught exception in one process of a multi-process job: print it and exit at once.
+    The normal exit would first wait (up to JAX's shutdown timeout, 5 minutes) in a shutdown
+    barrier the other processes, still running, never reach; a launcher or scheduler that stops
+    the job when one process fails needs that process to end."""
+
+    def hook(kind, value, tb) -> None:
+        previous(kind, value, tb)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    return hook
+
+
+def host_layout(
+    mesh: Mesh, rows_per_host: int | None = None, processes: int | None = None
+) -> list[dict[str, Any]]:
+    """Which devices each process owns in ``mesh`` and which rows of the global batch it feeds.
+
+    processes: plan for this many hosts (the planner's simulated devices all belong to one
+      process: host ``p`` is given the ``p``-th equal block of the devices in id order, as
+      ``jax.devices()`` orders them by process); None: the devices' own ``process_index``.
+
+    ``shard_batch`` concatenates the processes' rows in process order, so process ``p`` with
+    ``r`` rows per host feeds global rows ``[p * r, (p + 1) * r)``; the batch axis is split over
+    ``data`` x ``fsdp``, so those rows must land on that process's own devices (else
+    ``make_array_from_process_local_data`` moves them across hosts). Returns one dict per
+    process: ``process``, ``devices`` (ids), ``coords`` (mesh coordinates of each device, by axis
+    name), ``batch_shards`` (indices along ``data`` x ``fsdp`` its devices hold) and, with
+    ``rows_per_host``, ``rows`` (first, end) and ``device_rows`` (rows each device holds).
+    """
+    names = mesh.axis_names
+    by_proc: dict[int, dict[str, Any]] = {}
+    n_batch = batch_devices(mesh)
+    ids = sorted(int(d.id) for d in mesh.devices.flat)
+    if processes is not None and len(ids) % int(processes):
+        raise ValueError(f"{len(ids)} devices do not split over {processes} processes")
+    per_host = len(ids) // int(processes) if processes else 0
+    for idx in np.ndindex(*mesh.devices.shape):
+        d = mesh.devices[idx]
+        proc = ids.index(int(d.id)) // per_host if per_host else int(d.process_index)
+        coords = dict(zip(names, (int(x) for x in idx)))
+        shard = coords.get("data", 0) * mesh.shape.get("fsdp", 1) + coords.get("fsdp", 0)
+        e = by_proc.setdefault(
+            proc, {"process": proc, "devices": [], "coords": [], "batch_shards": []}
+        )
+        e["devices"].append(int(d.id))
+        e["coords"].append(coords)
+        if shard not in e["batch_shards"]:
+            e["batch_shards"].append(shard)
+    out = [by_proc[p] for p in sorted(by_proc)]
+    if rows_per_host is not None:
+        total = rows_per_host * len(out)
+        per_shard = total // n_batch if total % n_batch == 0 else None
+        for e in out:
+            p = e["process"]
+            e["rows"] = (p * rows_per_host, (p + 1) * rows_per_host)
+            if per_shard is not None:
+                e["device_rows"] = [
+                    (s * per_shard, (s + 1) * per_shard) for s in sorted(e["batch_shards"])
+                ]
+    return out
+
+
+def format_host_layout(layout: list[dict[str, Any]]) -> str:
+    """One line per process: its devices, their mesh coordinates and the rows it feeds."""
+    lines = []
+    for e in layout:
+        coords = " ".join(
+            "(" + ",".join(f"{k}={v}" for k, v in c.items()) + ")" for c in e.get("coords", [])
+        )
+        line = f"process {e['process']}: devices {e['devices']}" + (
+            f" at {coords}" if coords else ""
+        )
+        if "rows" in e:
+            line += f"; feeds global rows [{e['rows'][0]}, {e['rows'][1]})"
+        if "device_rows" in e:
+            line += " held as " + ", ".join(f"[{a}, {b})" for a, b in e["device_rows"])
+        lines.append(line)
+    return "\n".join(lines)

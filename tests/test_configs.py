@@ -14,7 +14,7 @@ from flax import linen as nn
 from ppllava_jax import sharding
 from ppllava_jax.convert.ppllava_family import ppllava_config_to_hf
 from ppllava_jax.data import pipeline as pl
-from ppllava_jax.models.config import PPLLaVAConfig
+from ppllava_jax.models.config import PPLLaVAConfig, ppllava_qwen7b_config
 from ppllava_jax.models.ppllava import init_params
 from ppllava_jax.train import optimizer as opt
 from ppllava_jax.train import run
@@ -24,13 +24,14 @@ CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "_
 RECIPES_7B = [n for n in CONFIGS if n.startswith("ppllava_vicuna7b")]
 
 
-def _start_point(tmp_path) -> str:
+def _start_point(tmp_path, preset: str = "") -> str:
     """A directory with the config.json that ``convert_torch_weights.py --source
     llava-v1.6-vicuna-7b-hf --clip clip-vit-large-patch14-336`` writes (7B defaults), no
     parameters: ``run.model_config`` reads only the config."""
     d = tmp_path / "start"
     d.mkdir()
-    hf = ppllava_config_to_hf(PPLLaVAConfig())
+    qwen = preset == "ppllava_qwen7b"  # the Qwen2 + SigLIP start point (LLaVA-OneVision)
+    hf = ppllava_config_to_hf(ppllava_qwen7b_config() if qwen else PPLLaVAConfig())
     (d / "config.json").write_text(json.dumps({"family": "ppllava", "config": hf}))
     return str(d)
 
@@ -54,7 +55,7 @@ def _load(name, tmp_path):
     cfg = importlib.import_module(f"configs.{name}").get_config()
     cfg = type(cfg)(cfg.to_dict())  # resolved, unlocked copy (as run.main makes)
     if cfg.get("init_from"):
-        cfg.init_from = _start_point(tmp_path)
+        cfg.init_from = _start_point(tmp_path, cfg.model.get("preset", ""))
     if not cfg.data.sources and cfg.get("synthetic") is not None:  # the demo fills these in
         cfg.data.sources = ["<synthetic>/train.json"]
     return cfg
@@ -107,8 +108,9 @@ def test_7b_recipe(name, tmp_path):
             0.03,
             "ppllava_sft",
         )
-        # one epoch of the global batch of 128
-        assert cfg.train.total_steps == -(-cfg.train.num_samples // 128)
+        # the original's epochs (1; the video-only recipe 2) of the global batch of 128
+        epochs = cfg.train.get("epochs", 1)
+        assert cfg.train.total_steps == -(-cfg.train.num_samples * epochs // 128)
     abstract = _abstract_params(mcfg)
     pred = opt.trainable_predicate(o)
     c = _counts(abstract, pred)

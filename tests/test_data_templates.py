@@ -140,13 +140,15 @@ def test_plain_qwen(llama_tok):
     tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
     img = tok.convert_tokens_to_ids("<image>")
     enc = T.encode_conversation(tok, TURNS[:2], "plain_qwen", img)
-    assert enc.text.startswith("<|im_start|>system\n" + T.QWEN_SYSTEM + "<|im_end|>\n")
+    assert enc.text.startswith("<|im_start|>user\n<image>\n")  # no system prompt (original)
     assert "<|im_start|>assistant\n(B) left<|im_end|>\n<|im_start|>user\n" in enc.text
+    sys = T.encode_conversation(tok, TURNS[:1], "plain_qwen", img, system="Be brief.")
+    assert sys.text.startswith("Be brief.<|im_end|>\n<|im_start|>user\n")
     assert enc.input_ids[0] != tok.bos_token_id
     end = tok.convert_tokens_to_ids("<|im_end|>")
     runs = supervised_runs(enc)
     assert [tok.decode(r).strip() for r in runs] == [t.a + "<|im_end|>" for t in TURNS[:2]]
-    assert all(r[-1] == end for r in runs)
+    assert all(r[-2] == end and tok.decode(r[-1:]).strip() == "" for r in runs)  # then "\n"
 
 
 def test_clip_prompt_and_trained_tokenizers(tmp_path):

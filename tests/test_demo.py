@@ -30,7 +30,7 @@ def _small(cfg, steps):
     cfg.data.image_size = 32
     cfg.data.image_grid_pinpoints = [[32, 64], [64, 32]]
     cfg.data.num_frames = 4
-    cfg.data.batch_size = 4
+    cfg.data.batch_size = 8
     cfg.data.max_length = 128
     cfg.data.buckets = [128]
     cfg.eval.batch_size = 8

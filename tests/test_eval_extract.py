@@ -1,10 +1,9 @@
-"""Answer extraction on real-looking model outputs; option and subtitle parsing."""
+"""Answer extraction on real-looking model outputs; option parsing. (Video-MME subtitles:
+tests/test_eval_readers_videomme_qa.py.)"""
 
-import numpy as np
 import pytest
 
 from ppllava_jax.evaluate.extract import extract_letter, letter_of_answer, strip_option_letter
-from ppllava_jax.evaluate.videomme import parse_srt, subtitles_at
 
 CANDS = ["the man", "the woman", "a dog", "a cat"]
 
@@ -58,16 +57,3 @@ def test_answers_and_options():
         letter_of_answer("a horse", CANDS)
     assert strip_option_letter("A. Apples.") == "Apples."
     assert strip_option_letter("(B) two") == "two"
-
-
-def test_srt_alignment():
-    srt = (
-        "1\n00:00:00,000 --> 00:00:00,500\nhello <i>there</i>\n\n"
-        "2\n00:00:00,500 --> 00:00:01,000\nworld\n\n"
-        "3\n00:00:01,000 --> 00:00:01,500\nagain\nand again\n\n"
-        "4\n00:00:03,000 --> 00:00:04,000\nnever shown\n"
-    )
-    cues = parse_srt(srt)
-    assert [c[2] for c in cues] == ["hello there", "world", "again and again", "never shown"]
-    got = subtitles_at(cues, np.array([0.125, 0.625, 1.125, 1.625]))
-    assert got == ["hello there", "world", "again and again"]

@@ -4,6 +4,9 @@ The fixture directory comes from ``PPLLAVA_REFERENCE_DIR`` (default
 ``tests/fixtures/reference_ppllava``); every size, kernel, stride, temperature, depth, token id
 and pinpoint is read from its ``config.json``, so another directory of the same layout but a
 different configuration runs unchanged. The checkpoint is converted with the project's converter.
+Either family runs: the Vicuna one (CLIP + BT-Adapter) or the Qwen2 + SigLIP one
+(``tests/fixtures/reference_ppllava_qwen``, ``qwen: true`` in its ``config.json``; its CLIP
+prompts are per-sample ``clip_ids_i`` without a mask).
 """
 
 import json
@@ -41,6 +44,14 @@ def converted(tmp_path_factory):
     return cfg, params
 
 
+def _clip_prompt(data, i):
+    """The prompt-encoder ids and mask of sample ``i``: one ``[B, L]`` array with a mask
+    (Vicuna fixtures) or one unpadded array per sample and no mask (Qwen fixtures)."""
+    if f"clip_ids_{i}" in data:
+        return data[f"clip_ids_{i}"], None
+    return data["clip_ids"][i], data["clip_mask"][i]
+
+
 def _samples(data, cfg, with_labels):
     samples = []
     for i, kind in enumerate(data["media_types"]):
@@ -52,13 +63,14 @@ def _samples(data, cfg, with_labels):
         else:  # (T, 1, 3, H, W)
             pixels = px[:, 0].transpose(0, 2, 3, 1)
         media = Media(kind, pixels, tuple(int(v) for v in data["image_sizes"][i]))
+        clip_ids, clip_mask = _clip_prompt(data, i)
         samples.append(
             Sample(
                 input_ids=data["input_ids"][i][m],
                 labels=data["labels"][i][m] if with_labels else None,
                 media=media,
-                clip_ids=data["clip_ids"][i],
-                clip_mask=data["clip_mask"][i],
+                clip_ids=clip_ids,
+                clip_mask=clip_mask,
             )
         )
     return samples
@@ -117,10 +129,38 @@ def test_pooling_cases():
 
 
 def test_longclip_table(converted):
-    cfg, _ = converted
+    cfg, params = converted
     data = _load("longclip")
-    ext = extend_positions(data["position_embedding_77"], keep=cfg.clip_text.position_keep)
-    np.testing.assert_allclose(ext, data["position_embedding_248"], atol=1e-6)
+    short, long = sorted(data.values(), key=len)  # position_embedding_{77,248} or _{64,196}
+    assert len(long) == cfg.clip_text.max_position_embeddings
+    ext = extend_positions(short, keep=cfg.clip_text.position_keep)
+    np.testing.assert_allclose(ext, long, atol=1e-6)
+
+
+def test_clip_text_embeds(converted):
+    """The prompt encoder's pooled output (the Qwen fixtures record it: SigLIP's text tower at
+    the last position through its head)."""
+    cfg, params = converted
+    model = PPLLaVA(cfg)
+    found = 0
+    for name in ("forward_train_batch", "forward_infer_batch"):
+        data = _load(name)
+        for i in range(len(data["media_types"])):
+            if f"clip_text_embeds_{i}" not in data:
+                continue
+            ids, mask = _clip_prompt(data, i)
+            mask = np.ones_like(ids) if mask is None else mask
+            got = model.apply(
+                {"params": params},
+                ids[None].astype(np.int32),
+                mask[None].astype(np.int32),
+                method=lambda m, a, b: m.multi_modal_projector.text_embeds(a, b),
+            )
+            ref = data[f"clip_text_embeds_{i}"]
+            np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=f"{name} {i}")
+            found += 1
+    if not found:
+        pytest.skip("this fixture set records no clip_text_embeds")
 
 
 def test_visual_tokens(forward):
@@ -161,11 +201,12 @@ def test_greedy_generation(converted):
     cfg, params = converted
     data = _load("generate_greedy")
     px = data["pixel_values_0"][:, 0].transpose(0, 2, 3, 1)
+    clip_ids, clip_mask = _clip_prompt(data, 0)
     sample = Sample(
         input_ids=data["input_ids"][0],
         media=Media("video", px),
-        clip_ids=data["clip_ids"][0],
-        clip_mask=data["clip_mask"][0],
+        clip_ids=clip_ids,
+        clip_mask=clip_mask,
     )
     batch = collate([sample], cfg, padding_side="left")
     n_new = data["step_logits"].shape[1]

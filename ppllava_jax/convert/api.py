@@ -9,6 +9,10 @@
 Conversion reads one tensor at a time from the checkpoint (memory-mapped safetensors or an
 mmap'ed ``.bin``) into the final parameter tree, so peak host memory stays near one copy of the
 model; export streams tensors into shards the same way.
+
+Both directions write into a temporary sibling of the output that replaces it only when complete
+(``params_io.staged_output``): an interrupted run leaves the previous output whole, a re-export
+leaves no stale shards, and an output that is (or holds) the source is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from flax import traverse_util
 
 from ppllava_jax.convert import params_io, registry
 from ppllava_jax.convert.mapping import convert_state_dict, export_state_dict
-from ppllava_jax.convert.torch_io import TorchCheckpoint, write_safetensors
+from ppllava_jax.convert.torch_io import CheckpointError, TorchCheckpoint, write_safetensors
 from ppllava_jax.models.config import Runtime
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -68,7 +72,8 @@ def convert_checkpoint(
     Args:
       source: directory with ``config.json`` and ``*.safetensors`` (single, sharded with or
         without an index) or ``pytorch_model*.bin``.
-      output: directory to write (``config.json`` + orbax ``params/``); overwritten.
+      output: directory to write (``config.json`` + orbax ``params/``); replaced as a whole once
+        complete (``params_io.staged_output``); must not be or hold ``source``.
       dtype: storage dtype of the parameters, ``'float32'`` | ``'bfloat16'`` | ``'float16'``.
       family: a name from ``registry.families()``; default: detected from ``config.json``.
       scan_layers: store repeated layers stacked (``layers``) or one per layer (``layers_i``).
@@ -77,19 +82,26 @@ def convert_checkpoint(
     Raises:
       FileNotFoundError (no such directory / no config.json), ValueError (unknown family or
       dtype), ``mapping.ConversionError`` (the weights do not fit the config; lists every
-      missing, unused and mis-shaped tensor), ``torch_io.CheckpointError``.
+      missing, unused and mis-shaped tensor), ``torch_io.CheckpointError`` (a damaged file),
+      ``params_io.OutputError`` (``output`` is the source or a directory of other files).
     """
     _check_dtype(dtype)
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"source checkpoint directory {source} does not exist")
+    params_io.check_output(output, [source])  # before the conversion's work
     cfg_path = source / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(
             f"{cfg_path} not found: --source must be a Hugging Face model directory "
             "(config.json next to the weights)"
         )
-    hf = json.loads(cfg_path.read_text())
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(
+            f"{cfg_path} is not valid JSON ({e}): fix or download it again"
+        ) from None
     fam = registry.get_family(family) if family else registry.detect_family(hf)
     hf = fam.read_hf_config(source)
     cfg = with_runtime(fam.config_from_hf(hf), scan_layers=scan_layers)
@@ -103,7 +115,7 @@ def convert_checkpoint(
         ignore=fam.ignore,
         source=str(source),
     )
-    return params_io.save_params(output, params, fam.name, fam.config_to_hf(cfg))
+    return params_io.save_converted(output, params, fam.name, fam.config_to_hf(cfg), [source])
 
 
 def _scan_layout(params: Any) -> bool | None:
@@ -151,11 +163,13 @@ def export_checkpoint(
     ``max_shard_bytes``) and a ``config.json`` that ``from_pretrained`` loads.
 
     dtype: dtype of the written tensors (default: as stored).
+    out_dir: replaced as a whole once complete (``params_io.staged_output``), so no shard of an
+      earlier export survives; must not be or hold ``ckpt_dir`` (``params_io.OutputError``).
     """
     _check_dtype(dtype)
+    out = params_io.check_output(out_dir, [ckpt_dir])
     name, cfg, params = load_checkpoint(ckpt_dir)
     fam = registry.get_family(name)
-    out = Path(out_dir).absolute()
     np_dtype = jnp.dtype(dtype) if dtype else None
     written: set[str] = set()
 
@@ -164,11 +178,12 @@ def export_checkpoint(
             written.add(str(arr.dtype))
             yield key, arr
 
-    write_safetensors(tensors(), out, max_shard_bytes=max_shard_bytes)
-    hf = fam.config_to_hf(cfg)
-    if len(written) == 1:
-        hf["dtype"] = written.pop()
-    (out / "config.json").write_text(json.dumps(hf, indent=2))
-    if fam.write_hf_extras is not None:
-        fam.write_hf_extras(cfg, out)
+    with params_io.staged_output(out, [ckpt_dir]) as tmp:
+        write_safetensors(tensors(), tmp, max_shard_bytes=max_shard_bytes)
+        hf = fam.config_to_hf(cfg)
+        if len(written) == 1:
+            hf["dtype"] = written.pop()
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        if fam.write_hf_extras is not None:
+            fam.write_hf_extras(cfg, tmp)
     return out

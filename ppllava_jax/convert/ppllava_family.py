@@ -73,6 +73,10 @@ def detect_layout(keys: Iterable[str]) -> dict[str, str]:
 
 def ppllava_rules(cfg: PPLLaVAConfig, layout: dict[str, str] | None = None) -> list[Rule]:
     """Every parameter of ``PPLLaVA(cfg)`` under the torch prefixes of ``layout``."""
+    if cfg.qwen:  # SigLIP + Qwen2 (convert/qwen_ppllava_keys.py)
+        from ppllava_jax.convert.qwen_ppllava_keys import qwen_ppllava_rules
+
+        return qwen_ppllava_rules(cfg, layout)
     lay = layout or _V4
     rules = ppllava_vision_rules(lay["vision"], "vision_tower/vision_model/", cfg.btadapter)
     rules += projector_rules(
@@ -134,7 +138,10 @@ def _write_clip_config(cfg: PPLLaVAConfig, out: Path) -> None:
 
 
 def _is_ppllava(d: dict) -> bool:
-    return d.get("model_type") == "llava_next" and ("pooling" in d or "btadapter" in d)
+    # the Qwen variant is written in the LLaVA-OneVision layout (``qwen: true``)
+    return d.get("model_type") in ("llava_next", "llava_onevision") and (
+        "pooling" in d or "btadapter" in d
+    )
 
 
 # -- llava_next ----------------------------------------------------------------------------
@@ -213,14 +220,26 @@ FAMILIES = [
 # -- the training start point --------------------------------------------------------------
 
 
+# The original's ``LlavaInterleaveForConditionalGeneration.from_config`` sets
+# ``max_T = cfg.get("max_T", 64)`` and no shipped yaml names ``max_T``: 64 time-embedding rows.
+START_MAX_T = 64
+
+
 def start_point_config(llava_hf: dict, clip_hf: dict, **overrides: Any) -> PPLLaVAConfig:
     """PPLLaVA config of the paper's start point: LLaVA-NeXT's towers and LLM, the CLIP text
-    tower of ``clip_hf`` (extended to 248 positions), BT-Adapter depth 4, prompt-guided pooling.
-    ``overrides``: PPLLaVA fields to change (e.g. ``btadapter_depth``, ``pooling_kernel``)."""
+    tower of ``clip_hf`` (extended to 248 positions), BT-Adapter depth 4 with ``max_T`` = 64 time
+    embeddings (the original's defaults), prompt-guided pooling.
+    ``overrides``: PPLLaVA fields to change (e.g. ``btadapter_depth``, ``max_T``)."""
     d = _with_llava_defaults(
         {k: v for k, v in llava_hf.items() if k not in ("pooling", "btadapter")}
     )
-    d.update(pooling="ppllava", btadapter=True, btadapter_depth=4, extend_clip=True)
+    d.update(
+        pooling="ppllava",
+        btadapter=True,
+        btadapter_depth=4,
+        extend_clip=True,
+        max_T=START_MAX_T,
+    )
     names = {f.name for f in dataclasses.fields(PPLLaVAConfig)}
     unknown = set(overrides) - names
     if unknown:
@@ -250,13 +269,27 @@ def build_start_point(
       ``clip_visual_ln`` (= CLIP's vision ``post_layernorm``) and ``logit_scale``: from OpenAI
       CLIP (``clip-vit-large-patch14-336``), the 77-row text positions extended to 248 rows
       (both ``position_embedding`` and ``position_embedding_res``);
-    - BT-Adapter: spatial layers ``j`` copied from the vision trunk's layers ``N - D + j``; the
-      temporal layers' LayerNorm and attention from the same layers with ``temporal_fc`` zero
-      (the temporal branch starts as the identity); class token and time embeddings zero.
+    - BT-Adapter, as the original builds it (``CLIPVisionModel_BTAdapter`` initialised by
+      transformers' ``CLIPPreTrainedModel._init_weights``, LLaVA-NeXT loaded over it, then
+      ``init_weights``): spatial layers ``j`` copied from the vision trunk's layers ``N - D + j``;
+      temporal layers fresh (``_init_btadapter``: CLIP's attention initialisation, LayerNorm
+      1 / 0, ``temporal_fc`` zero, so the temporal branch starts as the identity); time
+      embedding ``nn.Embedding``'s default N(0, 1) with ``max_T`` rows; class token zero. The
+      fresh tensors are drawn from ``numpy.random.default_rng(seed)``.
 
     Strict: every parameter must be filled and every tensor of both checkpoints used or known
     to be unused (CLIP's vision tower, the text tower's 77-row table).
+
+    A LLaVA-OneVision ``llava_dir`` with a SigLIP ``clip_dir`` builds the Qwen variant's start
+    point instead (``qwen_ppllava_keys.build_qwen_start_point``; no BT-Adapter).
     """
+    if read_json_config(Path(llava_dir)).get("model_type") == "llava_onevision":
+        from ppllava_jax.convert.qwen_ppllava_keys import build_qwen_start_point
+
+        overrides.pop("btadapter_depth", None)  # no BT-Adapter in the Qwen variant
+        return build_qwen_start_point(
+            llava_dir, clip_dir, output, dtype=dtype, scan_layers=scan_layers, **overrides
+        )
     import jax
 
     from ppllava_jax.convert import params_io
@@ -330,7 +363,8 @@ def build_start_point(
 
     # 3. BT-Adapter from the trunk's last D layers.
     if cfg.btadapter:
-        _init_btadapter(cfg, out, flat_exp, np_dtype)
+        factor = float(llava_hf.get("vision_config", {}).get("initializer_factor", 1.0))
+        _init_btadapter(cfg, out, flat_exp, np_dtype, np.random.default_rng(seed), factor)
 
     missing = [k for k in flat_exp if k not in out]
     if missing:
@@ -341,7 +375,9 @@ def build_start_point(
     from flax import traverse_util
 
     params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
-    return params_io.save_params(output, params, "ppllava", ppllava_config_to_hf(cfg))
+    return params_io.save_converted(
+        output, params, "ppllava", ppllava_config_to_hf(cfg), [llava_dir, clip_dir]
+    )
 
 
 def _flatten(tree: Any) -> dict[str, Any]:
@@ -351,8 +387,25 @@ def _flatten(tree: Any) -> dict[str, Any]:
     return {"/".join(k): v for k, v in traverse_util.flatten_dict(meta.unbox(tree)).items()}
 
 
-def _init_btadapter(cfg: PPLLaVAConfig, out: dict, exp: dict, dtype: np.dtype) -> None:
-    n, d = cfg.vision.num_hidden_layers, cfg.btadapter_depth
+def _init_btadapter(
+    cfg: PPLLaVAConfig,
+    out: dict,
+    exp: dict,
+    dtype: np.dtype,
+    rng: np.random.Generator,
+    factor: float = 1.0,
+) -> None:
+    """Fill the BT-Adapter's parameters of ``out`` (flat JAX paths) as the original's start point.
+
+    ``btadapter_S_layers_j``: every tensor of trunk layer ``N - D + j`` (``init_weights``).
+    ``btadapter_T_layers_j`` (fresh, transformers ``CLIPPreTrainedModel._init_weights`` with the
+    vision config's ``initializer_factor`` = ``factor``): ``q/k/v_proj`` weights
+    N(0, ``C**-0.5 * (2 * N)**-0.5 * factor``), ``out_proj`` weight N(0, ``C**-0.5 * factor``),
+    every bias 0, ``layer_norm1`` 1 / 0, ``temporal_fc`` 0 / 0 (mmengine ``constant_init``).
+    ``btadapter_time_embed``: N(0, 1) (``nn.Embedding``'s default; CLIP's initialisation leaves a
+    bare embedding alone), ``[max_T, C]``. ``btadapter_cls_token``: zeros.
+    """
+    n, d, c = cfg.vision.num_hidden_layers, cfg.btadapter_depth, cfg.vision.hidden_size
     vm = "vision_tower/vision_model/"
     scanned = f"{vm}encoder/layers/layer_norm1/scale" in exp
 
@@ -366,14 +419,27 @@ def _init_btadapter(cfg: PPLLaVAConfig, out: dict, exp: dict, dtype: np.dtype) -
         for k in exp
         if k.startswith(f"{vm}encoder/layers" + ("/" if scanned else "_0/"))
     )
+    in_std = c**-0.5 * (2 * n) ** -0.5 * factor
+    out_std = c**-0.5 * factor
+
+    def fresh(sub: str, shape: tuple[int, ...]) -> np.ndarray:
+        if sub.endswith("/bias") or sub.startswith("temporal_fc/"):
+            return np.zeros(shape, dtype)
+        if sub == "layer_norm1/scale":
+            return np.ones(shape, dtype)
+        if sub in ("self_attn/q_proj/kernel", "self_attn/k_proj/kernel", "self_attn/v_proj/kernel"):
+            return rng.normal(0.0, in_std, shape).astype(dtype)
+        if sub == "self_attn/out_proj/kernel":
+            return rng.normal(0.0, out_std, shape).astype(dtype)
+        raise ValueError(f"btadapter_T_layers/{sub}: no initialisation known for this parameter")
+
     for jj in range(d):
         src = n - d + jj
         for sub in subs:
             out[f"{vm}btadapter_S_layers_{jj}/{sub}"] = np.array(trunk(src, sub), dtype)
-            if sub.startswith(("layer_norm1/", "self_attn/")):
-                out[f"{vm}btadapter_T_layers_{jj}/{sub}"] = np.array(trunk(src, sub), dtype)
-        for p in ("kernel", "bias"):
-            key = f"{vm}btadapter_T_layers_{jj}/temporal_fc/{p}"
-            out[key] = np.zeros(exp[key].shape, dtype)
-    for key in (f"{vm}btadapter_cls_token", f"{vm}btadapter_time_embed/embedding"):
-        out[key] = np.zeros(exp[key].shape, dtype)
+        prefix = f"{vm}btadapter_T_layers_{jj}/"
+        for key in sorted(k for k in exp if k.startswith(prefix)):
+            out[key] = fresh(key[len(prefix) :], tuple(exp[key].shape))
+    out[f"{vm}btadapter_cls_token"] = np.zeros(exp[f"{vm}btadapter_cls_token"].shape, dtype)
+    key = f"{vm}btadapter_time_embed/embedding"
+    out[key] = rng.standard_normal(exp[key].shape).astype(dtype)

@@ -17,8 +17,11 @@ from ppllava_jax.convert.mapping import KeyMap
 
 FAMILY_MODULES = (
     "ppllava_jax.convert.ppllava_family",
+    "ppllava_jax.convert.qwen_ppllava_keys",
     "ppllava_jax.convert.llama_keys",
+    "ppllava_jax.convert.qwen2_keys",
     "ppllava_jax.convert.clip_keys",
+    "ppllava_jax.convert.siglip_keys",
 )
 
 

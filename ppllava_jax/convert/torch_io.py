@@ -2,71 +2,88 @@
 
 Reads ``model.safetensors``, sharded ``model-0000k-of-0000n.safetensors`` (with or without
 ``model.safetensors.index.json``) and ``pytorch_model*.bin`` (needs torch). Safetensors files are
-memory-mapped and parsed here (bfloat16 included, via ml_dtypes), so reading never holds more
-than the tensor asked for.
+opened with the ``safetensors`` library (``safe_open``: the header is checked against the file
+when it is opened; tensors are memory-mapped and copied out one at a time, bfloat16 via
+ml_dtypes), so reading never holds more than the tensor asked for.
+
+A damaged file (zero bytes, text, truncated, a bad header) raises ``CheckpointError`` naming the
+file and, where known, the tensor.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
-_ST_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+# dtypes written to safetensors (what transformers reads back)
+_WRITABLE = frozenset(
+    np.dtype(t)
+    for t in (
+        np.float64,
+        np.float32,
+        np.float16,
+        ml_dtypes.bfloat16,
+        np.int64,
+        np.int32,
+        np.int16,
+        np.int8,
+        np.uint8,
+        np.bool_,
+    )
+)
+_DAMAGED = "the file is damaged or incomplete: download or export it again"
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file cannot be read as asked."""
 
 
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class _SafetensorsFile:
+    """One ``.safetensors`` file opened with ``safetensors.safe_open`` (numpy arrays)."""
+
     def __init__(self, path: Path):
         self.path = path
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        self.header = header
-        self.offset = 8 + n
-        self._mm: np.memmap | None = None
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path} is empty (0 bytes); {_DAMAGED}")
+        try:
+            self._f = safe_open(str(path), framework="numpy")
+            self._keys = list(self._f.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({_reason(e)}); {_DAMAGED}"
+            ) from None
 
     def keys(self) -> list[str]:
-        return list(self.header)
+        return self._keys
 
     def get(self, key: str) -> np.ndarray:
-        info = self.header[key]
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(
-                f"{self.path}: tensor {key} has unsupported dtype {info['dtype']}"
-            )
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        start, end = info["data_offsets"]
-        raw = self._mm[self.offset + start : self.offset + end]
-        return np.array(raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"]))
+        try:
+            return np.array(self._f.get_tensor(key))
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {key} ({_reason(e)})") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._f.get_slice(key).get_shape())
 
 
 class TorchCheckpoint(Mapping):
     """Read-only mapping ``torch key -> np.ndarray`` over a checkpoint directory or file.
 
-    Tensors are read lazily on ``__getitem__``. bfloat16 stays bfloat16 (ml_dtypes).
+    Tensors are read lazily on ``__getitem__``. bfloat16 stays bfloat16 (ml_dtypes). A file
+    that cannot be read raises ``CheckpointError`` naming it (and the tensor, when reading one).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -89,11 +106,24 @@ class TorchCheckpoint(Mapping):
             raise CheckpointError(
                 f"{f} is a PyTorch pickle; reading it needs torch: pip install 'ppllava-jax[torch]'"
             ) from e
-        sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-        if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        if f.stat().st_size == 0:
+            raise CheckpointError(f"{f} is empty (0 bytes); {_DAMAGED}")
+        try:
+            # zip checkpoints (torch >= 1.6) are memory-mapped; the legacy format is read whole
+            mmap = zipfile.is_zipfile(f)
+            sd = torch.load(f, map_location="cpu", mmap=mmap, weights_only=True)
+        except Exception as e:  # RuntimeError, OSError, EOFError, UnpicklingError, ...
+            raise CheckpointError(
+                f"{f} is not a readable PyTorch checkpoint ({_reason(e)}); {_DAMAGED}"
+            ) from None
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{f} holds a {type(sd).__name__}, not a state dict of tensors")
         for k, v in sd.items():
-            self._where[k] = v
+            if not isinstance(v, torch.Tensor):
+                raise CheckpointError(f"{f}: entry {k} is a {type(v).__name__}, not a tensor")
+            self._where[k] = (f, v)
 
     def __getitem__(self, key: str) -> np.ndarray:
         src = self._where[key]
@@ -101,16 +131,20 @@ class TorchCheckpoint(Mapping):
             return src.get(key)
         import torch
 
-        t = src.detach()
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-        return t.numpy().copy()
+        f, t = src
+        try:
+            t = t.detach()
+            if t.dtype == torch.bfloat16:
+                return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+            return t.numpy().copy()
+        except Exception as e:  # a damaged mmap'ed storage, a dtype numpy lacks
+            raise CheckpointError(f"{f}: cannot read tensor {key} ({_reason(e)})") from None
 
     def shape(self, key: str) -> tuple[int, ...]:
         src = self._where[key]
         if isinstance(src, _SafetensorsFile):
-            return tuple(src.header[key]["shape"])
-        return tuple(src.shape)
+            return src.shape(key)
+        return tuple(src[1].shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -126,7 +160,12 @@ def _checkpoint_files(path: Path) -> list[Path]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     index = path / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(
+                f"{index} is not a readable shard index ({_reason(e)}); {_DAMAGED}"
+            ) from None
         missing = [n for n in names if not (path / n).exists()]
         if missing:
             raise CheckpointError(f"{index} lists shards that are missing: {missing}")
@@ -197,23 +236,7 @@ def write_safetensors(
 
 
 def _write_one(path: Path, items: list[tuple[str, np.ndarray]], metadata) -> None:
-    header: dict[str, object] = {}
-    off = 0
     for name, arr in items:
-        dt = np.dtype(arr.dtype)
-        if dt not in _ST_NAMES:
-            raise CheckpointError(f"cannot write tensor {name} of dtype {dt} to safetensors")
-        header[name] = {
-            "dtype": _ST_NAMES[dt],
-            "shape": list(arr.shape),
-            "data_offsets": [off, off + arr.nbytes],
-        }
-        off += arr.nbytes
-    header["__metadata__"] = {"format": "pt", **(metadata or {})}
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for _, arr in items:
-            f.write(arr.tobytes())
+        if np.dtype(arr.dtype) not in _WRITABLE:
+            raise CheckpointError(f"cannot write tensor {name} of dtype {arr.dtype} to safetensors")
+    save_file(dict(items), str(path), metadata={"format": "pt", **(metadata or {})})

@@ -44,7 +44,8 @@ class Sample:
       media: paths (data root applied): one for a video or an image, N for multi-image, none
         for text.
       turns: the QA turns.
-      system: the first turn's ``"i"`` (None when absent or empty).
+      system: the first turn's ``"i"`` as written (None when absent or ""; the original's
+        training text uses it verbatim, the offset-based templates strip it).
       bound: optional (start, end) seconds within the video.
       source: the annotation file.
       index: the sample's index in that file.
@@ -128,8 +129,8 @@ def parse_sample(
             raise bad(f"QA[{j}]['a'] must be a non-empty string")
         if not q.strip() and j > 0:
             raise bad(f"QA[{j}]['q'] is empty (only the first question may be)")
-        if j == 0 and isinstance(t.get("i"), str) and t["i"].strip():
-            system = t["i"].strip()
+        if j == 0 and isinstance(t.get("i"), str) and t["i"] != "":
+            system = t["i"]  # verbatim, as the original's process_qa uses it
         turns.append(Turn(q, a))
     bound = None
     if "bound" in raw or "start" in raw or "end" in raw:

@@ -124,7 +124,7 @@ def default_config() -> ml_collections.ConfigDict:
     # replaces `sources` (frames, tokens and CLIP ids are read back instead of recomputed).
     c.array_record = ""
     c.template = "plain_v1"  # conversation template: plain_v1 | vicuna_v1 | plain_qwen
-    c.tokenizer = ""  # directory of the LLM tokenizer (AutoTokenizer.from_pretrained)
+    c.tokenizer = ""  # directory of the LLM tokenizer (tokenizers.load_llm_tokenizer)
     c.clip_tokenizer = ""  # directory of the CLIP tokenizer of the prompt encoder
     c.num_frames = 32  # T, frames sampled per video
     c.frame_sampling = ""  # rand | middle; "" = rand when training, middle in evaluation
@@ -133,7 +133,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.image_grid_pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     c.max_images = 8  # N, images per multi-image sample (static); more -> skipped (bad_sample)
     c.clip_max_length = 248  # CLIP prompt length (77 without the context extension)
-    c.max_length = 2048  # longest merged sequence (text + visual tokens); longer -> skipped
+    # longest merged sequence (text + visual tokens); longer -> skipped (or raised), never cut (the
+    # original cuts nothing either: its labels are padded with -100 to 3000 entries)
+    c.max_length = 2048
     c.buckets = [512, 1024, 2048]  # allowed padded lengths L; max(buckets) >= max_length
     c.padding_side = "right"  # right (training, scoring) | left (generation)
     # k micro-batches per batch (train.grad_accum_steps, set by train.py): the batch is laid out
@@ -159,12 +161,29 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_consecutive_skips = 1000  # raise if this many samples in a row are bad
     c.training = True  # CLIP prompt = whole conversation (train) or the question (eval)
     # conversation: as `training` says (the original recipe: the conversation, answers included,
-    # when training); question: always the first question. A model whose projector and text
-    # tower train from scratch learns to read the answer out of a conversation prompt (the
-    # pooling weights depend on it), which is absent at evaluation: the demo uses "question".
+    # when training: with text_encoding='original' the original's process_qa text, role strings,
+    # <image>\n, </s> and the system instruction included); question: always the first
+    # question. A model whose projector and text tower train from scratch learns to read the
+    # answer out of a conversation prompt (the pooling weights depend on it), which is absent
+    # at evaluation: the demo uses "question".
     c.clip_prompt = "conversation"
+    # Training samples: original = the authors' Interleave_sft_dataset (plain_v1 / vicuna_v1:
+    # the text split at 'ASSISTANT: ', each piece tokenized alone, its label rule; with the
+    # legacy tokenizer an unsupervised '▁' follows every 'ASSISTANT: '; templates.
+    # encode_training_sample); offsets = the whole text tokenized with character offsets, exactly
+    # the answers and their end tokens supervised (the demo; DPO pairs, plain_qwen and
+    # evaluation always use it).
+    c.text_encoding = "original"
+    # Frame folders (a video given as a directory of images): name = sorted file names (the
+    # original's raw-frame reader: frame_10 before frame_2); natural = numbers compared as numbers
+    c.frame_folder_order = "name"
     c.generation_prompt = False  # eval: end the prompt where the model answers (no labels)
     c.answer_prefix = ""  # generation prompt: text after ASSISTANT: (e.g. "Best option:(")
+    # Llama pre-tokenization of data.tokenizer (tokenizers.load_llm_tokenizer), for every sample
+    # (training samples, template prompts, exact evaluation prompts): True legacy (a '▁' after
+    # each special token written in the text: Vicuna / LLaVA-NeXT as released, the 7B configs),
+    # False non-legacy, None as the tokenizer file says.
+    c.tokenizer_legacy = None
     c.shard_index = -1  # this host's shard; -1 = jax.process_index()
     c.shard_count = -1  # number of shards; -1 = jax.process_count()
     # Preference pairs for DPO (train.mode='dpo'): the last QA turn holds a chosen answer ("a"
@@ -201,6 +220,12 @@ def validate_config(cfg: ml_collections.ConfigDict, model_cfg: Any) -> None:
         bad("clip_prompt", f"{cfg.clip_prompt!r}; use 'conversation' or 'question'")
     if cfg.on_error not in ann.ON_ERROR:
         bad("on_error", f"{cfg.on_error!r} is not one of {ann.ON_ERROR}")
+    if cfg.get("text_encoding", "original") not in ("original", "offsets"):
+        bad("text_encoding", f"{cfg.text_encoding!r}; use 'original' or 'offsets'")
+    if cfg.get("frame_folder_order", "name") not in vid.FOLDER_ORDERS:
+        bad("frame_folder_order", f"{cfg.frame_folder_order!r}; use one of {vid.FOLDER_ORDERS}")
+    if cfg.get("tokenizer_legacy") not in (True, False, None):
+        bad("tokenizer_legacy", f"{cfg.tokenizer_legacy!r}; use True, False or None")
     if cfg.padding_side not in ("left", "right"):
         bad("padding_side", f"{cfg.padding_side!r}; use 'left' or 'right'")
     if cfg.frame_sampling not in ("",) + vid.SAMPLING_MODES:
@@ -277,6 +302,21 @@ def skip_reason(err: BaseException) -> str:
     return "unexpected_error"
 
 
+def _no_samples_message(sources: Sequence[ann.AnnotationSource], counter: ann.SkipCounter) -> str:
+    """Why a mixture has no valid sample at all (every file empty or every sample rejected)."""
+    files = ", ".join(s.path for s in sources)
+    if not counter.total:
+        return f"data.sources: the annotation files hold no samples ({files}); add data"
+    by = getattr(counter, "by_reason", None) or counter.by_kind
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(by.items()))
+    first = "\n  ".join(counter.messages[:3])
+    return (
+        f"data.sources: no valid sample: all {counter.total} samples of {files} were rejected "
+        f"when loading ({reasons}); the first:\n  {first}\nfix the annotations (format: "
+        "ppllava_jax/data/annotations.py)"
+    )
+
+
 class _LoadCounter(ann.SkipCounter):
     """SkipCounter that also counts by pipeline reason."""
 
@@ -333,6 +373,29 @@ def load_dpo_annotation_file(
 
 
 # --------------------------------------------------------------------------------------
+# Exact evaluation samples
+
+EVAL_PROMPT, EVAL_CLIP, EVAL_FRAMES = "eval_prompt_text", "eval_clip_text", "eval_frame_rule"
+
+
+def eval_sample(
+    video: str,
+    prompt_text: str,
+    clip_text: str,
+    frame_rule: vid.FrameRule,
+    *,
+    source: str = "eval",
+    index: int = 0,
+    extra: Mapping[str, Any] | None = None,
+) -> ann.Sample:
+    """An evaluation sample given exactly (no template): the full prompt text (no BOS),
+    the CLIP text and the frame rule, fed to ``Pipeline(..., samples=[[...]])``. ``extra``
+    (e.g. the question id) is kept in ``Sample.extra``."""
+    ex = {**(extra or {}), EVAL_PROMPT: prompt_text, EVAL_CLIP: clip_text, EVAL_FRAMES: frame_rule}
+    return ann.Sample("video", (video,), (), None, frame_rule.bound, source, index, ex)
+
+
+# --------------------------------------------------------------------------------------
 # Order of one host's shard over epochs
 
 
@@ -364,9 +427,15 @@ class _Order:
         self._cum = [0]  # cumulative shard lengths of epochs 0..len-2
         self._cache: dict[int, np.ndarray] = {}
         if self.shard_length(0) == 0:
+            n = self.global_length(0)
+            if n == 0:
+                raise ValueError(
+                    f"an epoch draws no sample: data.sources have {self.sizes} valid samples "
+                    f"with weights {self.weights}; add data or raise the weights"
+                )
             raise ValueError(
-                f"an epoch of {self.global_length(0)} samples gives {self.shard_count} hosts "
-                "nothing to read; add data or use fewer hosts"
+                f"an epoch of {n} samples is fewer than the {self.shard_count} hosts (each reads "
+                "its own samples, at least one); add data or use fewer hosts"
             )
 
     def __getstate__(self):
@@ -444,6 +513,19 @@ class _Order:
             "pad": False,
         }
 
+    def resharded(self, shard_index: int, shard_count: int) -> _Order:
+        """The same epochs, cut for shard ``shard_index`` of ``shard_count``."""
+        out = copy.copy(self)
+        out.shard_index, out.shard_count = int(shard_index), int(shard_count)
+        out._cum, out._cache = [0], {}
+        return out
+
+    def start_of(self, epoch: int) -> int:
+        """Index k of this shard's first item of ``epoch``."""
+        if self._fixed:
+            return epoch * self.shard_length(0)
+        return sum(self.shard_length(e) for e in range(epoch))
+
 
 # --------------------------------------------------------------------------------------
 # Per-sample preprocessing (runs in the workers)
@@ -518,24 +600,45 @@ class _Preprocess:
         self.generation_prompt = bool(cfg.generation_prompt) and not cfg.training
         self.answer_prefix = cfg.answer_prefix or None
         self.dpo = bool(cfg.get("dpo", False))
+        self.tokenizer_legacy = cfg.get("tokenizer_legacy", None)
+        # the original's training samples (tpl.encode_training_sample) where they apply
+        self.original_text = (
+            cfg.get("text_encoding", "original") == "original"
+            and self.training
+            and not self.dpo
+            and tpl.get_template(cfg.template).name in tpl.ORIGINAL_TEMPLATES
+        )
+        self.frame_folder_order = cfg.get("frame_folder_order", "name")
         self.frames = {
             "video": self.num_frames,
             "image": max_views(self.size, self.pinpoints),
             "multi": self.max_images,
         }
-        self._tok = self._clip_tok = self._planner = None
+        self._tok = self._clip_tok = self._planner = self._eval_tok = None
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_tok"] = d["_clip_tok"] = d["_planner"] = None  # reloaded lazily in each worker
+        d["_eval_tok"] = None
         return d
 
     @property
-    def tokenizer(self):
-        if self._tok is None:
-            from transformers import AutoTokenizer
+    def eval_tokenizer(self):
+        """The tokenizer of exact evaluation prompts (``load_llm_tokenizer`` with
+        ``data.tokenizer_legacy``)."""
+        if self._eval_tok is None:
+            from ppllava_jax.data.tokenizers import load_llm_tokenizer
 
-            self._tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            self._eval_tok = load_llm_tokenizer(self.tokenizer_dir, legacy=self.tokenizer_legacy)
+        return self._eval_tok
+
+    @property
+    def tokenizer(self):
+        """The LLM tokenizer (``load_llm_tokenizer`` with ``data.tokenizer_legacy``)."""
+        if self._tok is None:
+            from ppllava_jax.data.tokenizers import load_llm_tokenizer
+
+            self._tok = load_llm_tokenizer(self.tokenizer_dir, legacy=self.tokenizer_legacy)
         return self._tok
 
     @property
@@ -546,6 +649,15 @@ class _Preprocess:
             self._clip_tok = AutoTokenizer.from_pretrained(self.clip_tokenizer_dir)
         return self._clip_tok
 
+    def encode_prompt(self, text: str, training: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The prompt encoder's ids and mask: CLIP's (padded, masked), or for the Qwen family
+        (``model_cfg.qwen``) SigLIP's (no mask; unpadded in training, padded in evaluation)."""
+        if getattr(self.model_cfg, "qwen", False):
+            return tpl.encode_siglip_prompt(
+                self.clip_tokenizer, text, self.clip_max_length, training=training
+            )
+        return tpl.encode_clip_prompt(self.clip_tokenizer, text, self.clip_max_length)
+
     @property
     def planner(self) -> col.Planner:
         if self._planner is None:
@@ -554,27 +666,37 @@ class _Preprocess:
 
     # -- stage A: decode + tokenize (uint8 pixels); what tfds_builder stores
     def decode(self, sample: ann.Sample, epoch: int, position: int) -> dict:
+        if EVAL_PROMPT in sample.extra:
+            return self.decode_exact(sample)
         turns = list(sample.turns)
         if self.generation_prompt:
             turns[-1] = tpl.Turn(turns[-1].q, None)
-        enc = tpl.encode_conversation(
-            self.tokenizer,
-            turns,
-            self.template,
-            self.model_cfg.image_token_index,
-            num_images=sample.num_images,
-            system=sample.system,
-            training=self.training,
-            answer_prefix=self.answer_prefix if self.generation_prompt else None,
-        )
+        if self.original_text:  # ids, labels and CLIP text of the original's training sample
+            enc = tpl.encode_training_sample(
+                self.tokenizer,
+                turns,
+                self.template,
+                self.model_cfg.image_token_index,
+                num_images=sample.num_images,
+                system=sample.system,
+            )
+        else:
+            enc = tpl.encode_conversation(
+                self.tokenizer,
+                turns,
+                self.template,
+                self.model_cfg.image_token_index,
+                num_images=sample.num_images,
+                system=sample.system,
+                training=self.training,
+                answer_prefix=self.answer_prefix if self.generation_prompt else None,
+            )
         clip_text = enc.clip_text
         if self.clip_prompt == "question":
             clip_text = tpl.clip_text_of(turns, False)
         elif self.dpo:  # the CLIP prompt without the preferred answer (shared by both twins)
             clip_text = tpl.clip_text_of([*turns[:-1], tpl.Turn(turns[-1].q, None)], True)
-        clip_ids, clip_mask = tpl.encode_clip_prompt(
-            self.clip_tokenizer, clip_text, self.clip_max_length
-        )
+        clip_ids, clip_mask = self.encode_prompt(clip_text, self.training)
         rec = {
             "input_ids": enc.input_ids.astype(np.int32),
             "labels": enc.labels.astype(np.int32),
@@ -598,7 +720,12 @@ class _Preprocess:
         if mt == "video":
             rng = np.random.default_rng([self.seed, epoch, position])
             clip = vid.load_video(
-                sample.media[0], self.num_frames, self.sampling, rng=rng, bound=sample.bound
+                sample.media[0],
+                self.num_frames,
+                self.sampling,
+                rng=rng,
+                bound=sample.bound,
+                folder_order=self.frame_folder_order,
             )
             rec["pixels"] = _resize_frames(clip.frames, self.size)
             rec["kind"] = "video"
@@ -614,12 +741,55 @@ class _Preprocess:
                     f"data.max_images={self.max_images}",
                     path=sample.source,
                 )
-            rec["pixels"] = _resize_frames([img.load_image(p) for p in sample.media], self.size)
+            # sorted as the original's raw-frame reader sorts the path list before reading
+            paths = sorted(sample.media)
+            rec["pixels"] = _resize_frames([img.load_image(p) for p in paths], self.size)
             rec["kind"] = "multi"
         n = self.length_of(rec)
         if n > self.max_length:
             where = sample.media[0] if sample.media else f"{sample.source} [{sample.index}]"
             raise SampleTooLongError(n, self.max_length, path=where)
+        rec["length"] = np.int32(n)
+        return rec
+
+    def decode_exact(self, sample: ann.Sample) -> dict:
+        """An exact evaluation sample (:func:`eval_sample`): ``tok(prompt_text).input_ids``
+        (BOS added by the tokenizer), the CLIP ids of the given CLIP text, and exactly the
+        frames of its ``video.FrameRule``. The record also holds ``frame_indices``
+        (int64[T]) and, for frame folders, ``frame_files``."""
+        ex = sample.extra
+        ids = np.asarray(self.eval_tokenizer(ex[EVAL_PROMPT]).input_ids, np.int32)
+        n_img = int((ids == self.model_cfg.image_token_index).sum())
+        if n_img != 1:
+            raise DataError(
+                f"{sample.source} [{ex.get('qid', sample.index)}]: the prompt encodes to "
+                f"{n_img} image tokens (id {self.model_cfg.image_token_index}), expected 1: "
+                "check that the tokenizer has <image> and the prompt holds it once",
+                path=sample.source,
+            )
+        clip_ids, clip_mask = self.encode_prompt(ex[EVAL_CLIP], False)
+        rule = ex[EVAL_FRAMES]
+        if int(rule.num_segments) != self.num_frames:
+            raise DataError(
+                f"{sample.source} [{ex.get('qid', sample.index)}]: frame rule of "
+                f"{rule.num_segments} frames in a pipeline of data.num_frames={self.num_frames}",
+                path=sample.source,
+            )
+        clip = vid.load_frames_by_rule(sample.media[0], rule)
+        rec = {
+            "input_ids": ids,
+            "labels": np.full(len(ids), tpl.IGNORE_INDEX, np.int32),
+            "clip_ids": clip_ids,
+            "clip_mask": clip_mask,
+            "kind": "video",
+            "pixels": _resize_frames(clip.frames, self.size),
+            "frame_indices": np.asarray(clip.indices, np.int64),
+        }
+        if clip.files:
+            rec["frame_files"] = list(clip.files)
+        n = self.length_of(rec)
+        if n > self.max_length:
+            raise SampleTooLongError(n, self.max_length, path=sample.media[0])
         rec["length"] = np.int32(n)
         return rec
 
@@ -646,7 +816,10 @@ class _Preprocess:
         try:
             rec = self.finalize(self.decode(sample, item["epoch"], item["position"]))
         except Exception as e:  # noqa: BLE001 - bad input must not end a run; counted
-            return dict(out, **_skip_record(e, sample.media[0] if sample.media else sample.source))
+            where = sample.media[0] if sample.media else sample.source
+            # sample_index: the annotation's own index in its file (index: its position among
+            # the file's valid samples), what warnings name
+            return dict(out, sample_index=int(sample.index), **_skip_record(e, where))
         return dict(out, status="ok", **rec)
 
 
@@ -723,7 +896,43 @@ class _BatchIterator(grain.DatasetIterator):
         self._skipped = dict(spec.initial_skips)
         self._batches = 0
         self._sink = sink
+        # training: the epoch being read, whether it was read from its start, its ok samples,
+        # its skipped ones by reason and the last (an epoch without any usable sample: error)
+        self._ep: int | None = None
+        self._ep_full = True
+        self._ep_ok = 0
+        self._ep_bad: dict[str, int] = {}
+        self._ep_last: dict | None = None
         self._publish()
+
+    def _track(self, rec: dict) -> None:
+        e = int(rec.get("epoch", -1))
+        if e < 0:
+            return
+        if self._ep is None:
+            self._ep = e
+        elif e != self._ep:
+            self._check_epoch()
+            self._ep, self._ep_full, self._ep_ok, self._ep_bad = e, True, 0, {}
+        if rec["status"] == "ok":
+            self._ep_ok += 1
+        elif rec["status"] == "skip":
+            self._ep_bad[rec["reason"]] = self._ep_bad.get(rec["reason"], 0) + 1
+            self._ep_last = rec
+
+    def _check_epoch(self) -> None:
+        """A whole epoch (read from its start) of skipped samples: nothing can be trained on."""
+        if not (self._ep_full and self._ep_ok == 0 and self._ep_bad and self._ep_last):
+            return
+        last = self._ep_last
+        name = self._spec.source_names[last["source"]] if last["source"] >= 0 else "?"
+        raise DataError(
+            f"epoch {self._ep} has no valid sample: all {sum(self._ep_bad.values())} samples read "
+            f"by this host were skipped ({', '.join(f'{k} {v}' for k, v in self._ep_bad.items())}"
+            f"); the last, {name}:{last.get('sample_index', last['index'])}, file {last['path']}: "
+            f"{last['message']}. Check the media paths (data_root of data.sources) and files",
+            path=last["path"],
+        )
 
     def _publish(self):
         if self._sink is not None:
@@ -739,7 +948,7 @@ class _BatchIterator(grain.DatasetIterator):
         log.warning(
             "skipping sample %s:%d (%s), file %s: %s",
             name,
-            rec["index"],
+            rec.get("sample_index", rec["index"]),
             rec["reason"],
             rec["path"],
             rec["message"],
@@ -754,7 +963,11 @@ class _BatchIterator(grain.DatasetIterator):
             try:
                 rec = next(self._parent)
             except StopIteration:
+                if s.training:
+                    self._check_epoch()
                 break
+            if s.training:
+                self._track(rec)
             if rec["status"] == "skip":
                 self._count(rec)
                 consecutive += 1
@@ -869,6 +1082,7 @@ class _BatchIterator(grain.DatasetIterator):
         self._parent.set_state(state["parent"])
         self._skipped = dict(state["skipped"])
         self._batches = int(state["batches"])
+        self._ep, self._ep_full = None, False  # resumed inside an epoch: not checked whole
         self._publish()
 
     def __str__(self) -> str:
@@ -903,12 +1117,21 @@ class Pipeline:
         ``image_pooling_kernel``, ``image_pooling_stride``, ``pllava_pooling_shape``,
         ``image_grid_pinpoints``, ``image_token_index``, ``pad_token_id``).
 
+    samples: optional, one list of ``annotations.Sample`` per ``data.sources`` entry, used
+      instead of reading the sources' files (evaluation feeds its questions in memory, e.g.
+      :func:`eval_sample`; the sources then only name them).
+
     Use ``it = pipeline.iterator()``; ``next(it)`` gives a batch (module docstring);
     ``it.get_state()`` / ``it.set_state(state)`` checkpoint and resume it; close it with
     ``it.close()`` when workers are used (``pipeline.close()`` closes all).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict | Mapping, model_config: Any):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict | Mapping,
+        model_config: Any,
+        samples: Sequence[Sequence[ann.Sample]] | None = None,
+    ):
         cfg = default_config()
         given = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         unknown = sorted(set(given) - set(cfg.keys()))
@@ -944,12 +1167,22 @@ class Pipeline:
             ]
             counter = _LoadCounter()
             load = load_dpo_annotation_file if cfg.dpo else ann.load_annotation_file
-            self.samples = [
-                load(s.path, s.data_root, s.media_type, cfg.on_error, counter) for s in self.sources
-            ]
+            if samples is not None:  # given in memory (evaluation), one list per source
+                if len(samples) != len(self.sources):
+                    raise ValueError(
+                        f"{len(samples)} sample lists for {len(self.sources)} data.sources"
+                    )
+                self.samples = [list(x) for x in samples]
+            else:
+                self.samples = [
+                    load(s.path, s.data_root, s.media_type, cfg.on_error, counter)
+                    for s in self.sources
+                ]
             self.load_skipped = dict(counter.by_reason)
             sizes, weights = [len(x) for x in self.samples], [s.weight for s in self.sources]
             self.preprocess.samples = self.samples
+            if samples is None and not any(n for n in sizes):
+                raise DataError(_no_samples_message(self.sources, counter))
         self.order = _Order(
             sizes,
             weights,
@@ -1023,12 +1256,75 @@ class Pipeline:
         self._iterators.append(it)
         return it
 
+    def reshard_state(self, states: Sequence[dict], shard_index: int, shard_count: int) -> dict:
+        """Training on another number of hosts: the iterator state for shard ``shard_index`` of
+        ``shard_count`` that resumes where the ``len(states)`` old hosts' iterators stopped
+        (``states``: their ``get_state()``, in host order).
+
+        The old hosts read global positions ``p, p + P, ...`` of each epoch; the new shard
+        starts at the first of its positions not before the earliest next position of any old
+        host. Exact (no sample read twice or left out) when every old host read as many
+        samples (no skipped sample, the usual case); with skips, a few samples after the
+        earliest host's position are read again. Skip counts carry over (summed into the new
+        hosts by ``old index % shard_count``). Supports ``num_workers=0`` and grain worker
+        processes (``mp_prefetch``)."""
+        old_n = len(states)
+        cursor: tuple[int, int] | None = None
+        for p, st in enumerate(states):
+            k = _consumed(st["parent"])
+            e, off = self.order.resharded(p, old_n).locate(k)
+            pos = (e, off * old_n + p)
+            cursor = pos if cursor is None else min(cursor, pos)
+        epoch, pos = cursor or (0, 0)
+        new = self.order.resharded(shard_index, shard_count)
+        off = max(0, -(-(pos - shard_index) // shard_count))
+        if off >= new.shard_length(epoch):
+            epoch, off = epoch + 1, 0
+        k = new.start_of(epoch) + off
+        skipped: dict[str, int] = {}
+        for p, st in enumerate(states):
+            if p % shard_count == shard_index:
+                for r, v in st.get("skipped", {}).items():
+                    skipped[r] = skipped.get(r, 0) + int(v)
+        return {
+            "parent": _with_consumed(states[0]["parent"], k),
+            "skipped": skipped,
+            "batches": int(states[0].get("batches", 0)),
+        }
+
     def close(self) -> None:
         for it in self._iterators:
             close = getattr(it, "close", None)
             if close is not None:
                 close()
         self._iterators.clear()
+
+
+def _consumed(state: dict) -> int:
+    """Samples of its shard a grain iterator (``get_state()``) has consumed."""
+    if "next_index" in state:
+        return int(state["next_index"])
+    if "iterators_in_use_states" in state and not state.get("future_states"):
+        return sum(int(s["next_index"]) for s in state["iterators_in_use_states"])
+    raise ValueError(f"cannot read the position of a data iterator state {state!r}")
+
+
+def _with_consumed(state: dict, k: int) -> dict:
+    """A grain iterator state like ``state`` positioned after ``k`` samples of its shard
+    (worker ``w`` of ``W`` reads shard items ``w, w + W, ...``)."""
+    if "next_index" in state:
+        return {**state, "next_index": int(k)}
+    workers = len(state["iterators_in_use_states"])
+    return {
+        **state,
+        "next_index_in_cycle": k % workers,
+        "iterators_in_use_states": [
+            {**s, "next_index": max(0, -(-(k - w) // workers))}
+            for w, s in enumerate(state["iterators_in_use_states"])
+        ],
+        "exhausted": [0] * len(state.get("exhausted", [0] * workers)),
+        "future_states": {},
+    }
 
 
 def make_pipeline(
@@ -1051,6 +1347,7 @@ __all__ = [
     "SKIP_REASONS",
     "anyres_views_uint8",
     "default_config",
+    "eval_sample",
     "load_dpo_annotation_file",
     "make_pipeline",
     "max_views",

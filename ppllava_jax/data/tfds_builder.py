@@ -51,6 +51,9 @@ _FIXED = (
     "seed",
     "generation_prompt",
     "answer_prefix",
+    "text_encoding",
+    "tokenizer_legacy",
+    "frame_folder_order",
 )
 
 

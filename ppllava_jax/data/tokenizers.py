@@ -11,6 +11,13 @@
   as a transformers ``CLIPTokenizer`` (fast).
 
 Both load back offline with ``AutoTokenizer.from_pretrained(dir)``.
+
+- :func:`load_llm_tokenizer`: the LLM tokenizer of a directory, built from its own
+  ``tokenizer.json`` (so the transformers version cannot change its pipeline), ``<image>``
+  added as the released LLaVA tokenizers have it, and the Llama pre-tokenization chosen:
+  ``legacy=True`` (Vicuna / LLaVA-NeXT: ``▁`` prepended to every piece, also right after a
+  special token written in the text), ``legacy=False`` (``▁`` only at the very start),
+  ``None`` (as the file says).
 """
 
 from __future__ import annotations
@@ -23,6 +30,84 @@ from collections.abc import Iterable
 IMAGE_TOKEN = "<image>"
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
+
+
+def _llama_pipeline(legacy: bool):
+    from tokenizers import normalizers, pre_tokenizers
+
+    if legacy:
+        return (
+            normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]),
+            None,
+        )
+    return None, pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+
+
+def _is_metaspace_bpe(backend) -> bool:
+    """True for a SentencePiece-style (``▁``) tokenizer whose pre-tokenization can switch."""
+    d = json.loads(backend.to_str())
+    text = json.dumps([d.get("normalizer"), d.get("pre_tokenizer")])
+    return "Metaspace" in text or "Prepend" in text
+
+
+def load_llm_tokenizer(
+    path: str | os.PathLike,
+    legacy: bool | None = None,
+    image_token: str | None = IMAGE_TOKEN,
+):
+    """The LLM tokenizer saved in ``path`` (see module docstring).
+
+    Args:
+      path: a directory with ``tokenizer.json`` (and ``tokenizer_config.json``,
+        ``special_tokens_map.json``), or any directory ``AutoTokenizer`` reads.
+      legacy: Llama pre-tokenization (True: legacy, False: non-legacy, None: the file's).
+      image_token: added as a special, non-normalized token if absent (id = vocabulary
+        size, 32000 for Vicuna), as the LLaVA conversion scripts add it.
+
+    Returns:
+      a transformers fast tokenizer. Raises FileNotFoundError naming ``path`` if it holds
+      no tokenizer.
+    """
+    from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerFast
+
+    path = os.fspath(path)
+    tj = os.path.join(path, "tokenizer.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+    if os.path.isfile(tj):
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(tj)
+        kwargs: dict = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            f = os.path.join(path, name)
+            if os.path.isfile(f):
+                with open(f, encoding="utf-8") as fh:
+                    cfg = json.load(fh)
+                for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+                    v = cfg.get(key)
+                    if isinstance(v, dict):
+                        v = v.get("content")
+                    if isinstance(v, str):
+                        kwargs.setdefault(key, v)
+                if "model_max_length" in cfg:
+                    kwargs.setdefault("model_max_length", cfg["model_max_length"])
+        if legacy is not None and _is_metaspace_bpe(backend):
+            backend.normalizer, backend.pre_tokenizer = _llama_pipeline(legacy)
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"no tokenizer in {path!r}: {e}") from None
+        if legacy is not None and _is_metaspace_bpe(tok.backend_tokenizer):
+            bt = tok.backend_tokenizer
+            bt.normalizer, bt.pre_tokenizer = _llama_pipeline(legacy)
+    if image_token and image_token not in tok.get_vocab():
+        tok.add_tokens(
+            AddedToken(image_token, special=True, normalized=False), special_tokens=True
+        )
+    return tok
 
 
 def train_llama_tokenizer(

@@ -5,10 +5,10 @@ Pillow, and folders of frame images. Frames are sampled over T equal segments of
 (optionally bounded) video, as in the original (SPEC §1):
 
 - ``middle`` (evaluation): the centre frame of each segment;
-- ``rand`` (training): a uniformly random frame of each segment, from a seeded
-  ``numpy.random.Generator``;
-- when the video has fewer than T frames, each frame is one segment and the last sampled
-  frame is repeated up to T.
+- ``rand`` (training): a uniformly random frame of each segment but its last one, from a
+  seeded ``numpy.random.Generator``; when a segment has one frame (videos shorter than 2T),
+  a sorted random subset of min(T, n) frames instead (the original's ``get_frame_indices``);
+- when the video has fewer than T frames, the last sampled frame is repeated up to T.
 
 Only the sampled frames are converted to RGB and kept; the decoder seeks over long gaps and
 otherwise decodes and drops, so a long video never sits in memory. Any problem with a file
@@ -50,6 +50,32 @@ class Clip:
     timestamps: np.ndarray
     fps: float
     num_frames: int
+    files: tuple[str, ...] = ()  # frame folders read by a FrameRule: the file names read
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameRule:
+    """The frames an evaluation question reads, as the original's benchmark drivers pick them
+    (``EvalDataset.get_index`` and its readers; :func:`load_frames_by_rule`).
+
+    Attributes:
+      num_segments: T, the frames read (``frame_index.segment_indices``).
+      bound: (start_s, end_s) of the question, or None for the whole video.
+      folder_fps: frame rate of a frame folder (3 for MVBench tvqa and ActivityNet QA);
+        a video file uses its container's average rate.
+      file_pattern: file name of frame ``i`` of a folder, ``file_pattern.format(i)``
+        (``'{:0>5}.jpg'`` MVBench, ``'{:0>6}.jpg'`` ActivityNet QA).
+      first_idx: the first frame index (None: 0 for video files, 1 for frame folders).
+
+    Video files: ``max_frame = frames - 1``; frame folders: ``max_frame`` = the number of
+    entries in the folder (``len(os.listdir)``), files numbered from ``first_idx``.
+    """
+
+    num_segments: int
+    bound: tuple[float, float] | None = None
+    folder_fps: float = 3.0
+    file_pattern: str = "{:0>5}.jpg"
+    first_idx: int | None = None
 
 
 def bound_to_range(
@@ -68,6 +94,76 @@ def bound_to_range(
     return first, last
 
 
+def segment_ranges(num_segments: int, num_frames: int) -> list[tuple[int, int]]:
+    """The ranges ``[lo, hi)`` the original's ``rand`` draws from (``get_frame_indices``).
+
+    ``acc = min(num_segments, num_frames)``, ``b = linspace(0, num_frames, acc + 1)
+    .astype(int)``; segment i is ``range(b[i], b[i+1] - 1)``: a segment's last frame is never
+    drawn, a 2-frame segment always gives its first frame, a 1-frame segment is empty (the
+    original's ``random.choice`` raises there and it falls back to a random permutation).
+    """
+    acc = min(int(num_segments), int(num_frames))
+    b = np.linspace(0, int(num_frames), acc + 1).astype(int)
+    return [(int(b[i]), int(b[i + 1]) - 1) for i in range(acc)]
+
+
+def frame_indices(
+    num_segments: int,
+    num_frames: int,
+    sample: str = "rand",
+    rng: np.random.Generator | int | None = None,
+    fix_start: int | None = None,
+    input_fps: float = 1.0,
+    max_num_frames: int = -1,
+) -> np.ndarray:
+    """The original's ``get_frame_indices(num_frames=num_segments, vlen=num_frames, ...)``.
+
+    ``rand`` / ``middle``: ``acc = min(T, n)`` segments with integer bounds
+    ``b = linspace(0, n, acc + 1).astype(int)`` and inclusive ranges ``(b[i], b[i+1] - 1)``;
+    ``fix_start`` (any mode but ``rand``) takes ``b[i] + fix_start``, ``middle`` takes
+    ``(lo + hi) // 2``, ``rand`` draws uniformly from each of :func:`segment_ranges` (never a
+    segment's last frame) and, when any of them is empty, takes
+    ``sorted(permutation(n)[:acc])`` instead; with fewer than T indices the last one is
+    repeated up to T. ``fpsX`` (e.g. ``fps0.5``): one frame every 1/X s from the middle of the
+    first interval at ``input_fps``, cut to ``max_num_frames`` (> 0); its length varies.
+    Randomness comes from the seeded NumPy ``rng`` (Generator or seed), not Python's
+    ``random``, so a pipeline sample is reproducible from its seed.
+
+    Returns int64[T] (``fpsX``: int64[k]).
+    """
+    t, n = int(num_segments), int(num_frames)
+    if sample in ("rand", "middle"):
+        ranges = segment_ranges(t, n)
+        if sample == "rand":
+            if not isinstance(rng, np.random.Generator):
+                rng = np.random.default_rng(rng)
+            lo = np.array([r[0] for r in ranges], np.int64)
+            hi = np.array([r[1] for r in ranges], np.int64)
+            if (hi > lo).all():
+                idx = rng.integers(lo, hi)
+            else:
+                idx = np.sort(rng.permutation(n)[: len(ranges)])
+        elif fix_start is not None:
+            idx = np.array([r[0] + int(fix_start) for r in ranges], np.int64)
+        else:
+            idx = np.array([(r[0] + r[1]) // 2 for r in ranges], np.int64)
+        idx = np.asarray(idx, np.int64)
+        if len(idx) < t:  # padded with the last frame
+            idx = np.concatenate([idx, np.full(t - len(idx), idx[-1], np.int64)])
+        return idx
+    if sample.startswith("fps"):
+        output_fps = float(sample[3:])
+        duration = float(n) / float(input_fps)
+        delta = 1 / output_fps
+        seconds = np.arange(0 + delta / 2, duration + delta / 2, delta)
+        idx = np.around(seconds * float(input_fps)).astype(np.int64)
+        idx = idx[idx < n]
+        if max_num_frames > 0 and len(idx) > max_num_frames:
+            idx = idx[:max_num_frames]
+        return idx
+    raise ValueError(f"unknown sampling mode {sample!r}; use rand, middle or fpsX")
+
+
 def sample_indices(
     num_frames: int,
     num_segments: int,
@@ -75,13 +171,15 @@ def sample_indices(
     rng: np.random.Generator | int | None = None,
     first: int = 0,
     last: int | None = None,
+    fix_start: int | None = None,
 ) -> np.ndarray:
     """Frame indices of T = ``num_segments`` samples over frames [first, last] (inclusive).
 
-    The range is cut into min(T, n) equal segments (integer boundaries as
-    ``linspace(0, n, k + 1).astype(int)``); ``middle`` takes ``(start + end) // 2`` of each
-    (``end`` inclusive), ``rand`` a uniform frame of each. Shorter videos repeat the last
-    index. Returns int64[T], non-decreasing.
+    :func:`frame_indices` (the original's ``get_frame_indices``) over the n = last - first + 1
+    frames of the range, shifted by ``first``: ``middle`` the centre ``(lo + hi) // 2`` of
+    each of min(T, n) segments, ``rand`` a uniform frame of each segment but its last (the
+    fallback for short videos: a sorted random subset), shorter videos repeat the last
+    index. Returns int64[T].
     """
     if mode not in SAMPLING_MODES:
         raise ValueError(f"unknown sampling mode {mode!r}; use one of {SAMPLING_MODES}")
@@ -91,19 +189,8 @@ def sample_indices(
     if num_frames <= 0 or last < first:
         raise ValueError(f"empty frame range [{first}, {last}] of {num_frames} frames")
     n = last - first + 1
-    k = min(num_segments, n)
-    bounds = np.linspace(0, n, k + 1).astype(np.int64)
-    starts, ends = bounds[:-1], bounds[1:] - 1
-    if mode == "middle":
-        idx = (starts + ends) // 2
-    else:
-        if not isinstance(rng, np.random.Generator):
-            rng = np.random.default_rng(rng)
-        idx = rng.integers(starts, ends + 1)
-    idx = idx + first
-    if k < num_segments:
-        idx = np.concatenate([idx, np.full(num_segments - k, idx[-1], dtype=np.int64)])
-    return idx.astype(np.int64)
+    idx = frame_indices(num_segments, n, mode, rng, fix_start=fix_start)
+    return (idx + first).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------
@@ -225,17 +312,19 @@ def load_video(
     rng: np.random.Generator | int | None = None,
     bound: tuple[float, float] | None = None,
     fps: float | None = None,
+    folder_order: str = "natural",
 ) -> Clip:
     """Decode T sampled frames from a video file, GIF or folder of frames.
 
     Args:
       path: a video file (PyAV), a ``.gif`` (Pillow), or a directory of frame images
-        (sorted by the numbers in their names).
+        (ordered by ``folder_order``).
       num_frames: T, the number of frames returned.
       sample: ``middle`` or ``rand``.
       rng: Generator or seed for ``rand``.
       bound: optional (start, end) in seconds; sampling is restricted to it.
       fps: frame rate of a frame folder (default 1.0); ignored for files that store one.
+      folder_order: how a frame folder's files are ordered (:func:`list_frame_files`).
 
     Returns:
       a :class:`Clip` with uint8[T, H, W, 3] frames.
@@ -245,7 +334,9 @@ def load_video(
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        return load_frame_folder(path, num_frames, sample, rng, bound, fps=fps or 1.0)
+        return load_frame_folder(
+            path, num_frames, sample, rng, bound, fps=fps or 1.0, order=folder_order
+        )
     if path.lower().endswith(".gif"):
         return load_gif(path, num_frames, sample, rng, bound)
     n, vfps = video_info(path)
@@ -296,15 +387,22 @@ def _natural_key(name: str):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
-def list_frame_files(path: str | os.PathLike) -> list[str]:
-    """Image files of a frame folder, in natural order (frame_2 before frame_10)."""
+FOLDER_ORDERS = ("natural", "name")
+
+
+def list_frame_files(path: str | os.PathLike, order: str = "natural") -> list[str]:
+    """Image files of a frame folder: ``natural`` order (frame_2 before frame_10) or ``name``
+    order (``sorted`` file names, as the original's raw-frame reader lists a folder)."""
     path = os.fspath(path)
+    if order not in FOLDER_ORDERS:
+        raise ValueError(f"unknown frame folder order {order!r}; use one of {FOLDER_ORDERS}")
     if not os.path.isdir(path):
         raise MediaError(path, "frame folder not found")
     names = [n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)]
     if not names:
         raise MediaError(path, "frame folder holds no images")
-    return [os.path.join(path, n) for n in sorted(names, key=_natural_key)]
+    names = sorted(names, key=_natural_key) if order == "natural" else sorted(names)
+    return [os.path.join(path, n) for n in names]
 
 
 def load_frame_folder(
@@ -314,11 +412,14 @@ def load_frame_folder(
     rng: np.random.Generator | int | None = None,
     bound: tuple[float, float] | None = None,
     fps: float = 1.0,
+    order: str = "natural",
 ) -> Clip:
-    """Sample T frames from a folder of images (only those are read). See :func:`load_video`."""
+    """Sample T frames from a folder of images (only those are read), listed in ``order``
+    (:func:`list_frame_files`); ``Clip.files`` names the file of each frame. See
+    :func:`load_video`."""
     from ppllava_jax.data.image import load_image
 
-    files = list_frame_files(path)
+    files = list_frame_files(path, order)
     n = len(files)
     first, last = bound_to_range(n, fps, bound)
     idx = sample_indices(n, num_frames, sample, rng, first, last)
@@ -327,6 +428,90 @@ def load_frame_folder(
     if len(shapes) > 1:
         raise MediaError(os.fspath(path), f"frames of different sizes {sorted(shapes)}")
     frames = np.stack([decoded[int(i)] for i in idx])
+    names = tuple(os.path.basename(files[int(i)]) for i in idx)
+    return Clip(frames, idx, idx / fps, fps, n, names)
+
+
+def frame_rule_indices(
+    rule: FrameRule, count: int, fps: float | None = None, folder: bool = False
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The frame indices (int64[T]) a :class:`FrameRule` reads, and for a frame folder the
+    file names, from the media's size alone.
+
+    Args:
+      count: frames in the video file, or entries in the frame folder.
+      fps: the video's average frame rate (ignored for folders: ``rule.folder_fps``).
+      folder: True for a frame folder (``max_frame = count``, ``first_idx`` 1 by default),
+        False for a video file (``max_frame = count - 1``, ``first_idx`` 0 by default).
+    """
+    from ppllava_jax.data.frame_index import segment_indices
+
+    if folder:
+        first = 1 if rule.first_idx is None else int(rule.first_idx)
+        idx = segment_indices(
+            int(count), float(rule.folder_fps), rule.num_segments, rule.bound, first
+        )
+        return idx, tuple(rule.file_pattern.format(int(i)) for i in idx)
+    if fps is None:
+        raise ValueError("frame_rule_indices: a video file needs its fps")
+    first = 0 if rule.first_idx is None else int(rule.first_idx)
+    idx = segment_indices(int(count) - 1, float(fps), rule.num_segments, rule.bound, first)
+    return idx, ()
+
+
+def load_frames_by_rule(path: str | os.PathLike, rule: FrameRule) -> Clip:
+    """Read exactly the frames of ``rule`` (see :class:`FrameRule`) from a video file (PyAV),
+    an animated GIF (Pillow, 25 fps as the original's ``read_gif``) or a frame folder.
+
+    Returns a :class:`Clip` (uint8[T, H, W, 3], repeats included); ``files`` holds the file
+    names read from a folder. Raises MediaError naming the file that is missing or unreadable.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        from ppllava_jax.data.image import load_image
+
+        n = len(os.listdir(path))
+        if n == 0:
+            raise MediaError(path, "frame folder holds no files")
+        fps = float(rule.folder_fps)
+        idx, files = frame_rule_indices(rule, n, folder=True)
+        decoded = {}
+        for name in dict.fromkeys(files):
+            f = os.path.join(path, name)
+            if not os.path.isfile(f):
+                raise MediaError(
+                    f,
+                    f"file not found (frame folder of {n} files read with pattern "
+                    f"{rule.file_pattern!r}, first index {idx.min()})",
+                )
+            decoded[name] = load_image(f)
+        shapes = {a.shape for a in decoded.values()}
+        if len(shapes) > 1:
+            raise MediaError(path, f"frames of different sizes {sorted(shapes)}")
+        frames = np.stack([decoded[name] for name in files])
+        return Clip(frames, idx, idx / fps, fps, n, files)
+    if path.lower().endswith(".gif"):
+        from PIL import Image
+
+        if not os.path.exists(path):
+            raise MediaError(path, "file not found")
+        try:
+            with Image.open(path) as im:
+                n, fps = int(getattr(im, "n_frames", 1)), 25.0
+                idx, _ = frame_rule_indices(rule, n, fps)
+                got = {}
+                for i in np.unique(idx):
+                    im.seek(int(i))
+                    got[int(i)] = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except Exception as e:
+            raise MediaError(path, f"cannot read GIF ({type(e).__name__}: {e})") from e
+    else:
+        n, fps = video_info(path)
+        idx, _ = frame_rule_indices(rule, n, fps)
+        if idx.min() < 0 or idx.max() > n - 1:
+            raise MediaError(path, f"frame indices {idx.tolist()} outside the {n} frames")
+        got = _decode_selected(path, np.unique(idx), fps)
+    frames = np.stack([got[int(i)] for i in idx])
     return Clip(frames, idx, idx / fps, fps, n)
 
 

@@ -11,8 +11,12 @@ from ppllava_jax.evaluate.common import Question, mc_record, mc_summary
 class Benchmark:
     """A benchmark: its questions, how an answer is recorded, how records are summarised.
 
-    Subclasses set ``name`` and implement :meth:`questions`; multiple-choice ones keep the
-    default :meth:`record` / :meth:`summarize` (accuracy overall and per ``group_key``).
+    Subclasses set ``name`` and implement :meth:`questions` (see ``common.Question`` for the
+    contract); template multiple-choice ones keep the default :meth:`record` /
+    :meth:`summarize` (accuracy overall and per ``group_key``). Exact benchmarks score each
+    record with both verdicts (``scoring``: ``verdict_original`` / ``verdict_strict``) and
+    summarize with ``scoring.two_verdict_summary`` (``accuracy_original`` /
+    ``accuracy_strict``).
     """
 
     name = "benchmark"
@@ -22,7 +26,13 @@ class Benchmark:
     def questions(self) -> list[Question]:
         raise NotImplementedError
 
-    def record(self, q: Question, prediction: str) -> dict[str, Any]:
+    def record(self, q: Question, prediction: str, decoded: str = "") -> dict[str, Any]:
+        """The answer record of ``q`` (one JSON line of the answers file).
+
+        prediction: the generated text (``decode(generated ids, skip_special_tokens=True)``).
+        decoded: exact questions only: the prompt ids + generated ids decoded together with
+          ``skip_special_tokens=True``, what the original drivers split on the answer prefix.
+        Template questions are called without it (default ``mc_record``)."""
         return mc_record(q, prediction)
 
     def summarize(self, records: Sequence[dict], questions: Sequence[Question]) -> dict[str, Any]:

@@ -11,36 +11,59 @@ BENCHMARKS = ("mvbench", "videomme", "openqa", "vcgbench", "synthetic")
 
 def make_benchmark(name: str, data: str, **kw: Any) -> Benchmark:
     """The benchmark ``name`` over ``data``. kw: num_frames, num_frames_long, video_dir,
-    subtitle_dir, subtitles, split (unused ones are ignored)."""
+    subtitle_dir, use_subtitles (or subtitles), split, mvbench_system, qa_dataset, vcg_system,
+    vcg_legacy_labels (unused ones are ignored)."""
     nf = int(kw.get("num_frames") or 0)
     if name == "mvbench":
         from ppllava_jax.evaluate.mvbench import MVBench
 
-        return MVBench(data, nf or 32)
+        return MVBench(data, nf or 32, system_llm=bool(kw.get("mvbench_system", False)))
     if name == "videomme":
         from ppllava_jax.evaluate.videomme import VideoMME
 
-        return VideoMME(
+        return VideoMME(  # nf 0: 32 frames short, num_frames_long (64) medium / long
             data,
-            nf or 32,
+            nf,
             int(kw.get("num_frames_long") or 64),
             video_dir=kw.get("video_dir", ""),
             subtitle_dir=kw.get("subtitle_dir", ""),
-            subtitles=bool(kw.get("subtitles", False)),
+            subtitles=bool(kw.get("use_subtitles") or kw.get("subtitles")),
         )
     if name == "openqa":
         from ppllava_jax.evaluate.openqa import OpenQA
 
-        return OpenQA(data, nf or 32, video_dir=kw.get("video_dir", ""))
+        return OpenQA(
+            data, nf or 32, video_dir=kw.get("video_dir", ""), dataset=kw.get("qa_dataset") or ""
+        )
     if name == "vcgbench":
         from ppllava_jax.evaluate.openqa import VCGBench
 
-        return VCGBench(data, nf or 32, video_dir=kw.get("video_dir", ""))
+        return VCGBench(
+            data,
+            nf or 32,
+            video_dir=kw.get("video_dir", ""),
+            system_vcg=bool(kw.get("vcg_system", False)),
+            legacy_consistency_labels=bool(kw.get("vcg_legacy_labels", False)),
+        )
     if name == "synthetic":
         from ppllava_jax.evaluate.synthetic import Synthetic
 
         return Synthetic(data, nf or 8, split=kw.get("split") or "eval")
     raise ValueError(f"unknown benchmark {name!r}; use one of {BENCHMARKS}")
+
+
+def parse_legacy(value: str | bool | None) -> bool | None:
+    """``--tokenizer_legacy``: true (default) | false | file (as the tokenizer file says)."""
+    if value is None or isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("", "true", "1", "yes", "legacy"):
+        return True
+    if v in ("false", "0", "no", "nonlegacy", "non-legacy"):
+        return False
+    if v in ("file", "none"):
+        return None
+    raise ValueError(f"--tokenizer_legacy={value!r}: use true, false or file")
 
 
 def main(
@@ -73,6 +96,7 @@ def main(
         template=template,
         mesh=mesh,
         dtype=kw.get("dtype") or None,
+        tokenizer_legacy=parse_legacy(kw.get("tokenizer_legacy", "true")),
     )
     if not num_frames and benchmark == "synthetic":
         num_frames = setup.defaults.get("num_frames", 0)
@@ -87,4 +111,5 @@ def main(
         save_attention=kw.get("save_attention") or "",
         max_attention=int(kw.get("max_attention") or 16),
         progress=not kw.get("no_progress", False),
+        fresh=bool(kw.get("fresh", False)),
     )

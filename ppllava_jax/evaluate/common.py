@@ -1,4 +1,5 @@
-"""What every benchmark shares: questions, answer records, multiple-choice scoring, tables."""
+"""What every benchmark shares: questions (the evaluation contract), answer records,
+multiple-choice scoring, tables."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ppllava_jax.data.video import FrameRule
 from ppllava_jax.evaluate.extract import LETTERS, extract_letter
 
 MC_PREFIX = "Best option:("  # SPEC §8: the answer is the first letter after it
@@ -14,27 +16,108 @@ MC_PREFIX = "Best option:("  # SPEC §8: the answer is the first letter after it
 
 @dataclasses.dataclass(frozen=True)
 class Question:
-    """One question of a benchmark.
+    """One question of a benchmark: what the model is given, and how its reply is scored.
 
-    qid: unique id (the resume key). video: a video file, GIF or frame folder.
-    prompt: the user turn (``<image>`` is prepended by the template). answer: the reference
-    (the letter for multiple choice). group: questions of one group share the frame count and
-    the answer prefix (one pipeline each). bound: (start, end) seconds or None.
-    system: a system text written before the first USER turn (e.g. Video-MME subtitles).
-    candidates: the options' texts (multiple choice). info: copied into the answer record.
+    The contract of an exact protocol (every reproduced benchmark; see
+    ``evaluate/mvbench.py``): the benchmark builds the texts the original passes to its
+    tokenizers and the original's frame rule, and the runner feeds them as they are.
+
+    Attributes:
+      qid: unique id (the resume key).
+      video: a video file, GIF or frame folder.
+      answer: the reference (MVBench: the ``gt`` string ``'(B) text'``; Video-MME: the
+        letter; open-ended: the answer text), given to :meth:`Benchmark.record`.
+      prompt_text: the full LLM prompt exactly as the original passes it to the tokenizer,
+        answer prefix included, no BOS (the tokenizer adds it): e.g.
+        ``'USER: <image>\\n...Only give the best option. ASSISTANT: Best option:('``. The
+        pipeline encodes it with ``tok(prompt_text).input_ids`` (the tokenizer of
+        ``load_llm_tokenizer(dir, legacy=...)``; ``<image>`` = the image token, once).
+      clip_text: the text given to the CLIP tokenizer (padded / truncated to the model's
+        CLIP length, 248 with the extended text tower).
+      frames: the frame rule (``data.video.FrameRule``: ``num_segments``, ``bound`` or None,
+        for frame folders ``folder_fps``, ``file_pattern``, ``first_idx``), read exactly by
+        ``data.video.load_frames_by_rule``.
+      answer_prefix: the text the original splits the decoded sequence on (MVBench
+        ``'Best option:('``); informative for the runner (groups), used by the benchmark.
+      group: questions of one group share one pipeline (with the frame count and prefix).
+      candidates: the options' texts (multiple choice).
+      info: copied into the answer record (task, duration, ...).
+
+    Template questions (the project's own ``synthetic`` benchmark, or any benchmark not yet
+    made exact) leave ``prompt_text`` empty and give ``prompt`` (the user turn, rendered with
+    the checkpoint's conversation template and tokenized as in training), optional
+    ``system`` and ``answer_prefix``, ``num_frames`` and ``bound`` (frames at segment
+    centres, ``video.sample_indices(mode='middle')``); the CLIP text is then the question.
+
+    The runner calls ``bench.record(q, reply, decoded=...)`` for exact questions, where
+    ``reply`` is the generated text and ``decoded`` the whole sequence (prompt ids +
+    generated ids) decoded with ``skip_special_tokens=True``, as the original drivers
+    decode it before splitting on the answer prefix; template questions get
+    ``bench.record(q, reply)``.
     """
 
     qid: str
     video: str
-    prompt: str
-    answer: str
-    num_frames: int
-    group: str = "default"
+    answer: str = ""
+    prompt_text: str = ""
+    clip_text: str | None = None
+    frames: FrameRule | None = None
     answer_prefix: str = ""
-    bound: tuple[float, float] | None = None
-    system: str | None = None
+    group: str = "default"
     candidates: tuple[str, ...] = ()
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # template questions only (see above)
+    prompt: str = ""
+    num_frames: int = 0
+    bound: tuple[float, float] | None = None
+    system: str | None = None
+
+    def __post_init__(self):
+        if self.prompt_text:
+            if self.frames is None or self.clip_text is None:
+                raise ValueError(
+                    f"question {self.qid!r}: an exact question (prompt_text) needs clip_text "
+                    "and frames (a FrameRule)"
+                )
+            if self.prompt_text.startswith("<s>"):
+                raise ValueError(
+                    f"question {self.qid!r}: prompt_text must not start with <s> (the "
+                    "tokenizer adds BOS)"
+                )
+        elif not self.prompt or self.num_frames <= 0:
+            raise ValueError(
+                f"question {self.qid!r}: give prompt_text + clip_text + frames (exact) or "
+                "prompt + num_frames (template)"
+            )
+
+    @property
+    def exact(self) -> bool:
+        """True when the prompt, CLIP text and frames are given exactly (``prompt_text``)."""
+        return bool(self.prompt_text)
+
+    @property
+    def frame_count(self) -> int:
+        """T, the frames read for this question."""
+        return int(self.frames.num_segments) if self.frames is not None else int(self.num_frames)
+
+
+def eval_num_segments(
+    num_segments: int,
+    max_frame: int,
+    fps: float,
+    bound: tuple[float, float] | None = None,
+    assigned_frame: int = 16,
+) -> int:
+    """T of the original's ``EvalDataset.get_index`` for a driver's ``num_segments``: itself
+    when > 0; ``assigned_frame`` when 0; when < 0, 32 if the clip's length (``end - start``
+    of the bound, else ``max_frame / fps`` seconds) divided by ``|num_segments|`` is at most
+    32, else 64."""
+    if num_segments > 0:
+        return int(num_segments)
+    if num_segments == 0:
+        return int(assigned_frame)
+    length = (bound[1] - bound[0]) if bound else max_frame / fps
+    return 32 if length / abs(num_segments) <= 32 else 64
 
 
 def mc_prompt(question: str, candidates: Sequence[str]) -> str:
@@ -90,19 +173,36 @@ def mc_summary(records: Sequence[dict], key: str | None, num_questions: int) -> 
 
 
 def format_table(summary: dict[str, Any], title: str) -> str:
-    """A printable table of a summary (per-group accuracies, then the overall line)."""
-    lines = [title, f"{'group':<32} {'correct':>8} {'total':>7} {'accuracy':>9}"]
+    """A printable table of a summary (per-group accuracies, then the overall line); a
+    two-verdict summary (``accuracy_original`` / ``accuracy_strict``) prints both."""
+    two = "accuracy_original" in summary
+
+    def row(name: str, r: dict[str, Any]) -> str:
+        if two:
+            return (
+                f"{name:<32} {r['correct_original']:>6}/{r['counted_original']:<6} "
+                f"{100 * r['accuracy_original']:>8.2f}% {r['correct_strict']:>6}/"
+                f"{r['counted_strict']:<6} {100 * r['accuracy_strict']:>8.2f}%"
+            )
+        return f"{name:<32} {r['correct']:>8} {r['total']:>7} {100 * r['accuracy']:>8.2f}%"
+
+    head = (
+        f"{'group':<32} {'original (paper)':>23} {'strict':>23}"
+        if two
+        else f"{'group':<32} {'correct':>8} {'total':>7} {'accuracy':>9}"
+    )
+    lines = [title, head]
     for k, v in summary.items():
         if k.startswith("by_") and isinstance(v, dict):
-            for g, row in v.items():
-                lines.append(
-                    f"{g:<32} {row['correct']:>8} {row['total']:>7} {100 * row['accuracy']:>8.2f}%"
-                )
-    if "accuracy" in summary:
-        lines.append(
-            f"{'overall':<32} {summary['correct']:>8} {summary['answered']:>7} "
-            f"{100 * summary['accuracy']:>8.2f}%"
-        )
+            for g, r in v.items():
+                lines.append(row(g, r))
+    if two:
+        lines.append(row("overall", summary))
+        for k in ("excluded_original", "errors_original", "errors_strict"):
+            if summary.get(k):
+                lines.append(f"{k}: {summary[k]}")
+    elif "accuracy" in summary:
+        lines.append(row("overall", {**summary, "total": summary["answered"]}))
     for k in ("num_questions", "num_missing", "unparsed", "answered"):
         if k in summary and not ("accuracy" in summary and k == "answered"):
             lines.append(f"{k}: {summary[k]}")

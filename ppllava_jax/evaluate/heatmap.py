@@ -70,6 +70,19 @@ def overlay(
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
 
+def frame_overlays(
+    frames: np.ndarray, relevance: np.ndarray, *, size: int | None = None
+) -> list[Image.Image]:
+    """One heatmap picture per frame, in memory (the web demo's gallery).
+
+    frames: uint8[T, H, W, 3]; relevance: float[T, h, w] (raw cosine, normalised over the whole
+    video here, as :func:`save_heatmaps` does). ``size``: output width = height."""
+    rel = np.asarray(relevance, np.float32)
+    t = min(len(frames), len(rel))
+    norm = normalise(rel[:t]) if t else rel[:0]
+    return [overlay(frames[i], norm[i], size=size) for i in range(t)]
+
+
 def save_heatmaps(
     out_dir: str | os.PathLike,
     frames: np.ndarray,

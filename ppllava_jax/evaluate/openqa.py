@@ -1,20 +1,45 @@
-"""Open-ended video QA (ActivityNet-QA, MSVD-QA, MSRVTT-QA) and VCGBench (Video-ChatGPT's
-benchmark): greedy answers written in the format the usual LLM-judge scripts read. The judge
-itself (GPT) is not part of this project.
+"""Open-ended video QA (MSVD-QA, MSRVTT-QA, ActivityNet-QA) and VCGBench (Video-ChatGPT's
+benchmark) as the original runs them (``ppllava/test/qabench``, ``ppllava/test/vcgbench``;
+the fixture ``reference_protocols`` pins every piece). Both are scored by an external GPT
+judge; this module writes the judge's input files exactly as the original writes them.
 
-openqa ``--data``: a JSON list of ``{video | video_name | video_id, question, answer,
-question_id | id}`` (MSVD-QA / MSRVTT-QA as in Video-ChatGPT's evaluation), or ActivityNet-QA's
-``test_q.json`` (``video_name, question, question_id``) with ``test_a.json`` (``question_id,
-answer, type``) beside it. Videos are looked up in ``--video_dir`` (default: the file's folder
-``videos/`` or the folder itself) by name, with the usual extensions and ActivityNet's ``v_``
-prefix. Output ``<out stem>_pred.json``: ``[{"id", "question_id", "video_name", "question",
-"answer", "pred"}]``.
+**Open-ended QA** (``--benchmark openqa``, ``--qa_dataset msvd|msrvtt|activitynet``, default:
+ActivityNet when ``test_q.json`` + ``test_a.json`` are given, MSVD for ``new_test_qa.json`` or a
+path naming msvd, else MSRVTT; the setting only picks the layout, not the protocol)::
 
-vcgbench ``--data DIR``: ``generic_qa.json``, ``temporal_qa.json``, ``consistency_qa.json``
-(any of them; ``{"video_name", "Q", "A"}`` and ``{"video_name", "Q1", "Q2", "A"}``). Output
-one judge file per task, ``<out stem>_<task>_pred.json``, with ``{"video_name", "Q", "A",
-"pred"}`` (consistency: ``"Q1", "Q2", "pred1", "pred2"``). The "correctness", "detail",
-"context" judges read the generic file; "temporal" the temporal one; "consistency" its own.
+    MSVD:        --data MSVD-QA/new_test_qa.json   --video_dir MSVD/YouTubeClips
+    MSRVTT:      --data MSRVTT-QA/test_qa.json     --video_dir MSRVTT-QA/video
+                 [{"video_name" | "video" | "video_id", "question", "answer",
+                   "question_id" | "id"}]; the video is <video_dir>/<video_name> (or
+                   <video_id>.mp4), an extension (.avi/.mp4/...) appended if needed
+    ActivityNet: --data video_chatgpt/test_q.json (+ test_a.json beside it, answers taken
+                 by position as the original does) --video_dir ActivityNet/activitynet_frames
+                 [{"video_name", "question", "question_id"}]; frames in
+                 <video_dir>/v_<video_name>/000001.jpg ... (read at 3 fps, numbered from 1)
+
+Prompt (``conv_videoqa_v1``): ``USER: <image>\\n{pre-query prompt} {question} ASSISTANT:
+Answer: In the video,``; CLIP text = the question; 32 frames (``--num_frames``) by
+``frame_index.segment_indices``. Judge record (``<out stem>_pred.json``, a JSON list as the
+original's ``<dataset>.json``): ``{"pred", "answer", "question", "id"}``, ``pred`` = the
+decoded prompt + generation between the first and second ``Answer: In the video,``,
+stripped; ``answer``, ``question``, ``id`` as in the annotation (types kept).
+
+**VCGBench** (``--benchmark vcgbench``, ``--data ROOT``)::
+
+    ROOT/Benchmarking_QA/generic_qa.json       [{"video_name", "Q", "A"}]
+    ROOT/Benchmarking_QA/temporal_qa.json      [{"video_name", "Q", "A"}]
+    ROOT/Benchmarking_QA/consistency_qa.json   [{"video_name", "Q1", "Q2", "A"}]
+    ROOT/Test_Videos/<video_name>.mp4|mkv|mov|avi        (--video_dir)
+
+(the JSON files directly in ROOT are read too). Prompt (``plain_v1``): ``USER: <image>\\n{Q}
+ASSISTANT: `` (the trailing space is the token ``▁``); ``system_vcg=True`` uses
+``conv_vcg_v1`` (the Video-ChatGPT system text first). ``pred`` = the decoded text split on
+``'ASSISTANT: '``, element 1, stripped. Consistency asks Q1, then Q2. Saved files as the
+original's ``save_results``: ``<out stem>_general.json``, ``_temporal.json``,
+``_consist.json`` (``{"pred", "A", "Q", "video_name"}``; consistency ``{"pred1", "pred2",
+"video_name", "A", "Q1", "Q2"}``, ``pred1`` answering Q1). The original labels the
+consistency questions the wrong way round (its ``Q1`` holds Q2); ``legacy_consistency_labels
+=True`` writes that layout.
 """
 
 from __future__ import annotations
@@ -24,34 +49,75 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ppllava_jax.data.video import FrameRule
 from ppllava_jax.evaluate.base import Benchmark
-from ppllava_jax.evaluate.common import VIDEO_EXTS, Question, find_video
+from ppllava_jax.evaluate.common import VIDEO_EXTS, Question
+from ppllava_jax.evaluate.conversation import (
+    VIDEOQA_ANSWER,
+    VIDEOQA_PRE_QUERY,
+    decoded_text,
+    one_turn_prompt,
+    reply_after,
+)
+
+QA_DATASETS = ("msvd", "msrvtt", "activitynet")
+QA_POSTFIX = {"msvd": (".avi",), "msrvtt": (".mp4",), "activitynet": (".mp4", ".mkv", ".webm")}
+ACTIVITYNET_FRAMES = FrameRule(num_segments=32, folder_fps=3.0, file_pattern="{:0>6}.jpg")
+VCG_TASKS = ("generic", "temporal", "consistency")
+VCG_SAVED = {"generic": "general", "temporal": "temporal", "consistency": "consist"}
+VCG_SPLIT = "ASSISTANT: "
+VCG_POSTFIX = (".mp4", ".mkv", ".mov", ".avi")
 
 
-def _video_dir(path: str, given: str) -> str:
-    if given:
-        return given
-    root = path if os.path.isdir(path) else os.path.dirname(path)
-    for d in ("videos", "video", "Test_Videos", "all_test"):
-        if os.path.isdir(os.path.join(root, d)):
-            return os.path.join(root, d)
-    return root
+def qa_prompt_text(question: str) -> str:
+    """The open-ended QA prompt (``conv_videoqa_v1``), no BOS."""
+    return one_turn_prompt(
+        "conv_videoqa_v1",
+        question,
+        pre_query_prompt=VIDEOQA_PRE_QUERY,
+        answer_prompt=VIDEOQA_ANSWER,
+    )
 
 
-def _find(vdir: str, name: str) -> str:
-    p = find_video(vdir, name, VIDEO_EXTS)
-    if not os.path.exists(p) and not name.startswith("v_"):
-        q = find_video(vdir, "v_" + name, VIDEO_EXTS)
-        if os.path.exists(q):
-            return q
-    return p
+def vcg_prompt_text(question: str, system_vcg: bool = False) -> str:
+    """The VCGBench prompt (``plain_v1``, or ``conv_vcg_v1`` with ``system_vcg``), no BOS."""
+    return one_turn_prompt("conv_vcg_v1" if system_vcg else "plain_v1", question)
+
+
+def qa_judge_record(pred: str, answer: Any, question: Any, qid: Any) -> dict[str, Any]:
+    """What the original saves for the QA judge, in its key order."""
+    return {"pred": pred, "answer": answer, "question": question, "id": qid}
+
+
+def _decoded(q: Question, reply: str, decoded: str) -> str:
+    return decoded or decoded_text(q.prompt_text, reply)
+
+
+def _root(path: str) -> str:
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def _with_postfix(base: str, postfixes: Sequence[str]) -> str:
+    """``base`` if it exists, else the first ``base + ext`` that does (else ``base``)."""
+    if os.path.exists(base):
+        return base
+    for ext in (*postfixes, *VIDEO_EXTS):
+        if os.path.exists(base + ext):
+            return base + ext
+    return base
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
 
 
 class _Open(Benchmark):
-    max_new_tokens = None
+    """Judge-scored benchmarks: records keep the reply and the judge fields; no accuracy."""
 
-    def record(self, q: Question, prediction: str) -> dict[str, Any]:
-        return {"id": q.qid, "prediction": prediction.strip(), "answer": q.answer, **q.info}
+    max_new_tokens = 200  # the original's generate(max_new_tokens=200)
 
     def summarize(self, records: Sequence[dict], questions: Sequence[Question]) -> dict[str, Any]:
         return {
@@ -62,128 +128,274 @@ class _Open(Benchmark):
 
 
 class OpenQA(_Open):
+    """MSVD-QA / MSRVTT-QA / ActivityNet-QA (see the module docstring)."""
+
     name = "openqa"
 
-    def __init__(self, data: str, num_frames: int = 32, video_dir: str = ""):
+    def __init__(self, data: str, num_frames: int = 32, video_dir: str = "", dataset: str = ""):
         self.path = os.fspath(data)
         self.num_frames = int(num_frames or 32)
-        self.video_dir = _video_dir(self.path, video_dir)
+        dataset = (dataset or "").lower()
+        if dataset and dataset not in QA_DATASETS:
+            raise ValueError(f"unknown open-ended QA dataset {dataset!r}; use one of {QA_DATASETS}")
+        self.q_path, self.a_path = self._files()
+        if not dataset:
+            msvd = (
+                os.path.basename(self.q_path) == "new_test_qa.json" or "msvd" in self.q_path.lower()
+            )
+            dataset = "activitynet" if self.a_path else "msvd" if msvd else "msrvtt"
+        self.dataset = dataset
+        if self.dataset == "activitynet" and not self.a_path:
+            raise FileNotFoundError(
+                f"ActivityNet-QA needs test_a.json beside {self.q_path!r} (answers by position)"
+            )
+        self.video_dir = video_dir or self._default_video_dir()
 
-    def _rows(self) -> list[dict]:
+    def _files(self) -> tuple[str, str]:
         path = self.path
         if os.path.isdir(path):
-            for name in ("test_q.json", "test_qa.json", "qa.json"):
+            for name in ("test_q.json", "new_test_qa.json", "test_qa.json", "qa.json"):
                 if os.path.exists(os.path.join(path, name)):
                     path = os.path.join(path, name)
                     break
-        with open(path) as f:
-            rows = json.load(f)
+            else:
+                raise FileNotFoundError(
+                    f"no QA annotation in {path!r} (test_q.json + test_a.json for "
+                    "ActivityNet, new_test_qa.json / test_qa.json for MSVD / MSRVTT)"
+                )
         a_path = os.path.join(os.path.dirname(path), "test_a.json")
-        if os.path.basename(path) == "test_q.json" and os.path.exists(a_path):
-            with open(a_path) as f:
-                answers = {str(a["question_id"]): a for a in json.load(f)}
-            rows = [{**r, **answers.get(str(r["question_id"]), {})} for r in rows]
-        return rows
+        use_a = os.path.basename(path) == "test_q.json" and os.path.exists(a_path)
+        return path, a_path if use_a else ""
+
+    def _default_video_dir(self) -> str:
+        root = _root(self.q_path)
+        names = {
+            "activitynet": ("activitynet_frames", "frames", "videos"),
+            "msvd": ("YouTubeClips", "videos", "video"),
+            "msrvtt": ("video", "videos"),
+        }[self.dataset]
+        for d in names:
+            if os.path.isdir(os.path.join(root, d)):
+                return os.path.join(root, d)
+        return root
+
+    def rows(self) -> list[dict[str, Any]]:
+        """``{video_name, id, question, answer}`` per question, as the original's dataset."""
+        with open(self.q_path) as f:
+            qs = json.load(f)
+        out = []
+        if self.dataset == "activitynet":
+            with open(self.a_path) as f:
+                answers = json.load(f)
+            if len(answers) < len(qs):
+                raise ValueError(
+                    f"{self.a_path} has {len(answers)} answers for {len(qs)} questions in "
+                    f"{self.q_path} (the original pairs them by position)"
+                )
+            for i, s in enumerate(qs):
+                name = "v_" + str(s["video_name"])
+                out.append(
+                    {
+                        "video_name": name,
+                        "id": s["question_id"],
+                        "question": s["question"],
+                        "answer": answers[i]["answer"],
+                    }
+                )
+            return out
+        for s in qs:
+            if "video_name" in s:
+                name = s["video_name"]
+            elif "video" in s:
+                name = s["video"]
+            else:
+                name = str(s["video_id"]) + ".mp4"
+            qid = s["question_id"] if "question_id" in s else s["id"]
+            out.append(
+                {"video_name": name, "id": qid, "question": s["question"], "answer": s["answer"]}
+            )
+        return out
 
     def questions(self) -> list[Question]:
         qs = []
-        for i, r in enumerate(self._rows()):
-            name = str(r.get("video") or r.get("video_name") or r.get("video_id"))
-            qid = str(r.get("question_id", r.get("id", i)))
+        seen: dict[str, int] = {}
+        rule = FrameRule(
+            num_segments=self.num_frames,
+            folder_fps=ACTIVITYNET_FRAMES.folder_fps,
+            file_pattern=ACTIVITYNET_FRAMES.file_pattern,
+        )
+        for r in self.rows():
+            base = os.path.join(self.video_dir, str(r["video_name"]))
+            video = _with_postfix(base, QA_POSTFIX[self.dataset])
+            key = str(r["id"])
+            seen[key] = seen.get(key, 0) + 1
+            qid = key if seen[key] == 1 else f"{key}#{seen[key]}"
+            question = str(r["question"])
             qs.append(
                 Question(
                     qid=qid,
-                    video=_find(self.video_dir, name),
-                    prompt=str(r["question"]).strip(),
-                    answer=str(r.get("answer", "")),
-                    num_frames=self.num_frames,
+                    video=video,
+                    answer=str(r["answer"]),
+                    prompt_text=qa_prompt_text(question),
+                    clip_text=question,
+                    frames=rule,
+                    answer_prefix=VIDEOQA_ANSWER,
                     info={
-                        "video_name": name,
-                        "question": str(r["question"]),
-                        "type": r.get("type", ""),
+                        "dataset": self.dataset,
+                        "video_name": str(r["video_name"]),
+                        "raw": {"answer": r["answer"], "question": r["question"], "id": r["id"]},
                     },
                 )
             )
         return qs
 
+    def record(self, q: Question, reply: str, decoded: str = "") -> dict[str, Any]:
+        pred = reply_after(_decoded(q, reply, decoded), VIDEOQA_ANSWER)
+        raw = q.info["raw"]
+        return {
+            "id": q.qid,
+            "reply": reply,
+            "judge": qa_judge_record(pred, raw["answer"], raw["question"], raw["id"]),
+            "dataset": q.info["dataset"],
+            "video_name": q.info["video_name"],
+        }
+
     def write_outputs(self, records: Sequence[dict], out_path: str) -> dict[str, str]:
-        preds = [
-            {
-                "id": r["id"],
-                "question_id": r["id"],
-                "video_name": r.get("video_name", ""),
-                "question": r.get("question", ""),
-                "answer": r.get("answer", ""),
-                "pred": r["prediction"],
-                **({"type": r["type"]} if r.get("type") not in (None, "") else {}),
-            }
-            for r in records
-        ]
         path = os.path.splitext(out_path)[0] + "_pred.json"
-        with open(path, "w") as f:
-            json.dump(preds, f, indent=1)
+        _write_json(path, [r["judge"] for r in records])
         return {"predictions_file": path}
 
 
-VCG_TASKS = ("generic", "temporal", "consistency")
-
-
 class VCGBench(_Open):
+    """VCGBench generic / temporal / consistency (see the module docstring)."""
+
     name = "vcgbench"
     group_key = "task"
 
-    def __init__(self, data: str, num_frames: int = 32, video_dir: str = ""):
+    def __init__(
+        self,
+        data: str,
+        num_frames: int = 32,
+        video_dir: str = "",
+        system_vcg: bool = False,
+        legacy_consistency_labels: bool = False,
+    ):
         self.root = os.fspath(data)
         self.num_frames = int(num_frames or 32)
-        self.video_dir = _video_dir(self.root, video_dir)
+        qa = os.path.join(self.root, "Benchmarking_QA")
+        self.json_dir = qa if os.path.isdir(qa) else self.root
+        if not video_dir:
+            for d in ("Test_Videos", "videos", "video"):
+                if os.path.isdir(os.path.join(self.root, d)):
+                    video_dir = os.path.join(self.root, d)
+                    break
+            else:
+                video_dir = self.root
+        self.video_dir = video_dir
+        self.system_vcg = bool(system_vcg)
+        self.legacy_consistency_labels = bool(legacy_consistency_labels)
+
+    def items(self) -> list[tuple[str, int, dict[str, Any]]]:
+        """``(task, index, annotation)`` in the original's order (generic, temporal,
+        consistency; file order within each)."""
+        out = []
+        for task in VCG_TASKS:
+            path = os.path.join(self.json_dir, f"{task}_qa.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    out += [(task, i, r) for i, r in enumerate(json.load(f))]
+        if not out:
+            raise FileNotFoundError(
+                f"no VCGBench annotation in {self.json_dir!r}: expected "
+                "Benchmarking_QA/{generic,temporal,consistency}_qa.json under --data"
+            )
+        return out
 
     def questions(self) -> list[Question]:
         qs = []
-        found = False
-        for task in VCG_TASKS:
-            path = os.path.join(self.root, f"{task}_qa.json")
-            if not os.path.exists(path):
-                continue
-            found = True
-            with open(path) as f:
-                rows = json.load(f)
-            for i, r in enumerate(rows):
-                name = str(r["video_name"])
-                keys = ("Q1", "Q2") if task == "consistency" else ("Q",)
-                for k in keys:
-                    qs.append(
-                        Question(
-                            qid=f"{task}:{i}:{k}",
-                            video=_find(self.video_dir, name),
-                            prompt=str(r[k]).strip(),
-                            answer=str(r["A"]),
-                            num_frames=self.num_frames,
-                            info={"task": task, "index": i, "key": k, "video_name": name},
-                        )
+        rule = FrameRule(num_segments=self.num_frames)
+        for task, i, r in self.items():
+            name = str(r["video_name"])
+            video = _with_postfix(os.path.join(self.video_dir, name), VCG_POSTFIX)
+            keys = ("Q1", "Q2") if task == "consistency" else ("Q",)
+            for k in keys:
+                question = str(r[k])
+                qs.append(
+                    Question(
+                        qid=f"{task}:{i}:{k}",
+                        video=video,
+                        answer=str(r["A"]),
+                        prompt_text=vcg_prompt_text(question, self.system_vcg),
+                        clip_text=question,
+                        frames=rule,
+                        answer_prefix=VCG_SPLIT,
+                        group=task,
+                        info={
+                            "task": task,
+                            "index": i,
+                            "key": k,
+                            "video_name": r["video_name"],
+                            "raw": {"Q": r[k], "A": r["A"]},
+                        },
                     )
-        if not found:
-            raise FileNotFoundError(f"no {{generic,temporal,consistency}}_qa.json in {self.root}")
+                )
         return qs
+
+    def record(self, q: Question, reply: str, decoded: str = "") -> dict[str, Any]:
+        return {
+            "id": q.qid,
+            "reply": reply,
+            "pred": reply_after(_decoded(q, reply, decoded), VCG_SPLIT),
+            "question": q.info["raw"]["Q"],
+            "answer": q.info["raw"]["A"],
+            **{k: v for k, v in q.info.items() if k != "raw"},
+        }
+
+    def saved_files(self, records: Sequence[dict]) -> dict[str, list[dict[str, Any]]]:
+        """``{"general", "temporal", "consist"}`` lists as the original's ``save_results``
+        writes them (items whose answers are all present, in annotation order)."""
+        by_item: dict[tuple[str, int], dict[str, dict]] = {}
+        for r in records:
+            by_item.setdefault((r["task"], int(r["index"])), {})[r["key"]] = r
+        out: dict[str, list[dict[str, Any]]] = {v: [] for v in VCG_SAVED.values()}
+        for task in VCG_TASKS:
+            for (t, _), got in sorted(by_item.items(), key=lambda kv: kv[0][1]):
+                if t != task:
+                    continue
+                if task != "consistency":
+                    r = got["Q"]
+                    out["general" if task == "generic" else task].append(
+                        {
+                            "pred": r["pred"],
+                            "A": r["answer"],
+                            "Q": r["question"],
+                            "video_name": r["video_name"],
+                        }
+                    )
+                    continue
+                if "Q1" not in got or "Q2" not in got:
+                    continue
+                r1, r2 = got["Q1"], got["Q2"]
+                q1, q2 = r1["question"], r2["question"]
+                if self.legacy_consistency_labels:
+                    q1, q2 = q2, q1
+                out["consist"].append(
+                    {
+                        "pred1": r1["pred"],
+                        "pred2": r2["pred"],
+                        "video_name": r1["video_name"],
+                        "A": r1["answer"],
+                        "Q1": q1,
+                        "Q2": q2,
+                    }
+                )
+        return out
 
     def write_outputs(self, records: Sequence[dict], out_path: str) -> dict[str, str]:
         stem = os.path.splitext(out_path)[0]
-        by_task: dict[str, dict[int, dict]] = {}
-        for r in records:
-            row = by_task.setdefault(r["task"], {}).setdefault(
-                int(r["index"]), {"video_name": r["video_name"], "A": r["answer"]}
-            )
-            if r["key"] == "Q":
-                row.update(Q=r.get("question_text", ""), pred=r["prediction"])
-            else:
-                n = r["key"][1]
-                row.update({f"Q{n}": r.get("question_text", ""), f"pred{n}": r["prediction"]})
         files = {}
-        for task, rows in by_task.items():
-            path = f"{stem}_{task}_pred.json"
-            with open(path, "w") as f:
-                json.dump([rows[i] for i in sorted(rows)], f, indent=1)
-            files[f"{task}_predictions_file"] = path
+        for name, rows in self.saved_files(records).items():
+            path = f"{stem}_{name}.json"
+            _write_json(path, rows)
+            files[f"{name}_file"] = path
         return files
-
-    def record(self, q: Question, prediction: str) -> dict[str, Any]:
-        return {**super().record(q, prediction), "question_text": q.prompt}

@@ -11,7 +11,17 @@
   multi-host run). On restart, every ``<out stem>.answers*.jsonl`` is read and the questions
   already there are not asked again (a truncated last line, from a kill mid-write, is
   ignored); the scores are computed from the records, so they do not depend on how often the
-  run was interrupted.
+  run was interrupted. Each answers file starts with the checkpoint id and the protocol
+  settings it was written under (``answer_key``): a rerun under another checkpoint or other
+  settings is refused, saying what differs, unless ``fresh`` deletes the old answers.
+- **In memory, exact.** Questions go to the data pipeline as ``annotations.Sample`` lists
+  (no temporary files). An exact question (``Question.prompt_text``) is encoded as the
+  original encodes it: ``tok(prompt_text)`` with the tokenizer of
+  ``load_llm_tokenizer(dir, legacy=...)`` (``--tokenizer_legacy``, default legacy), the
+  given CLIP text, exactly the frames of its ``FrameRule``; its record gets the generated
+  text and the prompt + generated ids decoded together (``Benchmark.record(..., decoded=)``).
+  A template question (``prompt``) is rendered with the checkpoint's conversation template
+  as in training.
 - **Static shapes.** Questions are grouped by frame count and answer prefix (one pipeline per
   group); prompts are left-padded to a few merged-length buckets (the video's visual tokens
   plus ``generate.PROMPT_BUCKETS``), so a new prompt length reuses a compiled program.
@@ -49,6 +59,7 @@ import numpy as np
 from ppllava_jax import sharding
 from ppllava_jax.data import collate as col
 from ppllava_jax.data import pipeline as pl
+from ppllava_jax.evaluate import answer_key, checkpoint_check
 from ppllava_jax.evaluate.base import Benchmark
 from ppllava_jax.evaluate.common import Question, format_table
 from ppllava_jax.generate import PROMPT_BUCKETS, SamplingConfig, make_generate, prompt_buckets
@@ -73,16 +84,30 @@ class Setup:
     template: str = "plain_v1"
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint: str = ""
+    # Llama pre-tokenization of exact prompts (load_llm_tokenizer): True legacy (the released
+    # Vicuna / LLaVA-NeXT tokenizers), False non-legacy, None as the tokenizer file says
+    tokenizer_legacy: bool | None = True
 
     _tok: Any = None
+    _eval_tok: Any = None
 
     @property
     def tokenizer(self):
+        """The LLM tokenizer as saved (template prompts, as in training; decoding)."""
         if self._tok is None:
             from transformers import AutoTokenizer
 
             self._tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         return self._tok
+
+    @property
+    def eval_tokenizer(self):
+        """The tokenizer of exact prompts: ``load_llm_tokenizer(dir, tokenizer_legacy)``."""
+        if self._eval_tok is None:
+            from ppllava_jax.data.tokenizers import load_llm_tokenizer
+
+            self._eval_tok = load_llm_tokenizer(self.tokenizer_dir, legacy=self.tokenizer_legacy)
+        return self._eval_tok
 
 
 def parse_mesh(spec: str | dict | None) -> dict[str, int]:
@@ -127,8 +152,11 @@ def load_setup(
     template: str = "",
     mesh: str | dict | None = None,
     dtype: str | None = None,
+    tokenizer_legacy: bool | None = True,
 ) -> Setup:
-    """Read a checkpoint directory (module docstring) onto a local mesh."""
+    """Read a checkpoint directory (module docstring) onto a local mesh.
+
+    tokenizer_legacy: see :attr:`Setup.tokenizer_legacy`."""
     from ppllava_jax.models.ppllava import PPLLaVA
 
     checkpoint = os.fspath(checkpoint)
@@ -137,8 +165,11 @@ def load_setup(
     if os.path.exists(inf):
         with open(inf) as f:
             defaults = json.load(f)
-    m = local_mesh(mesh)
     runtime = {"dtype": dtype} if dtype else {}
+    # a missing directory, another family, a params/ tree unlike config.json's model: said
+    # before anything is restored (checkpoint_check)
+    checkpoint_check.check_checkpoint(checkpoint, runtime)
+    m = local_mesh(mesh)
     cfg, params, _ = sharding.restore_params_onto_mesh(checkpoint, m, **runtime)
     tok = _need_dir(tokenizer or os.path.join(checkpoint, "tokenizer"), "tokenizer", "--tokenizer")
     ctok = clip_tokenizer or os.path.join(checkpoint, "clip_tokenizer")
@@ -154,6 +185,7 @@ def load_setup(
         template=template or defaults.get("template", "plain_v1"),
         defaults=defaults,
         checkpoint=checkpoint,
+        tokenizer_legacy=tokenizer_legacy,
     )
 
 
@@ -164,6 +196,21 @@ def place_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
         sh = sharding.batch_shardings(batch, mesh)
         return {k: jax.device_put(np.asarray(v), sh[k]) for k, v in batch.items()}
     return sharding.shard_batch(batch, mesh)
+
+
+def eval_batch_size(batch_size: int, mesh) -> int:
+    """The per-host batch for ``mesh``: ``batch_size``, or (0) the smallest multiple of the
+    data-parallel devices that is >= 8. A batch whose rows (``batch_size`` x hosts on a global
+    mesh) ``data`` x ``fsdp`` does not divide would be replicated: ``sharding.ShardingError``
+    before anything compiles, saying what divides."""
+    local = all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    hosts = 1 if local else jax.process_count()
+    n = sharding.batch_devices(mesh)
+    step = n // int(np.gcd(n, hosts))
+    batch_size = int(batch_size or step * -(-8 // step))
+    what = f"--batch_size {batch_size}" + (f" x {hosts} hosts" if hosts > 1 else "")
+    sharding.check_batch_rows(batch_size * hosts, mesh, what=what, setting="--batch_size")
+    return batch_size
 
 
 def video_buckets(cfg: Any, num_frames: int, max_new_tokens: int) -> list[int]:
@@ -205,19 +252,6 @@ def read_answers(out: str) -> dict[str, dict]:
     return recs
 
 
-def _open_answers(path: str):
-    """Append mode; a last line cut by a kill is closed with a newline first, so the next
-    record starts on its own line (the cut one is ignored by ``read_answers``)."""
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            cut = f.read(1) != b"\n"
-        if cut:
-            with open(path, "a") as f:
-                f.write("\n")
-    return open(path, "a")
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]
 
@@ -247,6 +281,24 @@ class _Stop(Exception):
     """``max_new_answers`` reached (a test stand-in for a killed run)."""
 
 
+def pipeline_sample(q: Question, source: str = "eval", index: int = 0):
+    """The pipeline sample of a question: exact (``pipeline.eval_sample``) or a template
+    annotation (validated as the annotation files are)."""
+    from ppllava_jax.data import annotations as ann
+
+    if q.exact:
+        return pl.eval_sample(
+            q.video,
+            q.prompt_text,
+            q.clip_text or "",
+            q.frames,
+            source=source,
+            index=index,
+            extra={"qid": q.qid},
+        )
+    return ann.parse_sample(_annotation(q), source, index)
+
+
 def _annotation(q: Question) -> dict[str, Any]:
     turn: dict[str, Any] = {"q": q.prompt, "a": q.answer or "-"}
     if q.system:
@@ -270,14 +322,19 @@ def run(
     progress: bool = True,
     max_new_answers: int | None = None,
     sampling: SamplingConfig | None = None,
+    fresh: bool = False,
 ) -> dict[str, Any] | None:
     """Answer every unanswered question of ``bench`` and write ``out`` (results JSON).
 
-    batch_size: per host (0: the number of local devices, at least 8).
+    batch_size: per host (0: the smallest multiple of the data-parallel devices that is >= 8);
+      one that the mesh's ``data`` x ``fsdp`` does not divide is refused (``eval_batch_size``).
     max_new_tokens: default the benchmark's, else 200 (SPEC §8).
     save_attention: a directory for per-frame relevance heatmaps of the first
       ``max_attention`` questions answered by this host.
     max_new_answers: stop (as if killed) after that many new answers (tests); returns None.
+    fresh: delete the answers files of ``out`` first. Without it, answers files written for
+      another checkpoint or other protocol settings (``answer_key``) are refused
+      (``answer_key.AnswersMismatchError``, before anything is compiled).
     Returns the results dict (on host 0; None on other hosts).
     """
     out = os.fspath(out)
@@ -288,21 +345,30 @@ def run(
     eos = cfg.llm.eos_token_id if cfg.llm.eos_token_id is not None else tok.eos_token_id
     pad = cfg.llm.pad_token_id if cfg.llm.pad_token_id is not None else 0
     sc = sampling or SamplingConfig(max_new_tokens=n_new, eos_token_id=int(eos), pad_token_id=pad)
-    batch_size = int(batch_size or max(8, len(setup.mesh.devices.flat)))
+    batch_size = eval_batch_size(batch_size, setup.mesh)
 
     questions = bench.questions()
     by_id: dict[str, Question] = {}
     for q in questions:
         if q.qid in by_id:
             raise ValueError(f"{bench.name}: question id {q.qid!r} appears twice")
-        if q.num_frames > cfg.max_T:
+        if q.frame_count > cfg.max_T:
             raise ValueError(
-                f"{q.num_frames} frames > the model's max_T={cfg.max_T} (BT-Adapter time "
+                f"{q.frame_count} frames > the model's max_T={cfg.max_T} (BT-Adapter time "
                 "embeddings); lower --num_frames"
             )
         by_id[q.qid] = q
+    proto = answer_key.protocol(bench, setup, n_new, sampling)
+    if not fresh or jax.process_index() == 0:  # one host deletes (fresh), every host checks
+        answer_key.check_answers(out, proto, fresh=fresh, checkpoint=setup.checkpoint)
+    if fresh and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"eval_{bench.name}_fresh")
     done = read_answers(out)
     todo = [q for q in questions if q.qid not in done]
+    # every host shards the same to-do list: none writes before all have read the answer files
+    sharding.process_barrier(f"eval_{bench.name}_read")
     log.info(
         "%s: %d questions, %d answered before, %d to go",
         bench.name,
@@ -319,8 +385,7 @@ def run(
         )
     groups: dict[tuple, list[Question]] = {}
     for q in todo:
-        groups.setdefault((q.num_frames, q.answer_prefix, q.group), []).append(q)
-    work = os.path.splitext(out)[0] + ".work"
+        groups.setdefault((q.frame_count, q.answer_prefix, q.group, q.exact), []).append(q)
     pid, nproc = jax.process_index(), jax.process_count()
     bar = _progress(-(-len(todo) // nproc), bench.name, progress and pid == 0)
     written = 0
@@ -328,16 +393,14 @@ def run(
     skipped = 0
     t0 = time.time()
     try:
-        with _open_answers(answers_path(out)) as sink:
-            for (frames, prefix, group), qs in sorted(groups.items(), key=lambda kv: kv[0]):
-                os.makedirs(work, exist_ok=True)
-                ann = os.path.join(work, f"{_safe(group)}_{frames}_host{pid}.json")
-                with open(ann, "w") as f:
-                    json.dump([_annotation(q) for q in qs], f)
+        with answer_key.open_answers(answers_path(out), proto, setup.checkpoint) as sink:
+            for (frames, prefix, group, _), qs in sorted(groups.items(), key=lambda kv: kv[0]):
+                src = f"{bench.name}:{group}:{frames}"
                 buckets = video_buckets(cfg, frames, n_new)
                 data = dict(
-                    sources=[dict(path=ann, data_root="", media_type="video", name=bench.name)],
+                    sources=[dict(path=src, media_type="video", name=bench.name)],
                     template=setup.template,
+                    tokenizer_legacy=setup.tokenizer_legacy,
                     tokenizer=setup.tokenizer_dir,
                     clip_tokenizer=setup.clip_tokenizer_dir,
                     num_frames=frames,
@@ -358,7 +421,8 @@ def run(
                     num_epochs=1,
                     max_images=1,
                 )
-                pipe = pl.Pipeline(data, cfg)
+                samples = [[pipeline_sample(q, src, i) for i, q in enumerate(qs)]]
+                pipe = pl.Pipeline(data, cfg, samples=samples)
                 try:
                     for host in pipe.iterator():
                         batch, meta = pl.split_meta(host)
@@ -384,7 +448,14 @@ def run(
                                 int(t) for t in res["tokens"][i][:n] if int(t) != sc.eos_token_id
                             ]
                             text = tok.decode(ids, skip_special_tokens=True)
-                            lines.append(json.dumps(bench.record(q, text)))
+                            if q.exact:
+                                etok = setup.eval_tokenizer
+                                prompt_ids = list(etok(q.prompt_text).input_ids)
+                                full = etok.decode(prompt_ids + ids, skip_special_tokens=True)
+                                rec = bench.record(q, text, decoded=full)
+                            else:
+                                rec = bench.record(q, text)
+                            lines.append(json.dumps(rec))
                             if maps is not None and attention_saved < max_attention:
                                 _save_maps(save_attention, q, batch, maps, i)
                                 attention_saved += 1
@@ -404,13 +475,11 @@ def run(
     log.info(
         "%s: %d answers in %.1fs (%d unreadable)", bench.name, written, time.time() - t0, skipped
     )
-    if nproc > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"eval_{bench.name}_done")
+    if nproc > 1:  # hosts finish far apart: a coordination-service barrier, not a collective
+        sharding.process_barrier(f"eval_{bench.name}_done")
         if pid != 0:
             return None
-    return finalize(bench, questions, out, setup.checkpoint)
+    return finalize(bench, questions, out, setup.checkpoint, proto)
 
 
 def _save_maps(root: str, q: Question, batch: dict, maps: np.ndarray, row: int) -> None:
@@ -423,13 +492,17 @@ def _save_maps(root: str, q: Question, batch: dict, maps: np.ndarray, row: int) 
         frames,
         maps[row],
         valid=None if valid is None else valid[row],
-        caption=q.prompt,
+        caption=q.clip_text or q.prompt,
         size=max(224, int(frames.shape[1])),
     )
 
 
 def finalize(
-    bench: Benchmark, questions: Sequence[Question], out: str, checkpoint: str = ""
+    bench: Benchmark,
+    questions: Sequence[Question],
+    out: str,
+    checkpoint: str = "",
+    protocol: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Scores from the answer files -> ``out`` (JSON) + the benchmark's extra files; prints the
     summary table."""
@@ -444,6 +517,8 @@ def finalize(
         "summary": summary,
         "records": records,
     }
+    if protocol is not None:  # the settings the answers were given under (answer_key)
+        result["protocol"] = protocol
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)

@@ -1,20 +1,40 @@
-"""Video-MME: multiple choice, 32 frames for short videos and 64 for medium/long ones,
-optional subtitles aligned to the sampled frames; accuracy per duration and overall.
+"""Video-MME as the original evaluates it (``ppllava/test/video_mme``; the fixture
+``reference_protocols`` pins every piece).
 
-``--data`` is the question file (or a directory holding one: ``*.json``, ``*.jsonl`` or
-``*.parquet``). Both published shapes are read: one record per question
-(``videoID, duration, question, options, answer``, optional ``question_id``, ``domain``,
-``task_type``, ``sub_category``) or one record per video with a ``questions`` list.
-Options are ``["A. ...", "B. ...", ...]`` (the letters are stripped and re-written as
-``(A) ...``); ``answer`` is the letter. Videos: ``<video_dir>/<videoID>.mp4`` (default
-``<root>/data``, else ``<root>/videos``); subtitles: ``<subtitle_dir>/<videoID>.srt``
-(default ``<root>/subtitle``), used with ``--subtitles``.
+Layout (the released dataset; ``--data ROOT`` or the parquet file itself)::
 
-Subtitles: the frames the pipeline will sample (centres of T equal segments) are computed
-here from the video's frame count and fps; every subtitle line shown at one of those
-timestamps is kept, in order and without repeats, and written before the first ``USER:``
-turn ("This video's subtitles are listed below: ..."), so the CLIP prompt (the question) is
-not crowded out by them.
+    ROOT/videomme/test-00000-of-00001.parquet   one row per question: videoID, duration,
+                                                domain, sub_category, question_id,
+                                                task_type, question, options (list of
+                                                'A. ...' strings), answer (letter)
+    ROOT/data/<videoID>.mp4                      the videos (--video_dir)
+    ROOT/subtitle/<videoID>.srt                  the subtitles (--subtitle_dir)
+
+Protocol (``VideoMME_dataset`` + ``infer_videomme_llava`` + ``eval_your_results``):
+
+- Frames: ``--num_frames 0`` (the default) reads 32 frames of a ``short`` video and 64 of a
+  ``medium``/``long`` one, N>0 reads N of every video; indices by
+  ``frame_index.segment_indices`` over the whole video (``max_frame = frames - 1``).
+- Question: ``question + '\\n' + str(options)``, ``options`` rendered as the numpy object
+  array pandas returns for the parquet's list column (:func:`render_options`). It is also
+  the CLIP text.
+- Prompt (``plain_v1``): ``USER: <image>\\n{SYSTEM}\\n{question} ASSISTANT: The best answer
+  is:``; with subtitles ``USER: <image>\\nThis video's subtitles are listed below: {subs}
+  \\n{SYSTEM}\\n{question} ASSISTANT: The best answer is:``.
+- Subtitles (:func:`select_subtitles`): the .srt is split on blank lines, times become frame
+  numbers ``int(t * fps)``, a subtitle is kept when a read frame ``f`` has ``start <= f <
+  end``, the kept indices are put through ``list(set(...))`` (CPython's set order), each
+  one's first ``<font color="white" size=".72c">(.*?)</font>`` match is taken and the texts
+  are joined with one space. Computed on the host from the video's frame count and fps
+  (``data.video.video_info``) and the indices the pipeline reads.
+- Response: the decoded prompt + generation split on ``The best answer is:``, element 1,
+  stripped; the verdicts are ``evaluate.scoring``'s (the original's ``extract_characters_regex``
+  / ``eval_your_results``: an unparsable response leaves the denominator; the strict verdict
+  counts it wrong).
+
+Subtitles are off unless ``subtitles=True`` (``eval.py --use_subtitles``). The original's
+program has the same default; its shipped script means to pass ``--use_subtitles`` but a
+broken line continuation drops the flag, so as shipped it runs without subtitles.
 """
 
 from __future__ import annotations
@@ -23,157 +43,348 @@ import glob
 import json
 import os
 import re
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from ppllava_jax.data import video as vid
+from ppllava_jax.data.frame_index import segment_indices
+from ppllava_jax.evaluate import scoring
 from ppllava_jax.evaluate.base import Benchmark
-from ppllava_jax.evaluate.common import MC_PREFIX, Question, find_video, mc_prompt
-from ppllava_jax.evaluate.extract import letter_of_answer, strip_option_letter
+from ppllava_jax.evaluate.common import Question
+from ppllava_jax.evaluate.conversation import decoded_text, one_turn_prompt, reply_after
 
 DURATIONS = ("short", "medium", "long")
+SYSTEM = (
+    "Select the best answer to the following multiple-choice question based on the video and "
+    "the subtitles. Respond with only the letter (A, B, C, or D) of the correct option."
+)
+ANSWER_PROMPT = "The best answer is:"
+SUBTITLE_INTRO = "This video's subtitles are listed below: "
+FONT_PATTERN = re.compile(r'<font color="white" size=".72c">(.*?)</font>')
+PARQUET_GLOB = os.path.join("videomme", "test-*.parquet")
 
 
-def parse_srt(text: str) -> list[tuple[float, float, str]]:
-    """``(start_s, end_s, text)`` of each SRT cue (tags removed, lines joined)."""
-    cues = []
-    t = r"(\d+):(\d+):(\d+)[,.](\d+)"
-    for block in re.split(r"\n\s*\n", text.replace("\r\n", "\n").strip()):
-        lines = block.strip().split("\n")
-        for j, line in enumerate(lines):
-            m = re.match(rf"\s*{t}\s*-->\s*{t}", line)
-            if m:
-                g = [int(x) for x in m.groups()]
-                start = g[0] * 3600 + g[1] * 60 + g[2] + g[3] / 1000
-                end = g[4] * 3600 + g[5] * 60 + g[6] + g[7] / 1000
-                body = " ".join(s.strip() for s in lines[j + 1 :] if s.strip())
-                body = re.sub(r"<[^>]+>", "", body).strip()
-                if body:
-                    cues.append((start, end, body))
-                break
-    return cues
+# --------------------------------------------------------------------------------------
+# Question text
 
 
-def subtitles_at(cues: list[tuple[float, float, str]], times: np.ndarray) -> list[str]:
-    """Cue texts shown at any of ``times`` (seconds), in time order, each once."""
-    out: list[str] = []
-    for s, e, body in cues:
-        if np.any((times >= s) & (times <= e)) and body not in out:
-            out.append(body)
-    return out
+def render_options(options: Iterable[str]) -> str:
+    """``str(options)`` of the original, where ``options`` is the numpy object array pandas
+    returns for the parquet's list column: ``['A. x' 'B. y'\\n 'C. z']`` (numpy's rendering,
+    wrapped at 75 characters with a newline and a space, double quotes around options that
+    hold a ``'``). Rendered by numpy itself, with its default print options."""
+    arr = np.empty(len(list(options)), dtype=object)
+    arr[:] = [str(o) for o in options]
+    with np.printoptions(linewidth=75, threshold=1000, edgeitems=3, legacy=False):
+        return str(arr)
 
 
-def frame_times(path: str, num_frames: int) -> np.ndarray:
-    """Timestamps (s) of the frames the evaluation pipeline samples ('middle')."""
-    n, fps = vid.video_info(path)
-    return vid.sample_indices(n, num_frames, "middle") / fps
+def question_text(question: str, options: Iterable[str]) -> str:
+    """``question + '\\n' + str(options)``: the question of the prompt and the CLIP text."""
+    return str(question) + "\n" + render_options(options)
 
 
-def _load_records(path: str) -> list[dict]:
-    if os.path.isdir(path):
-        files = sorted(
-            f
-            for ext in ("json", "jsonl", "parquet")
-            for f in glob.glob(os.path.join(path, f"**/*.{ext}"), recursive=True)
-        )
-        if not files:
-            raise FileNotFoundError(f"no Video-MME question file (json/jsonl/parquet) in {path}")
-        path = files[0]
-    if path.endswith(".parquet"):
-        import pandas as pd  # optional: only for the parquet release
-
-        rows = pd.read_parquet(path).to_dict("records")
-    elif path.endswith(".jsonl"):
-        with open(path) as f:
-            rows = [json.loads(x) for x in f if x.strip()]
+def prompt_text(question: str, subtitles: str | None = None, system: str = SYSTEM) -> str:
+    """The LLM prompt (no BOS) of ``infer_videomme_llava``; ``subtitles`` None or empty: the
+    prompt without subtitles."""
+    if subtitles:
+        query = SUBTITLE_INTRO + subtitles + " \n" + system + "\n" + question
     else:
-        with open(path) as f:
-            rows = json.load(f)
-    flat = []
-    for r in rows:
-        if "questions" in r:
-            for q in r["questions"]:
-                flat.append({**{k: v for k, v in r.items() if k != "questions"}, **q})
-        else:
-            flat.append(dict(r))
-    return flat
+        query = system + "\n" + question
+    return one_turn_prompt("plain_v1", query, answer_prompt=ANSWER_PROMPT)
+
+
+def frames_for(duration: str, num_frames: int, num_frames_long: int = 64) -> int:
+    """Frames read for a video of ``duration``: ``num_frames`` if positive, else 32 for
+    ``short`` and ``num_frames_long`` (64) otherwise (the original's ``--num-frames 0``)."""
+    if num_frames > 0:
+        return int(num_frames)
+    return 32 if duration == "short" else int(num_frames_long)
+
+
+def response_of(decoded: str) -> str:
+    """The original's response: the decoded sequence split on ``The best answer is:``,
+    element 1, stripped (``return_prompt`` is empty)."""
+    return reply_after(decoded, ANSWER_PROMPT)
+
+
+# --------------------------------------------------------------------------------------
+# Subtitles
+
+
+def _srt_time(text: str) -> float:
+    h, m, s_ms = text.split(":")
+    s, ms = s_ms.split(",")
+    return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+
+def parse_srt(text: str, source: str = "<srt>") -> list[tuple[float, float, str]]:
+    """The original's ``load_subtitles``: ``(start_s, end_s, text)`` per block, in the order
+    of a dict keyed by ``(start, end)`` (a repeated time range keeps its first position and
+    its last text). Blocks are split on ``'\\n\\n'``; blocks of fewer than 3 lines are
+    dropped; a block's text is its lines from the third on, joined with a space. ``text`` is
+    the file read in text mode (universal newlines). Raises ValueError naming ``source``
+    on a time line the original cannot parse."""
+    subs: dict[tuple[float, float], str] = {}
+    for section in text.split("\n\n"):
+        if not section.strip():
+            continue
+        lines = section.split("\n")
+        if len(lines) < 3:
+            continue
+        try:
+            start_s, end_s = lines[1].split(" --> ")[:2]
+            key = (_srt_time(start_s), _srt_time(end_s))
+        except ValueError as e:
+            raise ValueError(
+                f"{source}: cannot read the subtitle time line {lines[1]!r} of block "
+                f"{section[:80]!r} (expected 'HH:MM:SS,mmm --> HH:MM:SS,mmm' on the block's "
+                "second line, blocks separated by one blank line)"
+            ) from e
+        subs[key] = " ".join(lines[2:])
+    return [(s, e, t) for (s, e), t in subs.items()]
+
+
+def subtitle_frames(
+    subtitles: Sequence[tuple[float, float, str]], fps: float
+) -> list[tuple[int, int, str]]:
+    """``extract_subtitles``: times to frame numbers, ``int(t * fps)``."""
+    return [(int(s * fps), int(e * fps), t) for s, e, t in subtitles]
+
+
+def select_subtitles(
+    frames: Sequence[tuple[int, int, str]], frame_indices: Iterable[int]
+) -> tuple[str, list[int]]:
+    """The subtitle text of ``VideoMME_dataset.__getitem__`` and the subtitle indices it joins.
+
+    For each read frame ``f`` (in order) and each subtitle ``i`` with ``start <= f < end``,
+    ``i`` is collected; ``list(set(...))`` of those (CPython's set order, not always sorted);
+    for each, the first ``<font color="white" size=".72c">(.*?)</font>`` match (subtitles
+    without one are dropped); joined with one space. Returns (text, indices joined)."""
+    hits: list[int] = []
+    for f in frame_indices:
+        for i, (start, end, _) in enumerate(frames):
+            if f < end and f >= start:
+                hits.append(i)
+    texts, order = [], []
+    for i in list(set(hits)):
+        found = FONT_PATTERN.findall(frames[i][2])
+        if found:
+            texts.append(found[0])
+            order.append(i)
+    return " ".join(texts), order
+
+
+def subtitles_for(
+    srt_path: str, video_frames: int, fps: float, num_segments: int
+) -> tuple[str | None, list[int]]:
+    """Subtitles of a video of ``video_frames`` frames at ``fps`` read with ``num_segments``
+    frames (``segment_indices(video_frames - 1, fps, num_segments)``, as the pipeline reads
+    it): (joined text, subtitle indices joined), or (None, []) when there is no .srt file."""
+    if not os.path.exists(srt_path):
+        return None, []
+    with open(srt_path, encoding="utf-8") as f:
+        subs = parse_srt(f.read(), srt_path)
+    idx = segment_indices(video_frames - 1, fps, num_segments)
+    return select_subtitles(subtitle_frames(subs, fps), idx.tolist())
+
+
+# --------------------------------------------------------------------------------------
+# Reading the release
+
+
+def find_parquet(data: str) -> str:
+    """The question parquet: ``data`` itself, ``data/videomme/test-*.parquet`` or the one
+    ``*.parquet`` under ``data``."""
+    if os.path.isfile(data):
+        return data
+    found = sorted(glob.glob(os.path.join(data, PARQUET_GLOB)))
+    if not found:
+        found = sorted(glob.glob(os.path.join(data, "**", "*.parquet"), recursive=True))
+    if not found:
+        raise FileNotFoundError(
+            f"no Video-MME question file in {data!r}: expected {PARQUET_GLOB} (the release's "
+            "layout) or pass the .parquet file as --data"
+        )
+    if len(found) > 1:
+        raise ValueError(f"several Video-MME parquet files in {data!r}: {found}; pass one")
+    return found[0]
+
+
+def read_questions(path: str) -> list[dict[str, Any]]:
+    """The parquet's rows (pyarrow), grouped by ``videoID`` in order of first appearance as
+    the original's dataset groups them; each row a dict of the columns."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    need = {"videoID", "duration", "question_id", "question", "options", "answer"}
+    missing = need - set(table.column_names)
+    if missing:
+        raise ValueError(
+            f"{path}: Video-MME parquet lacks column(s) {sorted(missing)} (has "
+            f"{table.column_names})"
+        )
+    by_video: dict[str, list[dict[str, Any]]] = {}
+    for row in table.to_pylist():
+        by_video.setdefault(str(row["videoID"]), []).append(row)
+    return [r for rows in by_video.values() for r in rows]
 
 
 class VideoMME(Benchmark):
+    """Video-MME (see the module docstring). Records carry the original's response, its
+    extraction and both verdicts; accuracy per duration and overall."""
+
     name = "videomme"
     group_key = "duration"
+    max_new_tokens = 200  # the original's generate(max_new_tokens=200)
 
     def __init__(
         self,
         data: str,
-        num_frames: int = 32,
+        num_frames: int = 0,
         num_frames_long: int = 64,
         video_dir: str = "",
         subtitle_dir: str = "",
         subtitles: bool = False,
+        system: str = SYSTEM,
     ):
-        self.path = os.fspath(data)
-        root = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
-        if not video_dir:
-            video_dir = next(
-                (
-                    d
-                    for d in (os.path.join(root, "data"), os.path.join(root, "videos"))
-                    if os.path.isdir(d)
-                ),
-                os.path.join(root, "data"),
-            )
-        self.video_dir = video_dir
+        self.path = find_parquet(os.fspath(data))
+        root = os.fspath(data) if os.path.isdir(data) else os.path.dirname(self.path)
+        if os.path.basename(root.rstrip(os.sep)) == "videomme" and not os.path.isdir(
+            os.path.join(root, "data")
+        ):
+            root = os.path.dirname(root.rstrip(os.sep))
+        self.video_dir = video_dir or os.path.join(root, "data")
         self.subtitle_dir = subtitle_dir or os.path.join(root, "subtitle")
-        self.subtitles = subtitles
-        self.frames = {"short": int(num_frames or 32)}
-        self.frames.update(medium=int(num_frames_long or 64), long=int(num_frames_long or 64))
+        self.subtitles = bool(subtitles)
+        self.num_frames = int(num_frames or 0)
+        self.num_frames_long = int(num_frames_long or 64)
+        self.system = system
 
-    def _system(self, video: str, vid_id: str, n: int) -> str | None:
+    def video_subtitles(self, video_id: str, t: int) -> tuple[str | None, list[int]]:
+        """(joined subtitles or None, subtitle indices) of a video read with ``t`` frames."""
         if not self.subtitles:
-            return None
-        srt = os.path.join(self.subtitle_dir, f"{vid_id}.srt")
-        if not os.path.exists(srt) or not os.path.exists(video):
-            return None
-        with open(srt, encoding="utf-8", errors="replace") as f:
-            cues = parse_srt(f.read())
-        lines = subtitles_at(cues, frame_times(video, n))
-        if not lines:
-            return None
-        return "This video's subtitles are listed below:\n" + "\n".join(lines)
+            return None, []
+        srt = os.path.join(self.subtitle_dir, f"{video_id}.srt")
+        video = os.path.join(self.video_dir, f"{video_id}.mp4")
+        if not os.path.exists(srt):
+            return None, []
+        if not os.path.exists(video):  # the pipeline reports it missing
+            return None, []
+        n, fps = vid.video_info(video)
+        return subtitles_for(srt, n, fps, t)
 
     def questions(self) -> list[Question]:
         qs = []
-        systems: dict[tuple[str, int], str | None] = {}
-        for i, r in enumerate(_load_records(self.path)):
-            vid_id = str(r.get("videoID") or r.get("video_id") or r.get("video"))
-            duration = str(r.get("duration", "short")).lower()
-            n = self.frames.get(duration, self.frames["medium"])
-            options = [strip_option_letter(str(o)) for o in list(r["options"])]
-            video = find_video(self.video_dir, vid_id, (".mp4", ".mkv", ".webm", ".avi"))
-            key = (vid_id, n)
-            if key not in systems:
-                systems[key] = self._system(video, vid_id, n)
-            qid = str(r.get("question_id") or f"{vid_id}:{i}")
+        cache: dict[tuple[str, int], tuple[str | None, list[int]]] = {}
+        for r in read_questions(self.path):
+            video_id = str(r["videoID"])
+            duration = str(r["duration"])
+            t = frames_for(duration, self.num_frames, self.num_frames_long)
+            if (video_id, t) not in cache:
+                cache[(video_id, t)] = self.video_subtitles(video_id, t)
+            subs, order = cache[(video_id, t)]
+            q = question_text(str(r["question"]), list(r["options"]))
             qs.append(
                 Question(
-                    qid=qid,
-                    video=video,
-                    prompt=mc_prompt(str(r["question"]), options),
-                    answer=letter_of_answer(str(r["answer"]), options),
-                    num_frames=n,
-                    group=f"frames{n}",
-                    answer_prefix=MC_PREFIX,
-                    system=systems[key],
-                    candidates=tuple(options),
+                    qid=str(r["question_id"]),
+                    video=os.path.join(self.video_dir, f"{video_id}.mp4"),
+                    answer=str(r["answer"]),
+                    prompt_text=prompt_text(q, subs, self.system),
+                    clip_text=q,
+                    frames=vid.FrameRule(num_segments=t),
+                    answer_prefix=ANSWER_PROMPT,
+                    group=f"frames{t}",
+                    candidates=tuple(str(o) for o in r["options"]),
                     info={
+                        "videoID": video_id,
+                        "video_id": str(r.get("video_id", "")),
                         "duration": duration,
-                        "videoID": vid_id,
-                        "task_type": r.get("task_type", ""),
-                        "domain": r.get("domain", ""),
+                        "domain": str(r.get("domain", "")),
+                        "sub_category": str(r.get("sub_category", "")),
+                        "task_type": str(r.get("task_type", "")),
                         "question": str(r["question"]),
-                        "subtitles": systems[key] is not None,
+                        "options": [str(o) for o in r["options"]],
+                        "subtitles": bool(subs),
+                        "subtitle_order": order,
                     },
                 )
             )
         return qs
+
+    def record(self, q: Question, prediction: str, decoded: str = "") -> dict[str, Any]:
+        """The original's saved fields (``question_id``, ``task_type``, ``question``,
+        ``options``, ``answer``, ``response``) plus the reply, the extractions and both
+        verdicts (``scoring``)."""
+        response = response_of(decoded or decoded_text(q.prompt_text, prediction))
+        try:
+            extraction = scoring.videomme_extract(response)
+        except Exception as e:  # noqa: BLE001 - the verdict reports it
+            extraction = f"error:{type(e).__name__}"
+        v_orig = scoring.videomme_verdict(response, q.answer)
+        v_strict = scoring.videomme_verdict_strict(response, q.answer)
+        info = q.info
+        return {
+            "id": q.qid,
+            "question_id": q.qid,
+            "videoID": info.get("videoID", ""),
+            "duration": info.get("duration", ""),
+            "domain": info.get("domain", ""),
+            "sub_category": info.get("sub_category", ""),
+            "task_type": info.get("task_type", ""),
+            "question": info.get("question", ""),
+            "options": info.get("options", list(q.candidates)),
+            "answer": q.answer,
+            "subtitles": info.get("subtitles", False),
+            "reply": prediction,
+            "response": response,
+            "extraction": extraction,
+            "extraction_strict": scoring.videomme_extract_strict(response),
+            "verdict_original": v_orig,
+            "verdict_strict": v_strict,
+            "correct_original": v_orig == scoring.CORRECT,
+            "correct_strict": v_strict == scoring.CORRECT,
+        }
+
+    def summarize(self, records: Sequence[dict], questions: Sequence[Question]) -> dict[str, Any]:
+        """Both accuracies overall and per duration (the original's denominator leaves out
+        the excluded replies; the strict one counts every answered question)."""
+        out = scoring.two_verdict_summary(records, self.group_key)
+        out["num_questions"] = len(questions)
+        out["num_missing"] = len(questions) - len(records)
+        return out
+
+    def write_outputs(self, records: Sequence[dict], out_path: str) -> dict[str, str]:
+        """``<out stem>_videomme_results.json``: the original's results file (what its
+        ``eval_your_results`` reads): one entry per video with its questions' responses."""
+        path = os.path.splitext(out_path)[0] + "_videomme_results.json"
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(original_results(records), f)
+        os.replace(tmp, path)
+        return {"videomme_results_file": path}
+
+
+def original_results(records: Sequence[dict]) -> list[dict[str, Any]]:
+    """Records regrouped as the original driver saves them: ``[{video_id, duration, domain,
+    sub_category, questions: [{question_id, task_type, question, options, answer,
+    response}]}]``, videos in order of first appearance (``video_id`` is the ``videoID``)."""
+    by_video: dict[str, dict[str, Any]] = {}
+    for r in records:
+        v = by_video.setdefault(
+            r["videoID"],
+            {
+                "video_id": r["videoID"],
+                "duration": r["duration"],
+                "domain": r["domain"],
+                "sub_category": r["sub_category"],
+                "questions": [],
+            },
+        )
+        v["questions"].append(
+            {k: r[k] for k in ("question_id", "task_type", "question", "options", "answer")}
+            | {"response": r["response"]}
+        )
+    return list(by_video.values())

@@ -26,8 +26,10 @@ Semantics (the original ``CLIPVisionTransformer_BTAdapter``, checked against the
   ``vision_feature_layer = -2`` uses adapters ``0..D-2`` only.
 - Padded frames (``frame_mask`` False; valid frames first) are excluded from every mean over
   frames and from the temporal attention keys, so valid frames get exactly what an unpadded run
-  gives. Drop-path (rate ``linspace(0, 0.1, D)[j]``, per temporal sequence / per frame) acts only
-  with ``deterministic=False``; in eval it is the identity. Dropouts after pos/time are p = 0.
+  gives. Drop-path (per temporal sequence / per frame; rates from ``drop_path_rates``: spatial
+  layer j ``linspace(0, 0.1, D)[j]``, every temporal layer 0.1, as the original passes them)
+  acts only with ``deterministic=False``; in eval it is the identity. Dropouts after pos/time are
+  p = 0.
 - Quirk of the original, kept (``PPLLaVAConfig.legacy_three_frame_swap``, default True): a
   sample with exactly 3 frames/images is read as channels-first, i.e. frame t's colour c is
   taken from frame c's colour t (the fixtures' 3-image sample needs it).
@@ -73,6 +75,15 @@ def _three_frame_swap(pixel_values: Array, frame_mask: Array) -> Array:
     hit = frame_mask.sum(-1) == 3
     first = jnp.where(hit[:, None, None, None, None], jnp.swapaxes(first, 1, 4), first)
     return jnp.concatenate([first, pixel_values[:, 3:]], axis=1)
+
+
+def drop_path_rates(depth: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Drop-path rates ``(spatial, temporal)`` of the ``depth`` adapter layers, as the original
+    ``CLIPVisionTransformer_BTAdapter`` passes them: ``dpr = linspace(0, 0.1, depth)``; spatial
+    layer j gets ``dpr[j]`` (0 for j = 0), while ``CLIPLayer_AttnTime(config, dpr[j])`` puts
+    ``dpr[j]`` into its unused ``T`` argument, so every temporal layer keeps the default 0.1."""
+    dpr = np.linspace(0, 0.1, depth)
+    return tuple(float(r) for r in dpr), (0.1,) * depth
 
 
 def _drop_path(module: nn.Module, x: Array, rate: float, deterministic: bool) -> Array:
@@ -163,13 +174,13 @@ class PPLLaVAVisionModel(nn.Module):
         self.post_layernorm = layers.layer_norm(vcfg, vcfg.layer_norm_eps)
         if cfg.btadapter:
             d, c = cfg.btadapter_depth, vcfg.hidden_size
-            rates = np.linspace(0, 0.1, d)
+            s_rates, t_rates = drop_path_rates(d)
             self.btadapter_S_layers = [
-                BTAdapterSpatialLayer(vcfg, float(rates[j]), name=f"btadapter_S_layers_{j}")
+                BTAdapterSpatialLayer(vcfg, s_rates[j], name=f"btadapter_S_layers_{j}")
                 for j in range(d)
             ]
             self.btadapter_T_layers = [
-                BTAdapterTemporalLayer(vcfg, float(rates[j]), name=f"btadapter_T_layers_{j}")
+                BTAdapterTemporalLayer(vcfg, t_rates[j], name=f"btadapter_T_layers_{j}")
                 for j in range(d)
             ]
             self.btadapter_cls_token = self.param(

@@ -23,7 +23,8 @@ class Runtime:
     scan_layers: stack repeated layers and ``nn.scan`` over them (compile time independent of
       depth); False keeps one sub-module per layer (``layers_0``, ``layers_1``, ...).
     remat_policy: 'none' | 'full' | 'dots' | 'dots_no_batch' (see layers.REMAT_POLICIES).
-    attention_impl: 'xla' | 'cudnn' | 'auto' for ``jax.nn.dot_product_attention``.
+    attention_impl: 'xla' (reference) | 'blockwise' (memory-efficient, any backend) | 'cudnn'
+      (NVIDIA) | 'splash' (Pallas TPU) | 'auto' (per backend and shape); models/attention.py.
     """
 
     dtype: str = "float32"
@@ -131,6 +132,94 @@ class CLIPTextConfig(Runtime):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SiglipVisionConfig(Runtime):
+    """SigLIP vision tower (``SiglipVisionModel``). Defaults are transformers' class defaults,
+    which its config.json files omit. No class token; the patch conv has a bias and "valid"
+    padding (pixels past ``grid * patch_size`` are ignored); ``vision_use_head``: the
+    attention-pooling head (``head``) after ``post_layernorm``."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    vision_use_head: bool = True
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], **runtime: Any) -> SiglipVisionConfig:
+        if "vision_config" in d:  # a SiglipModel config
+            d = d["vision_config"]
+        return _pick(cls, d, **runtime)
+
+    def to_hf(self) -> dict[str, Any]:
+        d = {f.name: _listify(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        for f in _RUNTIME_FIELDS:
+            d.pop(f)
+        d["model_type"] = "siglip_vision_model"
+        return d
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SiglipTextConfig(Runtime):
+    """SigLIP text tower (``SiglipTextModel``): bidirectional, final LayerNorm, the last position
+    through ``head`` (``hidden_size -> projection_size``; 0 = ``hidden_size``). Defaults are
+    transformers' class defaults. ``extended``/``position_keep`` as ``CLIPTextConfig`` (64 rows
+    become 196 with PPLLaVA's context extension)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 64
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    projection_size: int = 0
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 1
+    extended: bool = False
+    position_keep: int = 20
+
+    def __post_init__(self) -> None:
+        if not self.projection_size:
+            object.__setattr__(self, "projection_size", self.hidden_size)
+
+    @property
+    def projection_dim(self) -> int:
+        """Width of the pooled output (the ``head``), as CLIP's ``projection_dim``."""
+        return self.projection_size
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], **runtime: Any) -> SiglipTextConfig:
+        if "text_config" in d:  # a SiglipModel config
+            d = d["text_config"]
+        d = dict(d)
+        if isinstance(d.get("eos_token_id"), list):
+            d["eos_token_id"] = d["eos_token_id"][0]
+        return _pick(cls, d, **runtime)
+
+    def to_hf(self) -> dict[str, Any]:
+        d = {f.name: _listify(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        for f in (*_RUNTIME_FIELDS, "extended", "position_keep"):
+            d.pop(f)
+        d["model_type"] = "siglip_text_model"
+        return d
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig(Runtime):
     vocab_size: int = 32064
     hidden_size: int = 4096
@@ -144,6 +233,7 @@ class LlamaConfig(Runtime):
     max_position_embeddings: int = 4096
     attention_bias: bool = False
     mlp_bias: bool = False
+    qkv_bias: bool = False  # bias on q/k/v only (Qwen2); attention_bias puts one on o too
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     bos_token_id: int = 1
@@ -177,13 +267,67 @@ class LlamaConfig(Runtime):
 
     def to_hf(self) -> dict[str, Any]:
         d = {f.name: _listify(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        for f in _RUNTIME_FIELDS:
+        for f in (*_RUNTIME_FIELDS, "qkv_bias"):
             d.pop(f)
         d.update(model_type="llama", architectures=["LlamaForCausalLM"])
         return d
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Qwen2Config(LlamaConfig):
+    """Qwen2 (transformers' ``Qwen2ForCausalLM``): the LLaMA decoder with grouped-query attention,
+    bias on q/k/v (not on o), ``rope_theta`` 1e6 and an untied head. Defaults: Qwen2-7B as in
+    LLaVA-OneVision-Qwen2-7B. Sliding-window attention is not supported (none of these models
+    uses it)."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    max_position_embeddings: int = 32768
+    qkv_bias: bool = True
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    pad_token_id: int = 151643
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], **runtime: Any) -> Qwen2Config:
+        if d.get("use_sliding_window"):
+            raise NotImplementedError(
+                "use_sliding_window=true in the Qwen2 config.json: sliding-window attention is "
+                "not supported (set it false if the model never attends past sliding_window)"
+            )
+        return super().from_hf(d, **runtime)  # type: ignore[return-value]
+
+    def to_hf(self) -> dict[str, Any]:
+        d = super().to_hf()
+        for f in ("attention_bias", "mlp_bias"):
+            d.pop(f)
+        if self.head_dim == self.hidden_size // self.num_attention_heads:
+            d.pop("head_dim")
+        d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False)
+        return d
+
+
 LN_100 = math.log(100.0)
+
+_SIGLIP_SO400M_TEXT = dict(  # text tower of google/siglip-so400m-patch14-384
+    vocab_size=32000,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    max_position_embeddings=64,
+    layer_norm_eps=1e-6,
+    hidden_act="gelu_pytorch_tanh",
+    projection_size=1152,
+    eos_token_id=1,
+    pad_token_id=1,
+)
 
 
 _OPENAI_CLIP_L336_TEXT = dict(  # text tower of openai/clip-vit-large-patch14-336
@@ -225,6 +369,7 @@ _PPLLAVA_FIELDS = (
     "clip_post_pretrain",
     "ignore_index",
     "pad_token_id",
+    "qwen",
 )
 
 # an explicit null in config.json means "not set" for these (the image kernel then falls back to
@@ -258,8 +403,10 @@ class PPLLaVAConfig(Runtime):
     Runtime fields (dtype, scan_layers, ...) are copied to the three sub-configs.
     """
 
-    vision: CLIPVisionConfig = dataclasses.field(default_factory=CLIPVisionConfig)
-    clip_text: CLIPTextConfig = dataclasses.field(
+    vision: CLIPVisionConfig | SiglipVisionConfig = dataclasses.field(
+        default_factory=CLIPVisionConfig
+    )
+    clip_text: CLIPTextConfig | SiglipTextConfig = dataclasses.field(
         default_factory=lambda: CLIPTextConfig(
             **{**_OPENAI_CLIP_L336_TEXT, "max_position_embeddings": 248}, extended=True
         )
@@ -292,6 +439,10 @@ class PPLLaVAConfig(Runtime):
     clip_post_pretrain: str | None = None
     ignore_index: int = -100
     pad_token_id: int = 0
+    # The Qwen2 + SigLIP family (the original's ``qwen: true``, LLaVA-OneVision layout): vision is
+    # a SiglipVisionConfig (hidden state ``vision_feature_layer`` of a SigLIP tower, every patch),
+    # clip_text a SiglipTextConfig (196 positions extended), llm a Qwen2Config; no BT-Adapter.
+    qwen: bool = False
     # Not in config.json: reproduce the original BT-Adapter's reading of a sample with exactly 3
     # frames/images as channels-first (its ``x.shape[1] == 3`` test), which swaps the frame and
     # colour axes of those 3 frames. The released model ran (and was trained) that way, and the
@@ -320,6 +471,14 @@ class PPLLaVAConfig(Runtime):
                 f"{self.vision.grid}x{self.vision.grid} (image_size {self.vision.image_size} / "
                 f"patch_size {self.vision.patch_size})"
             )
+        siglip = isinstance(self.vision, SiglipVisionConfig)
+        if self.qwen != siglip or self.qwen != isinstance(self.clip_text, SiglipTextConfig):
+            raise ValueError(
+                f"qwen={self.qwen} needs SigLIP vision and text configs (and qwen=False CLIP "
+                f"ones); got {type(self.vision).__name__} and {type(self.clip_text).__name__}"
+            )
+        if self.qwen and self.btadapter:
+            raise ValueError("the Qwen/SigLIP variant has no BT-Adapter: set btadapter=false")
         if self.btadapter and not 1 <= self.btadapter_depth <= self.vision.num_hidden_layers:
             raise ValueError(
                 f"btadapter_depth={self.btadapter_depth} must be in [1, "
@@ -350,19 +509,29 @@ class PPLLaVAConfig(Runtime):
     ) -> PPLLaVAConfig:
         """From the original's config.json ``d`` and the ``clip/config.json`` its
         ``clip_weight`` points to (None: OpenAI clip-vit-large-patch14-336's text tower)."""
-        if d.get("qwen"):
-            raise NotImplementedError("the Qwen/SigLIP variant of PPLLaVA is not supported")
         rt = {k: v for k, v in runtime.items() if v is not None}
-        vision = CLIPVisionConfig.from_hf(d.get("vision_config", {}), **rt)
-        llm = LlamaConfig.from_hf(d.get("text_config", {}), **rt)
-        text = (
-            CLIPTextConfig.from_hf(clip_config, **rt)
-            if clip_config is not None
-            else CLIPTextConfig(**_OPENAI_CLIP_L336_TEXT, **rt)
-        )
+        if d.get("qwen"):
+            vision = SiglipVisionConfig.from_hf(d.get("vision_config", {}), **rt)
+            llm = Qwen2Config.from_hf(d.get("text_config", {}), **rt)
+            text = (
+                SiglipTextConfig.from_hf(clip_config, **rt)
+                if clip_config is not None
+                else SiglipTextConfig(**_SIGLIP_SO400M_TEXT, **rt)
+            )
+            d = {"btadapter": False, **d}
+        else:
+            vision = CLIPVisionConfig.from_hf(d.get("vision_config", {}), **rt)
+            llm = LlamaConfig.from_hf(d.get("text_config", {}), **rt)
+            text = (
+                CLIPTextConfig.from_hf(clip_config, **rt)
+                if clip_config is not None
+                else CLIPTextConfig(**_OPENAI_CLIP_L336_TEXT, **rt)
+            )
         extend = bool(d.get("extend_clip", cls.extend_clip))
         if extend:
-            base = text.max_position_embeddings if not text.extended else 77
+            base = (
+                text.max_position_embeddings if not text.extended else (64 if d.get("qwen") else 77)
+            )
             text = text.replace(
                 extended=True,
                 max_position_embeddings=4 * base - 3 * text.position_keep,
@@ -378,8 +547,20 @@ class PPLLaVAConfig(Runtime):
         return cls(vision=vision, clip_text=text, llm=llm, **kw, **rt)
 
     def to_hf(self) -> dict[str, Any]:
-        """The original's config.json (LLaVA-NeXT layout plus the PPLLaVA fields)."""
+        """The original's config.json (LLaVA-NeXT layout plus the PPLLaVA fields; LLaVA-OneVision
+        for the Qwen variant)."""
         d: dict[str, Any] = {k: _listify(getattr(self, k)) for k in _PPLLAVA_FIELDS}
+        if self.qwen:
+            d.update(
+                model_type="llava_onevision",
+                vision_config=self.vision.to_hf(),
+                text_config=self.llm.to_hf(),
+                hidden_size=self.llm.hidden_size,
+                video_token_index=self.image_token_index + 1,  # unused: videos use <image>
+                vision_aspect_ratio="anyres_max_9",  # unused by PPLLaVA
+                tie_word_embeddings=self.llm.tie_word_embeddings,
+            )
+            return d
         vision = self.vision.to_hf()
         vision.update(depth=self.btadapter_depth, max_T=self.max_T)
         d.update(
@@ -393,11 +574,19 @@ class PPLLaVAConfig(Runtime):
 
     def clip_to_hf(self) -> dict[str, Any]:
         """``clip/config.json`` for the projector's CLIP (text tower as in the checkpoint, 77
-        positions before the extension; vision tower = the LLaVA vision config)."""
+        positions before the extension; vision tower = the LLaVA vision config). The Qwen
+        variant writes a ``SiglipModel`` config (64 positions, the vision tower with its head)."""
         text = self.clip_text.to_hf()
         if self.clip_text.extended:
             k = self.clip_text.position_keep
             text["max_position_embeddings"] = (self.clip_text.max_position_embeddings + 3 * k) // 4
+        if self.qwen:
+            return {
+                "model_type": "siglip",
+                "architectures": ["SiglipModel"],
+                "text_config": text,
+                "vision_config": {**self.vision.to_hf(), "vision_use_head": True},
+            }
         return {
             "model_type": "clip",
             "architectures": ["CLIPModel"],
@@ -412,7 +601,13 @@ def ppllava_config_from_dict(d: dict[str, Any]) -> PPLLaVAConfig:
     ``clip_text`` and ``llm`` are dicts of their dataclass fields, the rest PPLLaVA fields.
     Unknown keys are an error naming them."""
     d = dict(d)
-    subs = {"vision": CLIPVisionConfig, "clip_text": CLIPTextConfig, "llm": LlamaConfig}
+    subs: dict[str, type] = {
+        "vision": CLIPVisionConfig,
+        "clip_text": CLIPTextConfig,
+        "llm": LlamaConfig,
+    }
+    if d.get("qwen"):
+        subs = {"vision": SiglipVisionConfig, "clip_text": SiglipTextConfig, "llm": Qwen2Config}
     kw: dict[str, Any] = {}
     for name, cls in subs.items():
         sub = dict(d.pop(name, {}) or {})
@@ -427,3 +622,35 @@ def ppllava_config_from_dict(d: dict[str, Any]) -> PPLLaVAConfig:
         raise ValueError(f"model: unknown fields {bad}; known: {sorted(names - set(subs))}")
     kw.update({k: _tuplify(v) for k, v in d.items()})
     return PPLLaVAConfig(**kw)
+
+
+def ppllava_qwen7b_config(llm_layers: int = 28, **kw: Any) -> PPLLaVAConfig:
+    """The 7B PPLLaVA-Qwen of the original's ``config/qwen/ppllava_qwen7b_videoonly.yaml``:
+    LLaVA-OneVision-Qwen2-7B-SI's SigLIP-so400m tower (26 of 27 layers, 384px, 27x27 patches,
+    no head) and Qwen2-7B (vocabulary 152128), SigLIP-so400m's text tower extended to 196
+    positions, no BT-Adapter. ``kw``: PPLLaVA and runtime fields to change."""
+    side = 384
+    return PPLLaVAConfig(
+        qwen=True,
+        vision=SiglipVisionConfig(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=26,
+            num_attention_heads=16,
+            image_size=side,
+            patch_size=14,
+            vision_use_head=False,
+        ),
+        clip_text=SiglipTextConfig(
+            **{**_SIGLIP_SO400M_TEXT, "max_position_embeddings": 4 * 64 - 3 * 20}, extended=True
+        ),
+        llm=Qwen2Config(vocab_size=152128, num_hidden_layers=llm_layers),
+        image_token_index=151646,
+        pad_token_id=151643,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=tuple((side * i, side * j) for i in range(1, 7) for j in range(1, 7)),
+        frame_shape=(27, 27),
+        btadapter=False,
+        **kw,
+    )

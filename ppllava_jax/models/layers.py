@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ppllava_jax.models.attention import dot_product_attention
+
 Array = jax.Array
 Dtype = Any
 
@@ -134,22 +136,27 @@ def attention(
     v: Array,
     *,
     mask: Array | None = None,
+    key_mask: Array | None = None,
     is_causal: bool = False,
     impl: str = "xla",
 ) -> Array:
-    """Scaled dot-product attention through ``jax.nn.dot_product_attention``.
+    """Scaled dot-product attention (scale ``H ** -0.5``); every tower calls this.
 
     Args:
       q: ``[B, T, N, H]``; k, v: ``[B, S, K, H]`` with ``N % K == 0`` (grouped-query attention).
       mask: bool, broadcastable to ``[B, N, T, S]``; True = may attend.
-      impl: ``"xla"`` (any backend), ``"cudnn"`` (NVIDIA flash attention, bf16/fp16 only) or
-        ``"auto"`` (let JAX choose).
+      key_mask: bool/int ``[B, S]`` key padding (nonzero = real key), the structured form the TPU
+        kernel takes; combined with ``mask``.
+      is_causal: also apply the causal (top-left aligned lower-triangle) mask.
+      impl: ``cfg.attention_impl``: ``"xla"`` (the reference, any backend), ``"blockwise"``
+        (memory-efficient online softmax in pure JAX, any backend), ``"cudnn"`` (NVIDIA flash
+        attention, bf16/fp16), ``"splash"`` (Pallas TPU kernel) or ``"auto"`` (per backend and
+        shape); see ``ppllava_jax.models.attention``.
     Returns:
-      ``[B, T, N, H]`` in q's dtype. Logits and softmax are float32 inside the XLA path.
+      ``[B, T, N, H]`` in q's dtype. Scores and softmax are float32 on every path.
     """
-    implementation = None if impl == "auto" else impl
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
+    return dot_product_attention(
+        q, k, v, mask=mask, key_mask=key_mask, is_causal=is_causal, impl=impl
     )
 
 

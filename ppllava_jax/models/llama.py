@@ -1,10 +1,12 @@
-"""LLaMA / Vicuna decoder (transformers' ``LlamaForCausalLM``) with a KV cache.
+"""LLaMA / Vicuna decoder (transformers' ``LlamaForCausalLM``) with a KV cache; also Qwen2
+(``Qwen2ForCausalLM``: a ``Qwen2Config``, i.e. ``qkv_bias`` set, GQA, its own ``rope_theta``).
 
 Parameter tree (unscanned names; scanned: ``layers`` with a leading ``layers`` axis)::
 
     model/embed_tokens/embedding                 (V, D)
     model/layers_{i}/input_layernorm/weight      (D,)
-    model/layers_{i}/self_attn/{q,k,v,o}_proj/kernel (+ bias when attention_bias)
+    model/layers_{i}/self_attn/{q,k,v,o}_proj/kernel (+ bias when attention_bias;
+                                                 q/k/v only when qkv_bias)
     model/layers_{i}/post_attention_layernorm/weight
     model/layers_{i}/mlp/{gate,up,down}_proj/kernel (+ bias when mlp_bias)
     model/norm/weight                            (D,)
@@ -74,9 +76,10 @@ class LlamaAttention(nn.Module):
         b, s, _ = x.shape
         dtype = layers.dtype_of(cfg.dtype)
         bias = cfg.attention_bias
-        q = layers.dense(n * h, ("embed", "heads"), cfg, use_bias=bias, name="q_proj")(x)
-        kk = layers.dense(k * h, ("embed", "kv_heads"), cfg, use_bias=bias, name="k_proj")(x)
-        vv = layers.dense(k * h, ("embed", "kv_heads"), cfg, use_bias=bias, name="v_proj")(x)
+        qkv_bias = bias or cfg.qkv_bias  # Qwen2: q/k/v biased, o not
+        q = layers.dense(n * h, ("embed", "heads"), cfg, use_bias=qkv_bias, name="q_proj")(x)
+        kk = layers.dense(k * h, ("embed", "kv_heads"), cfg, use_bias=qkv_bias, name="k_proj")(x)
+        vv = layers.dense(k * h, ("embed", "kv_heads"), cfg, use_bias=qkv_bias, name="v_proj")(x)
         q = q.reshape(b, s, n, h)
         kk = kk.reshape(b, s, k, h)
         vv = vv.reshape(b, s, k, h)
@@ -244,6 +247,7 @@ class LlamaForCausalLM(nn.Module):
         cache: dict[str, Array] | None = None,
         cache_index: Array | int | None = None,
         return_hidden: bool = False,
+        return_logits: bool = True,
     ) -> dict[str, Any]:
         """Decoder forward.
 
@@ -254,9 +258,12 @@ class LlamaForCausalLM(nn.Module):
             ``S`` without a cache and ``S_max`` with one. None: every key is real.
           cache: ``init_cache(...)`` dict or None; cache_index: int32 scalar, first slot written.
           return_hidden: also return the final-norm hidden states.
+          return_logits: False skips the LM head (for a loss that applies it chunk by chunk):
+            ``logits`` is then None, ``hidden`` is set and ``lm_head`` holds the head's kernel.
         Returns:
           ``dict(logits=float32[B, S, V], cache=updated cache or None,
-          hidden=cfg.dtype[B, S, D] or None)``.
+          hidden=cfg.dtype[B, S, D] or None)``; with ``return_logits=False`` also
+          ``lm_head=param_dtype[D, V]`` (``logits = hidden @ lm_head`` in ``cfg.dtype``).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -288,6 +295,8 @@ class LlamaForCausalLM(nn.Module):
         else:
             mask = jnp.broadcast_to(mask, (b, 1, s, s_kv))
         hidden, new_cache = self.model(x, positions, mask, cache, cache_index)
+        if not return_logits and not self.is_initializing():
+            return {"logits": None, "cache": new_cache, "hidden": hidden, "lm_head": self.head()}
         if self.cfg.tie_word_embeddings:
             logits = self.model.attend(hidden)
         else:
@@ -296,6 +305,12 @@ class LlamaForCausalLM(nn.Module):
             logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab")
         )
         return {"logits": logits, "cache": new_cache, "hidden": hidden if return_hidden else None}
+
+    def head(self) -> Array:
+        """The LM head as a kernel ``[D, V]`` (the embedding table transposed when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.model.embed_tokens.embedding.T
+        return nn.unbox(self.lm_head.variables["params"]["kernel"])
 
 
 def abstract_params(cfg: LlamaConfig) -> Any:

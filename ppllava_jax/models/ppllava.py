@@ -27,6 +27,7 @@ from ppllava_jax.models.btadapter import PPLLaVAVisionModel
 from ppllava_jax.models.config import PPLLaVAConfig
 from ppllava_jax.models.llama import LlamaForCausalLM, init_cache
 from ppllava_jax.models.projector import PPLLaVAProjector
+from ppllava_jax.models.siglip import SiglipVisionTransformer
 from ppllava_jax.train.losses import next_token_loss
 
 Array = jax.Array
@@ -35,15 +36,32 @@ _FRAME_MASK = {"video": "video_frames", "image": "image_views", "multi": "multi_
 
 
 class VisionTower(nn.Module):
-    """``vision_tower``: holds ``vision_model`` so parameter paths match the checkpoint."""
+    """``vision_tower``: holds ``vision_model`` so parameter paths match the checkpoint (CLIP +
+    BT-Adapter, or SigLIP for the Qwen variant)."""
 
     cfg: PPLLaVAConfig
 
     def setup(self) -> None:
-        self.vision_model = PPLLaVAVisionModel(self.cfg)
+        if self.cfg.qwen:
+            self.vision_model = SiglipVisionTransformer(self.cfg.vision)
+        else:
+            self.vision_model = PPLLaVAVisionModel(self.cfg)
 
     def __call__(self, pixel_values: Array, frame_mask: Array, deterministic: bool = True):
-        return self.vision_model(pixel_values, frame_mask, deterministic=deterministic)
+        """pixel_values ``float[N, T, S, S, 3]`` -> features ``float[N, T, P, C]``."""
+        if not self.cfg.qwen:
+            return self.vision_model(pixel_values, frame_mask, deterministic=deterministic)
+        # SigLIP: frames are independent; hidden state vision_feature_layer (before
+        # post_layernorm), every patch ("full"; "default" would drop the first one)
+        n, t = pixel_values.shape[:2]
+        out = self.vision_model(
+            pixel_values.reshape(n * t, *pixel_values.shape[2:]),
+            taps=(self.cfg.vision_feature_layer,),
+        )
+        feats = out["hidden_states"][0]
+        if self.cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        return feats.reshape(n, t, *feats.shape[1:])
 
 
 class PPLLaVA(nn.Module):
@@ -132,23 +150,33 @@ class PPLLaVA(nn.Module):
         *,
         deterministic: bool = True,
         return_visual_attention: bool = False,
+        return_logits: bool = True,
     ) -> dict[str, Any]:
         """Forward pass over a collated batch.
 
         Returns dict: ``logits float32[B, L, V]``, ``attention_mask int32[B, L]`` (merged),
         ``loss`` (mean next-token cross entropy over supervised tokens) with ``num_tokens`` when
         ``labels`` are in the batch, and ``visual_attention`` (per group, raw cosine
-        ``[N_g, T, h, w]``) on request.
+        ``[N_g, T, h, w]``) on request. ``return_logits=False`` skips the LM head: no ``logits``
+        and no ``loss``, but ``hidden`` (final-norm states ``llm.dtype[B, L, D]``) and
+        ``lm_head`` (kernel ``[D, V]``) for a loss that applies the head chunk by chunk
+        (``train.losses.chunked_token_logps``).
         """
         x, maps = self.embed_inputs(batch, deterministic)
         out = self.language_model(
-            inputs_embeds=x, positions=batch["positions"], attention_mask=batch["attention_mask"]
+            inputs_embeds=x,
+            positions=batch["positions"],
+            attention_mask=batch["attention_mask"],
+            return_logits=return_logits,
         )
         result: dict[str, Any] = {
             "logits": out["logits"],
             "attention_mask": batch["attention_mask"],
         }
-        if "labels" in batch:
+        if out["logits"] is None:
+            del result["logits"]
+            result.update(hidden=out["hidden"], lm_head=out["lm_head"])
+        elif "labels" in batch:
             total, count = next_token_loss(out["logits"], batch["labels"], batch["attention_mask"])
             result["loss"] = total / jnp.maximum(count, 1)
             result["num_tokens"] = count

@@ -63,6 +63,11 @@ from ppllava_jax.models import layers
 from ppllava_jax.models.clip import CLIPTextTransformer
 from ppllava_jax.models.config import PPLLaVAConfig
 from ppllava_jax.models.pooling import adaptive_avg_pool3d, pool_windows, weighted_pool3d
+from ppllava_jax.models.siglip import (
+    SiglipAttentionPoolingHead,
+    SiglipTextTransformer,
+    last_valid_index,
+)
 
 Array = jax.Array
 
@@ -82,7 +87,9 @@ class PPLLaVAProjector(nn.Module):
         vcfg = cfg.vision
         self.linear_1 = layers.dense(d_llm, ("embed", "mlp"), vcfg)
         self.linear_2 = layers.dense(d_llm, ("mlp", "embed"), vcfg)
-        if cfg.pooling == "ppllava":
+        if cfg.pooling == "ppllava" and cfg.qwen:  # SigLIP (see _siglip_setup)
+            self._siglip_setup()
+        elif cfg.pooling == "ppllava":
             pd = cfg.clip_projection_dim
             self.clip_text_model = CLIPTextTransformer(cfg.clip_text)
             self.clip_text_projection = layers.dense(
@@ -96,6 +103,21 @@ class PPLLaVAProjector(nn.Module):
                 (),
                 jnp.float32,
             )
+
+    def _siglip_setup(self) -> None:
+        """The Qwen variant's prompt encoder: SigLIP's text tower (with its ``head``), SigLIP's
+        attention-pooling head (``clip_visual_head``: only its value projection, layernorm and
+        mlp act), SigLIP's post-LN (``clip_visual_ln``), ``logit_scale`` and ``logit_bias``
+        (float32[1] each; checkpoints overwrite them. From scratch the scale starts at ln 100,
+        as the Vicuna projector's: SigLIP's own initial ln 10 leaves the pooling weights of an
+        untrained prompt encoder nearly uniform, and the demo's colours then wash out)."""
+        cfg = self.cfg
+        self.clip_text_model = SiglipTextTransformer(cfg.clip_text)
+        self.clip_visual_head = SiglipAttentionPoolingHead(cfg.vision)
+        self.clip_visual_ln = layers.layer_norm(cfg.vision, cfg.vision.layer_norm_eps)
+        init = lambda v: nn.with_logical_partitioning(nn.initializers.constant(v), (None,))  # noqa: E731
+        self.logit_scale = self.param("logit_scale", init(math.log(100.0)), (1,), jnp.float32)
+        self.logit_bias = self.param("logit_bias", init(-10.0), (1,), jnp.float32)
 
     def mlp(self, features: Array) -> Array:
         """The LLaVA MLP ``linear_2(act(linear_1(F)))``: ``float[..., C] -> float[..., D]``."""
@@ -111,12 +133,23 @@ class PPLLaVAProjector(nn.Module):
         """``int32[N, L], int[N, L] -> float[N, d]``: projected pooled CLIP text (not normalised).
         The recipe freezes the text tower (the original runs it under ``torch.no_grad``); that is
         the optimizer's choice (``optimizer.trainable``), so a from-scratch run may train it."""
+        if self.cfg.qwen:
+            # SigLIP: bidirectional, no mask in the original (each prompt runs alone, unpadded);
+            # here clip_mask hides the batch's own padding and the last real token is pooled
+            out = self.clip_text_model(clip_ids, clip_mask, pool_index=last_valid_index(clip_mask))
+            return out["pooler_output"]
         pooled = self.clip_text_model(clip_ids, clip_mask)["pooler_output"]
         return self.clip_text_projection(pooled)
 
     def visual_attention(self, features: Array, clip_ids: Array, clip_mask: Array) -> Array:
         """Cosine similarity of every patch with the prompt: ``float32[N, T, P]``."""
-        e = self.clip_visual_projection(self.clip_visual_ln(features)).astype(jnp.float32)
+        if self.cfg.qwen:
+            y = self.clip_visual_ln(features)
+            if self.is_initializing():  # create the head's probe / out_proj too
+                self.clip_visual_head(y[:, 0])
+            e = self.clip_visual_head.value_embed(y).astype(jnp.float32)
+        else:
+            e = self.clip_visual_projection(self.clip_visual_ln(features)).astype(jnp.float32)
         c = self.text_embeds(clip_ids, clip_mask).astype(jnp.float32)
         return jnp.einsum(
             "nd,ntpd->ntp", _normalize(c), _normalize(e), precision=jax.lax.Precision.HIGHEST
@@ -167,6 +200,8 @@ class PPLLaVAProjector(nn.Module):
                 raise ValueError("pooling='ppllava' needs clip_ids and clip_mask (the CLIP prompt)")
             sim = self.visual_attention(features, clip_ids, clip_mask)  # [N, T, P]
             logits = jnp.exp(self.logit_scale.astype(jnp.float32)) * sim
+            if cfg.qwen:  # SigLIP: scale [1] and a bias (which cancels in the softmax)
+                logits = logits + self.logit_bias.astype(jnp.float32)
             logits = jnp.where(frame_mask[:, :, None], logits, -jnp.inf).reshape(n, t * p)
             attn = jax.nn.softmax(logits, axis=-1).reshape(n, t, fh, fw)
             attn = jnp.where(frame_mask[:, :, None, None], attn, 0.0)

@@ -13,8 +13,14 @@ mesh restores onto another.
 
 Preemption: ``PreemptionWatcher`` installs a SIGTERM handler that only sets a flag; the loop
 asks ``watcher.should_stop(step)`` each step, saves, and returns cleanly. On several
-processes the decision is taken at a step all processes agree on (JAX's preemption sync
-point, which needs ``jax.distributed.initialize()``).
+processes the decision is taken at a step all processes agree on (the flag is all-gathered
+each step), so a signal to any one process makes every process save the same step.
+
+Several processes: orbax writes each checkpoint once, together (each process its own array
+shards, process 0 the metadata and the commit marker); a step directory without its commit
+(a process killed mid-save) is ignored by ``latest_step``. The data state is one file per
+process; a restart with another process count hands every saved file to the iterator's
+``reshard_state`` (if it has one) to place the new hosts' shards where the old ones stopped.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import re
 import signal
 import threading
 from typing import Any
@@ -70,13 +77,27 @@ class DataStateHandler(ocp.CheckpointHandler):
         self._file(directory).write_text(args.state)
 
     def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> str:
+        """This process's saved state; when the checkpoint was written by another number of
+        processes, every process's state (``{"format": "processes", "count": M,
+        "states": [...]}``, see ``Checkpointer.restore``)."""
         f = self._file(directory)
-        if not f.exists():
+        if f.exists():
+            return f.read_text()
+        found = {}
+        for g in epath.Path(directory).glob("process_*-of-*.json"):
+            m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", g.name)
+            if m:
+                found[(int(m.group(2)), int(m.group(1)))] = g
+        counts = sorted({c for c, _ in found})
+        if len(counts) != 1 or len(found) != counts[0]:
             raise FileNotFoundError(
-                f"{f} is missing: the checkpoint was written by a different number of "
-                "processes; the data iterator cannot be resumed exactly"
+                f"{f} is missing and {directory} holds no complete set of per-process data "
+                f"states ({sorted(g.name for g in found.values())}); the data iterator cannot "
+                "be resumed"
             )
-        return f.read_text()
+        m = counts[0]
+        states = [found[(m, i)].read_text() for i in range(m)]
+        return json.dumps({"format": "processes", "count": m, "states": states})
 
     def metadata(self, directory: epath.Path) -> None:
         return None
@@ -239,7 +260,7 @@ class Checkpointer:
         out = self.manager.restore(int(step), args=ocp.args.Composite(**items))
         tree = out["state"]
         if data_iterator is not None:
-            data_iterator.set_state(decode_iterator_state(out["data"]))
+            data_iterator.set_state(self._data_state(out["data"], data_iterator, step_dir))
 
         def from_initial(name):
             if initial is None or getattr(initial, name) is None:
@@ -259,6 +280,24 @@ class Checkpointer:
             opt_state=tree["opt_state"],
             ref_params=ref,
         )
+
+    @staticmethod
+    def _data_state(text: str, data_iterator: Any, step_dir: Any) -> Any:
+        """The iterator state to resume from: this process's own, or, after a change of the
+        process count, ``data_iterator.reshard_state(old_states, process_index,
+        process_count)`` computed from every old process's state."""
+        d = json.loads(text)
+        if d.get("format") != "processes":
+            return decode_iterator_state(text)
+        old = [decode_iterator_state(t) for t in d["states"]]
+        reshard = getattr(data_iterator, "reshard_state", None)
+        if reshard is None:
+            raise ValueError(
+                f"{step_dir} was written by {d['count']} processes, this run has "
+                f"{jax.process_count()}, and the data iterator has no reshard_state(): rerun "
+                f"with {d['count']} processes"
+            )
+        return reshard(old, jax.process_index(), jax.process_count())
 
     def _state_keys(self, step: int) -> list[str]:
         meta = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -323,11 +362,15 @@ class PreemptionWatcher:
         self._previous.clear()
 
     def should_stop(self, step: int) -> bool:
+        """Whether to save and stop before ``step``: on one process the local flag; on several,
+        whether *any* process got the signal (a host-side all-gather of one flag per step,
+        so every process stops at the same step and saves the same checkpoint). Every process
+        must call it once per step. (JAX's own preemption sync point is not used: this
+        handler replaces its SIGTERM handler, and the all-gather also covers a signal sent to
+        one process only.)"""
+        del step
         if jax.process_count() > 1:
-            try:
-                from jax.experimental import multihost_utils
+            from ppllava_jax.sharding import max_over_processes
 
-                return bool(multihost_utils.reached_preemption_sync_point(int(step)))
-            except Exception:  # noqa: BLE001 - no preemption service: use the local flag
-                return self.requested
+            return bool(max_over_processes(int(self.requested)))
         return self.requested

@@ -33,7 +33,7 @@ from ppllava_jax.data import collate
 from ppllava_jax.data import pipeline as pl
 from ppllava_jax.models.config import PPLLaVAConfig, ppllava_config_from_dict
 from ppllava_jax.models.ppllava import PPLLaVA, init_params
-from ppllava_jax.train import trainer
+from ppllava_jax.train import resume_check, trainer
 
 
 def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> None:
@@ -46,12 +46,26 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     out = syn.dir or os.path.join(workdir, "data")
     names = ("num_train", "num_eval", "frames", "size", "seed", "qtypes")
     kw = {k: syn[k] for k in names if k in syn}
-    synthetic.ensure_dataset(out, **kw)
+    # several processes: process 0 writes the set, the others wait and then only check it
+    if jax.process_index() == 0:
+        synthetic.ensure_dataset(out, **kw)
+    barrier("synthetic_dataset")
+    if jax.process_index() != 0:
+        synthetic.ensure_dataset(out, **kw)
     with cfg.unlocked():
         cfg.synthetic.dir = out
         cfg.data.sources = [dict(path=os.path.join(out, "train.json"), data_root=out)]
         cfg.data.tokenizer = cfg.data.tokenizer or os.path.join(out, "tokenizer")
+        if syn.get("llm_tokenizer", "llama") == "qwen":  # the Qwen-family demo (plain_qwen)
+            from ppllava_jax.data.qwen_tokenizer import ensure_qwen_tokenizer
+
+            cfg.data.tokenizer = ensure_qwen_tokenizer(out, int(syn.qwen_vocab_size))
         cfg.data.clip_tokenizer = cfg.data.clip_tokenizer or os.path.join(out, "clip_tokenizer")
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (no-op on one process)."""
+    sharding.process_barrier(name)
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> PPLLaVAConfig:
@@ -118,6 +132,33 @@ def check_multihost(cfg: ml_collections.ConfigDict, process_count: int) -> None:
         )
 
 
+def check_batch(
+    cfg: ml_collections.ConfigDict, mesh: Any, process_count: int = 1, eval_mesh: Any = None
+) -> None:
+    """Before compiling: each micro-batch's rows (``data.batch_size`` x 2 for DPO pairs x
+    hosts / ``train.grad_accum_steps``) must split over ``mesh``'s ``data`` x ``fsdp``, and,
+    when ``eval_mesh`` is given (eval.py's mesh for the scoring at the end of training),
+    ``eval.batch_size`` over that one; a ``sharding.ShardingError`` says what divides."""
+    d = cfg.data
+    k = int(d.get("micro_batches", cfg.train.get("grad_accum_steps", 1)))
+    dpo = bool(d.get("dpo", False))
+    rows = int(d.batch_size) * (2 if dpo else 1) * int(process_count)
+    what = f"data.batch_size={int(d.batch_size)}" + (" pairs (2 rows each)" if dpo else "")
+    what += f" x {process_count} hosts" if process_count > 1 else ""
+    what += f" / train.grad_accum_steps={k} micro-batches" if k > 1 else ""
+    sharding.check_batch_rows(rows // k, mesh, what=what, setting="data.batch_size")
+    split = cfg.get("eval", {}).get("split", "")
+    if eval_mesh is not None and split and cfg.get("synthetic") is not None:
+        n = int(cfg.eval.get("batch_size", 0))
+        if n:  # 0: eval.py's default, a multiple of the devices
+            sharding.check_batch_rows(
+                n,
+                eval_mesh,
+                what=f"eval.batch_size={n} (scoring at the end of training)",
+                setting="eval.batch_size",
+            )
+
+
 def check_tokenizers(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig) -> None:
     """The tokenizers must fit the model's embedding tables and image token."""
     from transformers import AutoTokenizer
@@ -150,10 +191,19 @@ def check_tokenizers(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig) -> Non
 
 class TrainBatches:
     """The pipeline's iterator for the trainer: drops host-only fields, counts skipped samples,
-    and passes ``get_state``/``set_state`` through (so checkpoints hold the data position)."""
+    and passes ``get_state``/``set_state`` through (so checkpoints hold the data position).
 
-    def __init__(self, it: Any):
+    pipeline: the ``Pipeline`` of ``it``; with it, a checkpoint of another process count
+      resumes (``reshard_state``).
+    trace: a file to which each batch's sample ids and array shapes are appended as one JSON
+      line (``train.data_trace``: what the multi-process tests check).
+    """
+
+    def __init__(self, it: Any, pipeline: pl.Pipeline | None = None, trace: str = ""):
         self.it = it
+        self.pipeline = pipeline
+        self.trace = trace
+        self.batches = 0  # batches consumed (restored with the state): the step they feed
         self.skipped: dict[str, int] = {}
 
     def __iter__(self) -> TrainBatches:
@@ -163,6 +213,17 @@ class TrainBatches:
         batch, meta = pl.split_meta(next(self.it))
         batch.pop("valid", None)
         self.skipped = dict(meta.get("skipped", self.skipped))
+        self.batches += 1
+        if self.trace:
+            rec = {
+                "step": self.batches,
+                "process": jax.process_index(),
+                "ids": list(meta.get("ids", [])),
+                "epoch": [int(e) for e in meta.get("epoch", [])],
+                "shapes": {k: list(np.shape(v)) for k, v in sorted(batch.items())},
+            }
+            with open(self.trace, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         return batch
 
     def metrics(self) -> dict[str, int]:
@@ -175,13 +236,22 @@ class TrainBatches:
 
     def set_state(self, state: Any) -> None:
         self.it.set_state(state)
+        if isinstance(state, dict):
+            self.batches = int(state.get("batches", 0))
+
+    def reshard_state(self, states: list[Any], process_index: int, process_count: int) -> Any:
+        """The state to resume from after a change of the process count (``Pipeline
+        .reshard_state``; called by ``Checkpointer.restore``)."""
+        if self.pipeline is None:
+            raise ValueError("TrainBatches without its pipeline cannot resume on a new host count")
+        return self.pipeline.reshard_state(states, process_index, process_count)
 
 
 def make_apply(model: PPLLaVA):
-    def apply(params, batch, *, train, rng):
+    def apply(params, batch, *, train, rng, **kw):  # kw: return_logits (train.loss_chunk_size)
         batch = {k: v for k, v in batch.items() if k != "labels"}
         return model.apply(
-            {"params": params}, batch, deterministic=not train, rngs={"dropout": rng}
+            {"params": params}, batch, deterministic=not train, rngs={"dropout": rng}, **kw
         )
 
     return apply
@@ -218,7 +288,12 @@ def step_flops(mcfg: PPLLaVAConfig, params: Any, opt_cfg) -> Any:
 def export_final(workdir: str, params: Any, mcfg: PPLLaVAConfig, cfg) -> str:
     """``<workdir>/final``: converted layout + tokenizers (what eval.py and chat read)."""
     out = os.path.join(workdir, "final")
-    params_io.save_params(out, jax.device_get(params), "ppllava", ppllava_config_to_hf(mcfg))
+    # several processes write the (sharded, not fully addressable) arrays together
+    host = jax.device_get(params) if jax.process_count() == 1 else params
+    params_io.save_params(out, host, "ppllava", ppllava_config_to_hf(mcfg))
+    if jax.process_index() != 0:
+        barrier("export_final")
+        return out
     for name in ("tokenizer", "clip_tokenizer"):
         src = cfg.data.get(name)
         if src and os.path.isdir(src):
@@ -226,6 +301,7 @@ def export_final(workdir: str, params: Any, mcfg: PPLLaVAConfig, cfg) -> str:
     inference = {"template": cfg.data.template, "num_frames": int(cfg.data.num_frames)}
     with open(os.path.join(out, "inference.json"), "w") as f:
         json.dump(inference, f, indent=1)
+    barrier("export_final")
     return out
 
 
@@ -237,8 +313,10 @@ def score_synthetic(final: str, cfg, split: str, workdir: str) -> dict[str, Any]
 
     bench = Synthetic(cfg.synthetic.dir, num_frames=int(cfg.data.num_frames), split=split)
     out = os.path.join(workdir, f"eval_{split}.json")
-    for old in glob.glob(os.path.splitext(out)[0] + ".answers*.jsonl"):
-        os.remove(old)  # a new model: answers of an earlier run do not count
+    if jax.process_index() == 0:
+        for old in glob.glob(os.path.splitext(out)[0] + ".answers*.jsonl"):
+            os.remove(old)  # a new model: answers of an earlier run do not count
+    barrier("score_synthetic")  # every process answers its share (runner.run)
     res = runner.run(
         bench,
         runner.load_setup(final),
@@ -262,16 +340,32 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mcfg = model_config(cfg)
     check_tokenizers(cfg, mcfg)
     mesh = sharding.make_mesh(dict(cfg.mesh))
+    from ppllava_jax.evaluate import runner
+
+    check_batch(cfg, mesh, jax.process_count(), runner.local_mesh())
     pipe = pl.Pipeline(cfg.data, mcfg)
     model = PPLLaVA(mcfg)
+    if jax.process_count() > 1 and jax.process_index() == 0:
+        print(
+            f"[train] {jax.process_count()} processes, mesh "
+            f"{dict(mesh.shape)}:\n"
+            + sharding.format_host_layout(sharding.host_layout(mesh, int(cfg.data.batch_size))),
+            flush=True,
+        )
+    trace = ""
+    if cfg.train.get("data_trace", False):
+        os.makedirs(os.path.join(workdir, "data_trace"), exist_ok=True)
+        trace = os.path.join(workdir, "data_trace", f"process_{jax.process_index()}.jsonl")
     with sharding.mesh_context(mesh):
         params, shardings = build_params(cfg, mcfg, mesh)
+        # a checkpoint of another model / trainable selection: said by name, before restoring
+        resume_check.check_resume(os.path.join(workdir, "checkpoints"), params, cfg)
         result = trainer.train(
             cfg,
             workdir,
             model_apply=make_apply(model),
             init_params=params,
-            data_iterator=TrainBatches(pipe.iterator()),
+            data_iterator=TrainBatches(pipe.iterator(), pipe, trace),
             param_shardings=shardings,
             flops_per_step=step_flops(mcfg, params, cfg.optimizer),
             place_batch=lambda b: sharding.shard_batch(
@@ -295,7 +389,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         del params, result
     # scored like eval.py does it: the export is read back onto eval's own mesh
     split = cfg.get("eval", {}).get("split", "")
-    if split and cfg.get("synthetic") is not None and jax.process_index() == 0:
+    if split and cfg.get("synthetic") is not None:
         scores = score_synthetic(final, cfg, split, workdir)
         summary.update({f"eval_{k}": v for k, v in scores.items()})
     return summary
@@ -303,6 +397,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 __all__ = [
     "TrainBatches",
+    "barrier",
     "build_params",
     "check_mode",
     "check_multihost",

@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from ppllava_jax.sharding import process_barrier
 from ppllava_jax.train.checkpoint import Checkpointer, PreemptionWatcher, config_to_dict
 from ppllava_jax.train.metrics import (
     MetricsWriter,
@@ -70,10 +71,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.mode = "sft"  # sft | dpo
     c.train.total_steps = 1000  # optimizer updates in the whole run
     c.train.grad_accum_steps = 1  # micro-batches per update (the global batch is fixed)
+    # SFT loss: global_token_mean (sum of token losses / supervised tokens of the global batch)
+    # | per_device_mean (the original's: the token mean of each group of loss_group_size rows
+    # of a micro-batch, averaged over groups; 0 = the rows one device holds). train/step.py
+    c.train.loss_normalization = "global_token_mean"
+    c.train.loss_group_size = 0
+    # > 0: LM head + cross entropy over chunks of this many positions, supervised ones only,
+    # never materialising [B, L, V] logits (same values; train/losses.chunked_token_logps)
+    c.train.loss_chunk_size = 0
     c.train.seed = 0  # step rng = fold_in(key(seed), step)
     c.train.log_every = 10  # steps between metrics lines
     c.train.eval_every = 0  # steps between eval_fn calls (0: only at the end, if given)
     c.train.param_table_depth = 1  # path components per row of the parameter table
+    # append each batch's sample ids and shapes to workdir/data_trace/process_<i>.jsonl
+    c.train.data_trace = False
     c.optimizer = default_optimizer_config()
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.save_every = 500  # steps between checkpoints (and one at the end)
@@ -289,6 +300,9 @@ def train(
                 if sig not in compiled:
                     t = time.perf_counter()
                     exe = jitted.lower(state, batch, rng).compile()
+                    # several processes: start the new program together (gloo's first
+                    # collective on a set of devices fails when they arrive >30 s apart)
+                    process_barrier(f"train_compiled_{step}_{len(compiled)}")
                     n_micro = batch["labels"].shape[0] if batch["labels"].ndim == 3 else accum
                     if callable(flops_per_step):
                         fl = flops_per_step(host_batch)
