@@ -25,12 +25,13 @@ Checkpoint directory ``DIR`` (what train.py's final export writes)::
     DIR/inference.json               optional defaults: {"template": ..., "num_frames": ...}
 
 Runs are resumable: answers are appended to ``<out stem>.answers.jsonl`` and a rerun with the
-same ``--out`` asks only the questions not answered yet. The answers file records the
-checkpoint (a hash of its config.json and orbax save metadata) and the settings that change a
-prompt, its frames or its answer (benchmark and its data, frames, subtitles, system prompts,
-split, template, tokenizers and --tokenizer_legacy, dtype, --max_new_tokens). A rerun with the
-same ``--out`` but another checkpoint or other such settings REFUSES to start, naming each
-difference; ``--fresh`` deletes the old answers and starts afresh (or choose another ``--out``).
+same ``--out`` asks only the questions not answered yet. ``<out stem>.answers.protocol.json``
+records the checkpoint (a hash of its config.json and orbax save metadata) and the settings
+that change a prompt, its frames or its answer (benchmark and its data, frames, subtitles,
+system prompts, split, template, tokenizers and --tokenizer_legacy, dtype, --max_new_tokens).
+A rerun with the same ``--out`` but another checkpoint or other such settings REFUSES to
+start, naming each difference; ``--fresh`` deletes the old answers and starts afresh (or choose
+another ``--out``).
 Data parallel over all devices (``--mesh``) and hosts (each host its own shard of questions;
 ``--out`` on a shared disk).
 
@@ -58,7 +59,8 @@ flags.DEFINE_string("out", None, "results JSON (answers go to <out stem>.answers
 flags.DEFINE_bool(
     "fresh",
     False,
-    "delete the answers already in <out stem>.answers*.jsonl and start afresh. Without it a rerun "
+    "delete the answers already in <out stem>.answers*.jsonl (and .answers.protocol.json) and "
+    "start afresh. Without it a rerun "
     "resumes them if they were given by the same checkpoint under the same settings, and "
     "refuses to start (naming what differs) if not",
 )

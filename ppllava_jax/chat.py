@@ -80,7 +80,7 @@ class Chat:
         s = cfg.vision.image_size
         frames = np.stack([img._resize(f, s, s) for f in clip.frames])
         self.frames_uint8 = frames
-        self.pixels = img.normalize(frames)
+        self.pixels = img.normalize(frames, *img.pixel_stats(bool(getattr(cfg, "qwen", False))))
         self.num_frames = num_frames
         eos = cfg.llm.eos_token_id if cfg.llm.eos_token_id is not None else self.tok.eos_token_id
         pad = cfg.llm.pad_token_id if cfg.llm.pad_token_id is not None else 0

@@ -268,7 +268,11 @@ def sharded_init(
     abstract = jax.eval_shape(init_fn, *args)
     shardings = param_shardings(abstract, mesh, rules, strict=strict)
     with mesh_context(mesh, rules):
-        params = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+        init = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)
+        if jax.process_count() > 1:  # compiled apart, run together (see process_barrier)
+            init = init.lower(*args).compile()
+            process_barrier("sharded_init")
+        params = init(*args)
     return params, shardings
 
 

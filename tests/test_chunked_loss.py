@@ -7,6 +7,7 @@ side, bfloat16; PPLLaVA's ``return_logits=False`` output; and the SFT (both loss
 normalisations) and DPO gradients of the train step (a tiny LLaMA, tied and untied head).
 """
 
+import functools
 from pathlib import Path
 
 import jax
@@ -135,8 +136,8 @@ def test_ppllava_returns_hidden_and_head(tiny):
     np.testing.assert_allclose(-lp.sum() / m.sum(), full["loss"], rtol=1e-6)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
-def lm(request):
+@functools.cache
+def _lm(tied: bool):
     """A tiny LLaMA as the step's model (parameters under ``language_model`` so the trainable
     presets apply) and a batch of 4 rows (2 DPO pairs), padded on both sides."""
     from ppllava_jax.models.config import LlamaConfig
@@ -149,7 +150,7 @@ def lm(request):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        tie_word_embeddings=request.param,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(cfg)
     rng = np.random.default_rng(1)
@@ -180,10 +181,16 @@ def lm(request):
 
 
 @pytest.mark.parametrize(
-    "mode,norm", [("sft", "global_token_mean"), ("sft", "per_device_mean"), ("dpo", None)]
+    "tied,mode,norm",
+    [
+        (False, "sft", "global_token_mean"),
+        (False, "sft", "per_device_mean"),
+        (False, "dpo", None),
+        (True, "sft", "global_token_mean"),
+    ],
 )
-def test_train_step_gradients_unchanged(lm, mode, norm):
-    apply_fn, params, batch = lm
+def test_train_step_gradients_unchanged(tied, mode, norm):
+    apply_fn, params, batch = _lm(tied)
     cfg = default_config()
     cfg.optimizer.trainable = "llm_only"
     tx, _ = make_optimizer(cfg.optimizer, 10)
@@ -208,8 +215,8 @@ def test_train_step_gradients_unchanged(lm, mode, norm):
         np.testing.assert_allclose(a, r, atol=2e-6, rtol=2e-4, err_msg=jax.tree_util.keystr(path))
 
 
-def test_model_without_hidden_is_a_clear_error(lm):
-    _, params, batch = lm
+def test_model_without_hidden_is_a_clear_error():
+    _, params, batch = _lm(False)
     cfg = default_config()
     tx, _ = make_optimizer(cfg.optimizer, 10)
     state = create_train_state(params, tx, trainable_predicate(cfg.optimizer))

@@ -73,3 +73,13 @@ def test_load_image_errors(tmp_path):
     for path in (bad, tmp_path / "missing.png"):
         with pytest.raises(MediaError, match=str(path)):
             I.load_image(path)
+
+
+def test_pixel_stats_match_each_towers_image_processor():
+    """Each family normalises with its own tower's processor constants (transformers' defaults)."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    for qwen, proc in ((False, CLIPImageProcessor()), (True, SiglipImageProcessor())):
+        mean, std = I.pixel_stats(qwen)
+        np.testing.assert_allclose(mean, proc.image_mean, rtol=0, atol=1e-7)
+        np.testing.assert_allclose(std, proc.image_std, rtol=0, atol=1e-7)

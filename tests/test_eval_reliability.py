@@ -54,7 +54,8 @@ def test_answers_are_keyed_on_checkpoint_and_protocol(env):
     b = runner.load_setup(ckpt2, mesh=MESH)
     out = str(root / "keyed" / "res.json")
     assert runner.run(bench, a, out, max_new_answers=4, **KW) is None  # "killed" after 4
-    header = _answer_lines(out)[0]["protocol"]
+    header, where = answer_key.read_protocol(out)
+    assert where == os.path.realpath(ckpt)
     assert header["checkpoint_id"] == answer_key.checkpoint_id(ckpt)
     assert header["benchmark"] == "synthetic" and header["num_frames"] == 8
 
@@ -70,13 +71,13 @@ def test_answers_are_keyed_on_checkpoint_and_protocol(env):
         runner.run(Synthetic(data, num_frames=4), a, out, **KW)
     with pytest.raises(answer_key.AnswersMismatchError, match="split"):
         runner.run(Synthetic(data, num_frames=8, split="train"), a, out, **KW)
-    assert len(_answer_lines(out)) == 1 + 4  # nothing was written by the refused runs
+    assert len(_answer_lines(out)) == 4  # nothing was written by the refused runs
+    assert answer_key.read_protocol(out)[0] == header
 
     # --fresh: the old answers are deleted, every question is asked of the new checkpoint
     res = runner.run(bench, b, out, fresh=True, **KW)
-    lines = _answer_lines(out)
-    assert lines[0]["protocol"]["checkpoint_id"] == answer_key.checkpoint_id(ckpt2)
-    assert [r["id"] for r in lines[1:]] == [f"eval:{i}" for i in range(8)]
+    assert answer_key.read_protocol(out)[0]["checkpoint_id"] == answer_key.checkpoint_id(ckpt2)
+    assert [r["id"] for r in _answer_lines(out)] == [f"eval:{i}" for i in range(8)]
     assert res["protocol"]["checkpoint_id"] == answer_key.checkpoint_id(ckpt2)
     assert res["summary"]["num_questions"] == 8 and len(res["records"]) == 8
 
@@ -93,22 +94,22 @@ def test_checkpoint_id_follows_the_saved_parameters(env, tmp_path):
     )
 
 
-def test_answers_without_header_are_not_resumed(tmp_path):
+def test_answers_without_protocol_are_not_resumed(tmp_path):
     out = str(tmp_path / "old.json")
-    with open(runner.answers_path(out), "w") as f:  # an answers file of an earlier version
+    with open(runner.answers_path(out), "w") as f:  # answers of an earlier version
         f.write(json.dumps({"id": "eval:0", "prediction": "(A)"}) + "\n")
+        f.write('{"id": "eval:1", "predic')  # and a line cut by a kill
     proto = {"checkpoint_id": "x", "benchmark": "synthetic"}
-    with pytest.raises(answer_key.AnswersMismatchError, match="no header"):
+    with pytest.raises(answer_key.AnswersMismatchError, match=r"(?s)hold 1 answers.*is missing"):
         answer_key.check_answers(out, proto)
-    assert answer_key.check_answers(out, proto, fresh=True) == [runner.answers_path(out)]
-    assert not os.path.exists(runner.answers_path(out))
-    # an empty file, or a header cut by a kill, is simply restarted
-    with open(runner.answers_path(out), "w") as f:
-        f.write('{"protocol": {"checkpoint_id": "x", "bench')
-    answer_key.check_answers(out, proto)
-    with answer_key.open_answers(runner.answers_path(out), proto) as f:
-        f.write(json.dumps({"id": "eval:1"}) + "\n")
-    assert answer_key.read_header(runner.answers_path(out)) == (proto, "", 1)
+    answer_key.write_protocol(out, proto, "/ckpt")
+    assert answer_key.check_answers(out, proto) == []  # recorded and equal: resumable
+    with pytest.raises(answer_key.AnswersMismatchError, match='benchmark: "synthetic" in the'):
+        answer_key.check_answers(out, {**proto, "benchmark": "mvbench"})
+    gone = answer_key.check_answers(out, proto, fresh=True)
+    assert gone == [runner.answers_path(out), answer_key.protocol_path(out)]
+    assert not os.path.exists(gone[0]) and not os.path.exists(gone[1])
+    assert answer_key.check_answers(out, {"other": 1}) == []  # no answers: nothing to check
 
 
 def _no_restore(monkeypatch):
@@ -171,6 +172,13 @@ def test_eval_command_missing_checkpoint_no_traceback(env, tmp_path):
     assert f"error: checkpoint directory {tmp_path / 'nope'} not found" in res.stderr
 
 
+class _DataPosition:
+    """Stands in for the pipeline iterator whose position a real checkpoint holds."""
+
+    def get_state(self):
+        return {"batches": 2}
+
+
 def test_training_resume_after_model_change_names_parameter(tmp_path):
     """run.main with a checkpoint of another model in its workdir: the parameter and both
     shapes, before the trainer restores anything (orbax's error named no parameter)."""
@@ -195,7 +203,7 @@ def test_training_resume_after_model_change_names_parameter(tmp_path):
     params = nn.unbox(init_params(run.model_config(old), jax.random.PRNGKey(0)))
     state = create_train_state(params, tx, trainable_predicate(old.optimizer))
     ck = Checkpointer(str(work / "checkpoints"), async_save=False)
-    ck.save(2, state, config=old, force=True)
+    ck.save(2, state, data_iterator=_DataPosition(), config=old, force=True)
     ck.close()
 
     with pytest.raises(resume_check.ResumeMismatchError) as e:

@@ -26,6 +26,17 @@ from ppllava_jax.data.errors import MediaError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+# per vision tower: (mean, std) of its image processor (CLIP for the Vicuna family, SigLIP for
+# the Qwen family)
+PIXEL_STATS = {"clip": (CLIP_MEAN, CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD)}
+
+
+def pixel_stats(qwen: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a model family's vision tower (``PPLLaVAConfig.qwen``)."""
+    return PIXEL_STATS["siglip" if qwen else "clip"]
+
+
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 

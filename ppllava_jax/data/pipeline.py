@@ -801,11 +801,11 @@ class _Preprocess:
             n = max(n, merged_length(self.planner, rec["rejected_input_ids"], media, self.frames))
         return n
 
-    # -- stage B: normalize
-    @staticmethod
-    def finalize(rec: dict) -> dict:
+    # -- stage B: normalize (the vision tower's own mean / std)
+    def finalize(self, rec: dict) -> dict:
         if "pixels" in rec and rec["pixels"].dtype == np.uint8:
-            rec = dict(rec, pixels=img.normalize(rec["pixels"]))
+            mean, std = img.pixel_stats(bool(getattr(self.model_cfg, "qwen", False)))
+            rec = dict(rec, pixels=img.normalize(rec["pixels"], mean, std))
         return rec
 
     def __call__(self, item: dict) -> dict:

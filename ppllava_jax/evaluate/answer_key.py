@@ -1,7 +1,8 @@
 """What an answers file belongs to: the checkpoint and the protocol settings of the evaluation.
 
 ``runner.run`` resumes from ``<out stem>.answers*.jsonl``. Answers are only reusable under the
-settings that produced them, so each answers file starts with a header line::
+settings that produced them, so ``<out stem>.answers.protocol.json`` (written by process 0 before
+any answer) records them::
 
     {"protocol": {"checkpoint_id": "3f2a...", "benchmark": "synthetic", "num_frames": 8,
                   "template": "plain_v1", "tokenizer_legacy": true, "max_new_tokens": 4, ...},
@@ -19,10 +20,11 @@ settings that produced them, so each answers file starts with a header line::
   pre-tokenization mode, the compute dtype, ``max_new_tokens`` and the sampling settings.
 
 Batch size, workers, mesh and the number of hosts do not change an answer and are not part of
-it. On a rerun whose protocol differs from a file's header (or whose file has answers but no
-header: written before headers existed) ``check_answers`` refuses, naming each setting and both
+it. On a rerun that finds answers whose recorded protocol differs (or answers without a protocol
+file: written by an earlier version) ``check_answers`` refuses, naming each setting and both
 values, unless ``fresh`` is set, in which case every answers file of ``out`` is deleted and the
-evaluation starts afresh (``eval.py --fresh``).
+evaluation starts afresh (``eval.py --fresh``). The answers files themselves are unchanged (one
+JSON record per line).
 """
 
 from __future__ import annotations
@@ -126,10 +128,9 @@ def protocol(
     return p
 
 
-def header_line(proto: dict[str, Any], checkpoint: str = "") -> str:
-    """The first line of a new answers file (newline included)."""
-    info = {"checkpoint": os.path.realpath(checkpoint)} if checkpoint else {}
-    return json.dumps({HEADER_KEY: proto, **info}) + "\n"
+def protocol_path(out: str) -> str:
+    """``<out stem>.answers.protocol.json``: what the answers of ``out`` were given under."""
+    return os.path.splitext(os.fspath(out))[0] + ".answers.protocol.json"
 
 
 def answer_files(out: str) -> list[str]:
@@ -138,23 +139,41 @@ def answer_files(out: str) -> list[str]:
     return sorted(glob.glob(glob.escape(stem) + ".answers*.jsonl"))
 
 
-def read_header(path: str) -> tuple[dict | None, str, int]:
-    """(protocol of the header or None, the header's checkpoint path, answer records) of an
-    answers file; a line cut by a kill is ignored."""
-    proto, ckpt, n = None, "", 0
-    with open(path) as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(r, dict):
-                continue
-            if HEADER_KEY in r and proto is None and n == 0:
-                proto, ckpt = r[HEADER_KEY], str(r.get("checkpoint", ""))
-            elif "id" in r:
-                n += 1
-    return proto, ckpt, n
+def count_answers(out: str) -> int:
+    """Answer records (lines with an ``id``) in ``out``'s answers files; cut lines ignored."""
+    n = 0
+    for path in answer_files(out):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                n += isinstance(r, dict) and "id" in r
+    return n
+
+
+def read_protocol(out: str) -> tuple[dict | None, str]:
+    """(recorded protocol or None, the checkpoint path recorded with it)."""
+    try:
+        with open(protocol_path(out)) as f:
+            d = json.load(f)
+        return d[HEADER_KEY], str(d.get("checkpoint", ""))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, ""
+
+
+def write_protocol(out: str, proto: dict[str, Any], checkpoint: str = "") -> str:
+    """Record ``proto`` for ``out``'s answers (atomically: a temporary file renamed)."""
+    path = protocol_path(out)
+    info = {"checkpoint": os.path.realpath(checkpoint)} if checkpoint else {}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({HEADER_KEY: proto, **info}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -170,66 +189,44 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def check_answers(
     out: str, proto: dict[str, Any], *, fresh: bool = False, checkpoint: str = ""
 ) -> list[str]:
-    """Make ``out``'s answers files safe to resume from under ``proto``.
+    """Make ``out``'s answers safe to resume from under ``proto`` (call ``write_protocol``
+    afterwards, before writing answers).
 
-    fresh: delete every answers file of ``out`` (whatever it holds) and start afresh.
-    Otherwise a file whose header differs from ``proto`` (or that has answers and no header)
-    raises ``AnswersMismatchError`` naming the file, each differing setting with both values,
-    and the two ways on (``--fresh``, another ``--out``). Files with neither header nor answers
-    (empty, or a header cut by a kill) are fine (rewritten on opening).
+    fresh: delete every answers file of ``out`` and its protocol file, and start afresh.
+    Otherwise answers recorded under another protocol (or with no protocol file) raise
+    ``AnswersMismatchError`` naming the file, each differing setting with both values, and the
+    two ways on (``--fresh``, another ``--out``). No answers: nothing to check.
     Returns the files deleted (``fresh``)."""
     files = answer_files(out)
     if fresh:
-        for path in files:
+        gone = []
+        for path in [*files, protocol_path(out)]:
             try:
                 os.remove(path)
-            except FileNotFoundError:  # another host removed it
+                gone.append(path)
+            except FileNotFoundError:  # another host removed it, or there was none
                 pass
-        return files
-    now = os.path.realpath(checkpoint) if checkpoint else "?"
-    for path in files:
-        old, old_ckpt, n = read_header(path)
-        if old is None and n == 0:
-            continue
-        if old is None:
-            why = [
-                f"its {n} answers have no header saying which checkpoint and settings gave them "
-                "(written by an earlier version)"
-            ]
-        elif old != proto:
-            why = differences(old, proto)
-            if "checkpoint_id" in old and old.get("checkpoint_id") != proto.get("checkpoint_id"):
-                why.append(f"checkpoint: {old_ckpt or '?'} in the file, {now} now")
-        else:
-            continue
-        raise AnswersMismatchError(
-            f"{path} holds {n} answers of another evaluation; resuming would report them as "
-            "answers of this one:\n  "
-            + "\n  ".join(why)
-            + "\nRefusing to resume. Pass --fresh to delete the answers files of this --out and "
-            "start afresh, or choose another --out."
-        )
-    return []
-
-
-def open_answers(path: str, proto: dict[str, Any] | None, checkpoint: str = ""):
-    """Open ``path`` for appending answers (call ``check_answers`` first). A file without a
-    header and without answers (new, empty, or a header cut by a kill) is (re)started with
-    the header; a last line cut by a kill is closed with a newline first, so the next record
-    starts on its own line (``runner.read_answers`` ignores the cut one)."""
-    if proto is not None:
-        old, _, n = read_header(path) if os.path.exists(path) else (None, "", 0)
-        if old is None and n == 0:
-            f = open(path, "w")
-            f.write(header_line(proto, checkpoint))
-            f.flush()
-            os.fsync(f.fileno())
-            return f
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            cut = f.read(1) != b"\n"
-        if cut:
-            with open(path, "a") as f:
-                f.write("\n")
-    return open(path, "a")
+        return gone
+    n = count_answers(out)
+    if n == 0:
+        return []
+    old, old_ckpt = read_protocol(out)
+    if old == proto:
+        return []
+    if old is None:
+        why = [
+            f"{protocol_path(out)} is missing: nothing says which checkpoint and settings gave "
+            "them (written by an earlier version, or the file was deleted)"
+        ]
+    else:
+        why = differences(old, proto)
+        if old.get("checkpoint_id") != proto.get("checkpoint_id"):
+            now = os.path.realpath(checkpoint) if checkpoint else "?"
+            why.append(f"checkpoint: {old_ckpt or '?'} in the file, {now} now")
+    raise AnswersMismatchError(
+        f"{', '.join(files)} hold {n} answers of another evaluation; resuming would report them "
+        "as answers of this one:\n  "
+        + "\n  ".join(why)
+        + "\nRefusing to resume. Pass --fresh to delete the answers of this --out and start "
+        "afresh, or choose another --out."
+    )

@@ -11,9 +11,10 @@
   multi-host run). On restart, every ``<out stem>.answers*.jsonl`` is read and the questions
   already there are not asked again (a truncated last line, from a kill mid-write, is
   ignored); the scores are computed from the records, so they do not depend on how often the
-  run was interrupted. Each answers file starts with the checkpoint id and the protocol
-  settings it was written under (``answer_key``): a rerun under another checkpoint or other
-  settings is refused, saying what differs, unless ``fresh`` deletes the old answers.
+  run was interrupted. ``<out stem>.answers.protocol.json`` holds the checkpoint id and the
+  protocol settings the answers were given under (``answer_key``): a rerun under another
+  checkpoint or other settings is refused, saying what differs, unless ``fresh`` deletes the
+  old answers.
 - **In memory, exact.** Questions go to the data pipeline as ``annotations.Sample`` lists
   (no temporary files). An exact question (``Question.prompt_text``) is encoded as the
   original encodes it: ``tok(prompt_text)`` with the tokenizer of
@@ -252,6 +253,19 @@ def read_answers(out: str) -> dict[str, dict]:
     return recs
 
 
+def _open_answers(path: str):
+    """Append mode; a last line cut by a kill is closed with a newline first, so the next
+    record starts on its own line (the cut one is ignored by ``read_answers``)."""
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        if cut:
+            with open(path, "a") as f:
+                f.write("\n")
+    return open(path, "a")
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]
 
@@ -365,6 +379,8 @@ def run(
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"eval_{bench.name}_fresh")
+    if jax.process_index() == 0:  # before any host writes an answer (the sync below)
+        answer_key.write_protocol(out, proto, setup.checkpoint)
     done = read_answers(out)
     todo = [q for q in questions if q.qid not in done]
     # every host shards the same to-do list: none writes before all have read the answer files
@@ -393,7 +409,7 @@ def run(
     skipped = 0
     t0 = time.time()
     try:
-        with answer_key.open_answers(answers_path(out), proto, setup.checkpoint) as sink:
+        with _open_answers(answers_path(out)) as sink:
             for (frames, prefix, group, _), qs in sorted(groups.items(), key=lambda kv: kv[0]):
                 src = f"{bench.name}:{group}:{frames}"
                 buckets = video_buckets(cfg, frames, n_new)
