@@ -20,6 +20,7 @@ import os
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -52,10 +53,7 @@ def main() -> None:
         clip = rng.integers(3, 600, 20).astype(np.int32)
         samples.append(Sample(ids, labels=labels, media=Media("video", px), clip_ids=clip))
     batch = collate(samples, base, padding_side="right", clip_length=32)
-    params = jax.device_get(init_params(base, jax.random.PRNGKey(0)))
-    params = jax.tree.map(
-        lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")
-    )
+    params = nn.unbox(init_params(base, jax.random.PRNGKey(0)))
 
     steps, states, times, losses = {}, {}, {}, {}
     for impl in ("xla", "blockwise"):

@@ -36,6 +36,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, GLOBAL_BATCH, NUM_TRAIN, NUM_EVAL = 6, 8, 32, 12
+LR = 2e-4  # small: from scratch at the demo's 2e-3, reduction-order noise grows step by step
 CACHE = os.environ.get("PPLLAVA_JAX_CACHE", os.path.expanduser("~/.cache/ppllava_jax/xla"))
 
 
@@ -90,7 +91,7 @@ def launch(
     devices: int,
     command: list[str],
     *,
-    timeout: float = 900,
+    timeout: float = 600,
     watch: Callable[[Run], bool] | None = None,
     launcher_args: tuple[str, ...] = (),
 ) -> tuple[int, str]:
@@ -136,14 +137,14 @@ def train_cmd(data: Path, workdir: Path, rows_per_host: int) -> list[str]:
         "--config.optimizer.warmup_steps=2",
         # a small step size: from-scratch training at the demo's 2e-3 amplifies float32
         # reduction-order differences into a visibly different trajectory within a few steps
-        "--config.optimizer.lr=2e-4",
+        f"--config.optimizer.lr={LR}",
         "--config.checkpoint.save_every=2",
         "--config.checkpoint.keep=10",
         "--config.eval.split=",
     ]
 
 
-def eval_cmd(data: Path, checkpoint: Path, out: Path) -> list[str]:
+def eval_cmd(data: Path, checkpoint: Path, out: Path, batch: int = 2) -> list[str]:
     return [
         sys.executable,
         str(ROOT / "eval.py"),
@@ -151,7 +152,7 @@ def eval_cmd(data: Path, checkpoint: Path, out: Path) -> list[str]:
         "--benchmark=synthetic",
         f"--data={data}",
         f"--out={out}",
-        "--batch_size=2",
+        f"--batch_size={batch}",
         "--max_new_tokens=4",
         "--no_progress",
     ]
@@ -225,9 +226,17 @@ def load_final(workdir: Path) -> dict[str, np.ndarray]:
 
 
 def assert_params_close(a: dict, b: dict) -> None:
+    """Adam turns float32 reduction-order noise in near-zero gradients into whole steps of
+    +-lr for single elements, so elements may differ by up to ~lr per step; each tensor as a
+    whole must agree to 1% (a lost or doubled host's rows would move every tensor by far more)."""
     assert sorted(a) == sorted(b)
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=5e-4, err_msg=k)
+        diff = np.abs(a[k] - b[k])
+        assert diff.max() <= 2 * LR * STEPS, (k, float(diff.max()))
+        # a tensor that starts at zero (a bias) is only as large as the steps it took
+        scale = max(float(np.linalg.norm(b[k])), LR * STEPS * np.sqrt(b[k].size))
+        rel = np.linalg.norm(a[k] - b[k]) / scale
+        assert rel <= 1e-2, (k, rel)
 
 
 def assert_losses_close(a: dict[int, float], b: dict[int, float]) -> None:
@@ -428,12 +437,13 @@ def test_evaluation_on_two_processes_equals_one_and_resumes(data, reference):
         os.kill(run.child_pids()[1], signal.SIGKILL)
         return True
 
-    rc, text = launch(2, 1, eval_cmd(data, final, two), watch=watch)
+    # one question per batch: 6 batches per host, so the kill lands mid-run
+    rc, text = launch(2, 1, eval_cmd(data, final, two, batch=1), watch=watch)
     assert rc == 128 + signal.SIGKILL, text[-4000:]
     assert not two.exists()
     before = _answer_ids(two)
     assert 0 < len(before) < NUM_EVAL
-    ok(*launch(2, 1, eval_cmd(data, final, two)))
+    ok(*launch(2, 1, eval_cmd(data, final, two, batch=1)))
     ids = _answer_ids(two)
     assert sorted(ids) == sorted(set(ids)), "a question was answered twice"
     assert len(ids) == NUM_EVAL

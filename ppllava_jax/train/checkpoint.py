@@ -179,6 +179,15 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
+        if jax.process_count() > 1:
+            # orbax syncs the processes while creating a missing root directory, but only those
+            # that still find it missing: create it first so that no process enters that sync
+            # alone (it would pair with another collective of the others)
+            if jax.process_index() == 0:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            from ppllava_jax.sharding import process_barrier
+
+            process_barrier(f"checkpoint_dir:{self.directory}")
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config", "meta")
         )
