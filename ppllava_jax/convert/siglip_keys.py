@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ppllava_jax.convert.clip_keys import _layout_prefix, _linear, _ln, encoder_rules
+from ppllava_jax.convert.clip_keys import _layout_prefix, _linear, _ln, encoder_rules, text_rules
 from ppllava_jax.convert.mapping import KeyMap, Rule
 from ppllava_jax.convert.registry import Family
 from ppllava_jax.models.config import SiglipTextConfig, SiglipVisionConfig
@@ -81,25 +81,8 @@ def siglip_text_rules(
     ``embeddings.position_embedding`` / ``embeddings.position_embedding_res`` (PPLLaVA's
     context extension)."""
     t, j = torch_prefix, jax_prefix
-    if extended:
-        pos = [
-            Rule(f"{t}embeddings.position_embedding", f"{j}embeddings/position_embedding"),
-            Rule(f"{t}embeddings.position_embedding_res", f"{j}embeddings/position_embedding_res"),
-        ]
-    else:
-        pos = [
-            Rule(
-                f"{t}embeddings.position_embedding.weight",
-                f"{j}embeddings/position_embedding/embedding",
-            )
-        ]
-    return [
-        Rule(f"{t}embeddings.token_embedding.weight", f"{j}embeddings/token_embedding/embedding"),
-        *pos,
-        *encoder_rules(t, j),
-        *_ln(f"{t}final_layer_norm", f"{j}final_layer_norm"),
-        *_linear(f"{t}head", f"{j}head"),
-    ]
+    # CLIP's text tower (token + position embeddings, encoder, final LayerNorm) plus the head
+    return [*text_rules(t, j, extended), *_linear(f"{t}head", f"{j}head")]
 
 
 def siglip_model_rules(
