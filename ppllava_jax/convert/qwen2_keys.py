@@ -3,15 +3,13 @@
 
 Qwen2's parameter names are LLaMA's (``model.layers.{i}.self_attn.{q,k,v,o}_proj``,
 ``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``, ``model.norm``,
-``lm_head``), with biases on q/k/v, so the table is ``llama_keys.llama_rules``; the family differs
-in its config (``Qwen2Config``: GQA, ``qkv_bias``, ``rope_theta``, untied head).
+``lm_head``), with biases on q/k/v, so the table, key map and abstract tree are ``llama_keys``'s;
+the family differs in its config (``Qwen2Config``: GQA, ``qkv_bias``, ``rope_theta``, untied head).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from ppllava_jax.convert.llama_keys import IGNORE, llama_rules
+from ppllava_jax.convert.llama_keys import IGNORE, _abstract, _keymap, llama_rules
 from ppllava_jax.convert.mapping import KeyMap
 from ppllava_jax.convert.registry import Family
 from ppllava_jax.models.config import Qwen2Config
@@ -20,16 +18,6 @@ from ppllava_jax.models.config import Qwen2Config
 def _detect(hf: dict) -> bool:
     archs = hf.get("architectures") or []
     return hf.get("model_type") == "qwen2" or any(a.startswith("Qwen2For") for a in archs)
-
-
-def _keymap(cfg: Qwen2Config, keys: Iterable[str] = ()) -> KeyMap:
-    return KeyMap(llama_rules())
-
-
-def _abstract(cfg: Qwen2Config):
-    from ppllava_jax.models.llama import abstract_params
-
-    return abstract_params(cfg)
 
 
 FAMILIES = [

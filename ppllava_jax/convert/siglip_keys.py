@@ -17,10 +17,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
-from ppllava_jax.convert.clip_keys import _layout_prefix, _linear, _ln, encoder_rules, text_rules
+from ppllava_jax.convert.clip_keys import (
+    _IDS,
+    _abstract,
+    _layout_prefix,
+    _linear,
+    _ln,
+    _pixels,
+    encoder_rules,
+    text_rules,
+)
 from ppllava_jax.convert.mapping import KeyMap, Rule
 from ppllava_jax.convert.registry import Family
 from ppllava_jax.models.config import SiglipTextConfig, SiglipVisionConfig
@@ -126,20 +132,6 @@ def text_config_to_hf(cfg: SiglipTextConfig) -> dict:
 
 
 # ---- abstract parameters ---------------------------------------------------------------------
-
-
-def _abstract(model: Any, *shapes: jax.ShapeDtypeStruct) -> Any:
-    def init(*args: Any) -> Any:
-        return model.init(jax.random.PRNGKey(0), *args)["params"]
-
-    return jax.eval_shape(init, *shapes)
-
-
-def _pixels(cfg: SiglipVisionConfig) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
-
-
-_IDS = jax.ShapeDtypeStruct((1, 1), jnp.int32)
 
 
 def vision_abstract_params(cfg: SiglipVisionConfig) -> Any:

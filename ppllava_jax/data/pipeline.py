@@ -614,23 +614,12 @@ class _Preprocess:
             "image": max_views(self.size, self.pinpoints),
             "multi": self.max_images,
         }
-        self._tok = self._clip_tok = self._planner = self._eval_tok = None
+        self._tok = self._clip_tok = self._planner = None
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_tok"] = d["_clip_tok"] = d["_planner"] = None  # reloaded lazily in each worker
-        d["_eval_tok"] = None
         return d
-
-    @property
-    def eval_tokenizer(self):
-        """The tokenizer of exact evaluation prompts (``load_llm_tokenizer`` with
-        ``data.tokenizer_legacy``)."""
-        if self._eval_tok is None:
-            from ppllava_jax.data.tokenizers import load_llm_tokenizer
-
-            self._eval_tok = load_llm_tokenizer(self.tokenizer_dir, legacy=self.tokenizer_legacy)
-        return self._eval_tok
 
     @property
     def tokenizer(self):
@@ -758,7 +747,7 @@ class _Preprocess:
         frames of its ``video.FrameRule``. The record also holds ``frame_indices``
         (int64[T]) and, for frame folders, ``frame_files``."""
         ex = sample.extra
-        ids = np.asarray(self.eval_tokenizer(ex[EVAL_PROMPT]).input_ids, np.int32)
+        ids = np.asarray(self.tokenizer(ex[EVAL_PROMPT]).input_ids, np.int32)
         n_img = int((ids == self.model_cfg.image_token_index).sum())
         if n_img != 1:
             raise DataError(

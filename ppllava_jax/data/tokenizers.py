@@ -104,9 +104,7 @@ def load_llm_tokenizer(
             bt = tok.backend_tokenizer
             bt.normalizer, bt.pre_tokenizer = _llama_pipeline(legacy)
     if image_token and image_token not in tok.get_vocab():
-        tok.add_tokens(
-            AddedToken(image_token, special=True, normalized=False), special_tokens=True
-        )
+        tok.add_tokens(AddedToken(image_token, special=True, normalized=False), special_tokens=True)
     return tok
 
 
