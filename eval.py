@@ -99,10 +99,11 @@ flags.DEFINE_string("clip_tokenizer", "", "CLIP tokenizer directory (default DIR
 flags.DEFINE_string("template", "", "conversation template (default plain_v1)")
 flags.DEFINE_enum(
     "tokenizer_legacy",
-    "true",
-    ["true", "false", "file"],
-    "Llama pre-tokenization of exact benchmark prompts: legacy (the released tokenizers), "
-    "non-legacy, or as the tokenizer file says",
+    "checkpoint",
+    ["checkpoint", "true", "false", "file"],
+    "Llama pre-tokenization of prompts: as the checkpoint was trained (its inference.json; "
+    "legacy when it records none, as for converted released checkpoints), legacy (the "
+    "released tokenizers), non-legacy, or as the tokenizer file says",
 )
 flags.DEFINE_bool(
     "mvbench_system",

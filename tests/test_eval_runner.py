@@ -140,3 +140,28 @@ def test_heatmap_png(tmp_path):
         (np.zeros((1, 1, 3)) - np.array(heatmap.CLIP_MEAN)) / np.array(heatmap.CLIP_STD)
     )
     assert px.max() == 0
+
+
+def test_tokenizer_setting_follows_the_checkpoint(env):
+    """Evaluation tokenizes as training did: ``inference.json``'s ``tokenizer_legacy`` (written
+    by train.py's export) is the default; none recorded (a converted release) means legacy; an
+    explicit setting wins."""
+    import json
+    import os
+
+    root, setup = env
+    ckpt = setup.checkpoint
+    assert setup.tokenizer_legacy is True  # the tiny checkpoint records none
+    inf = os.path.join(ckpt, "inference.json")
+    saved = open(inf).read() if os.path.exists(inf) else None
+    try:
+        with open(inf, "w") as f:
+            json.dump({"tokenizer_legacy": None}, f)
+        assert runner.load_setup(ckpt, mesh=MESH).tokenizer_legacy is None
+        assert runner.load_setup(ckpt, mesh=MESH, tokenizer_legacy=False).tokenizer_legacy is False
+    finally:
+        if saved is None:
+            os.remove(inf)
+        else:
+            with open(inf, "w") as f:
+                f.write(saved)

@@ -52,18 +52,23 @@ def make_benchmark(name: str, data: str, **kw: Any) -> Benchmark:
     raise ValueError(f"unknown benchmark {name!r}; use one of {BENCHMARKS}")
 
 
-def parse_legacy(value: str | bool | None) -> bool | None:
-    """``--tokenizer_legacy``: true (default) | false | file (as the tokenizer file says)."""
+def parse_legacy(value: str | bool | None) -> bool | None | str:
+    """``--tokenizer_legacy``: checkpoint (default: what the checkpoint's ``inference.json``
+    records, else true) | true | false | file (as the tokenizer file says)."""
     if value is None or isinstance(value, bool):
         return value
     v = str(value).strip().lower()
-    if v in ("", "true", "1", "yes", "legacy"):
+    if v in ("", "checkpoint"):
+        from ppllava_jax.evaluate.runner import FROM_CHECKPOINT
+
+        return FROM_CHECKPOINT
+    if v in ("true", "1", "yes", "legacy"):
         return True
     if v in ("false", "0", "no", "nonlegacy", "non-legacy"):
         return False
     if v in ("file", "none"):
         return None
-    raise ValueError(f"--tokenizer_legacy={value!r}: use true, false or file")
+    raise ValueError(f"--tokenizer_legacy={value!r}: use checkpoint, true, false or file")
 
 
 def main(
@@ -96,7 +101,7 @@ def main(
         template=template,
         mesh=mesh,
         dtype=kw.get("dtype") or None,
-        tokenizer_legacy=parse_legacy(kw.get("tokenizer_legacy", "true")),
+        tokenizer_legacy=parse_legacy(kw.get("tokenizer_legacy", "checkpoint")),
     )
     if not num_frames and benchmark == "synthetic":
         num_frames = setup.defaults.get("num_frames", 0)

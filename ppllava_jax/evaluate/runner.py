@@ -72,6 +72,9 @@ log = logging.getLogger(__name__)
 # Checkpoint + mesh
 
 
+FROM_CHECKPOINT = "checkpoint"  # load_setup: the tokenizer setting the checkpoint was trained with
+
+
 @dataclasses.dataclass
 class Setup:
     """A loaded checkpoint ready to answer: model, config, params on ``mesh``, tokenizers."""
@@ -153,11 +156,12 @@ def load_setup(
     template: str = "",
     mesh: str | dict | None = None,
     dtype: str | None = None,
-    tokenizer_legacy: bool | None = True,
+    tokenizer_legacy: bool | None | str = FROM_CHECKPOINT,
 ) -> Setup:
     """Read a checkpoint directory (module docstring) onto a local mesh.
 
-    tokenizer_legacy: see :attr:`Setup.tokenizer_legacy`."""
+    tokenizer_legacy: see :attr:`Setup.tokenizer_legacy`; ``FROM_CHECKPOINT``: what
+    ``inference.json`` records (the setting training used), else True (legacy)."""
     from ppllava_jax.models.ppllava import PPLLaVA
 
     checkpoint = os.fspath(checkpoint)
@@ -166,6 +170,8 @@ def load_setup(
     if os.path.exists(inf):
         with open(inf) as f:
             defaults = json.load(f)
+    if tokenizer_legacy == FROM_CHECKPOINT:
+        tokenizer_legacy = defaults.get("tokenizer_legacy", True)
     runtime = {"dtype": dtype} if dtype else {}
     # a missing directory, another family, a params/ tree unlike config.json's model: said
     # before anything is restored (checkpoint_check)

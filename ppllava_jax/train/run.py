@@ -298,7 +298,12 @@ def export_final(workdir: str, params: Any, mcfg: PPLLaVAConfig, cfg) -> str:
         src = cfg.data.get(name)
         if src and os.path.isdir(src):
             shutil.copytree(src, os.path.join(out, name), dirs_exist_ok=True)
-    inference = {"template": cfg.data.template, "num_frames": int(cfg.data.num_frames)}
+    inference = {
+        "template": cfg.data.template,
+        "num_frames": int(cfg.data.num_frames),
+        # the pre-tokenization training used, so evaluation tokenizes prompts the same way
+        "tokenizer_legacy": cfg.data.get("tokenizer_legacy"),
+    }
     with open(os.path.join(out, "inference.json"), "w") as f:
         json.dump(inference, f, indent=1)
     barrier("export_final")
