@@ -64,7 +64,7 @@ import ml_collections
 
 from configs import ppllava_vicuna7b_videoonly as videoonly
 from ppllava_jax.data import pipeline
-from ppllava_jax.data.collate import GROUPS
+from ppllava_jax.layout import GROUPS
 
 GLOBAL_BATCH = 128  # SPEC section 7
 NUM_SAMPLES = 800_000  # placeholder: ~300k images + ~300k LLaVA-Hound + ~200k VideoChat2-IT

@@ -34,11 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from ppllava_jax.data.anyres import anyres_grid_shape, anyres_token_order
-
-GROUPS = ("video", "image", "multi")
-IGNORE = -100
-NEWLINE = -1  # marks an image_newline token in a local layout
+from ppllava_jax.layout import (
+    GROUPS,
+    IGNORE_INDEX,
+    NEWLINE,
+    anyres_grid_shape,
+    anyres_token_order,
+    num_pooled,
+)
 
 
 @dataclasses.dataclass
@@ -90,8 +93,7 @@ class Planner:
 
     def item_grid(self, kind: str, num_frames: int) -> tuple[int, int, int]:
         """(t, h, w) of the projector's output for one item of a group with ``num_frames``
-        frames/views per item (the projector's own rule, ``projector.num_pooled``)."""
-        from ppllava_jax.models.projector import num_pooled
+        frames/views per item (the projector's own rule, ``layout.num_pooled``)."""
 
         if kind not in GROUPS:
             raise ValueError(f"media kind {kind!r} is not one of {GROUPS}")
@@ -135,7 +137,7 @@ def _pad_to(a: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
 
 def _padding(pad_id: int) -> dict[str, int]:
     """What a padded position holds in each ``[B, L]`` array (``positions`` aside)."""
-    return {"input_ids": pad_id, "visual_index": -1, "attention_mask": 0, "labels": IGNORE}
+    return {"input_ids": pad_id, "visual_index": -1, "attention_mask": 0, "labels": IGNORE_INDEX}
 
 
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
@@ -244,7 +246,7 @@ def collate(
     seqs = []
     for i, s in enumerate(samples):
         ids = np.asarray(s.input_ids)
-        labels = np.full(ids.shape, IGNORE) if s.labels is None else np.asarray(s.labels)
+        labels = np.full(ids.shape, IGNORE_INDEX) if s.labels is None else np.asarray(s.labels)
         slots = np.flatnonzero(ids == image_token)
         pieces_ids, pieces_vis, pieces_lab = [], [], []
         owner = i if s.media_from is None else s.media_from  # whose item fills the slots
@@ -276,7 +278,7 @@ def collate(
             rows = np.where(local == NEWLINE, newline_row, row0 + local)
             pieces_ids.append(np.full(len(rows), pad_id))
             pieces_vis.append(rows)
-            pieces_lab.append(np.full(len(rows), IGNORE))
+            pieces_lab.append(np.full(len(rows), IGNORE_INDEX))
             prev = slot + 1
         pieces_ids.append(ids[prev:])
         pieces_vis.append(np.full(len(ids) - prev, -1))

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ppllava_jax.data.anyres import select_best_resolution  # noqa: F401  (part of this API)
 from ppllava_jax.data.errors import MediaError
+from ppllava_jax.layout import select_best_resolution
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

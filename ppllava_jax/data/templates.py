@@ -42,9 +42,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from ppllava_jax.data.errors import DataError, SampleTooLongError
+from ppllava_jax.layout import IGNORE_INDEX
 
 IMAGE_PLACEHOLDER = "<image>"
-IGNORE_INDEX = -100
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."

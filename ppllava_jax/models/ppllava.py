@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ppllava_jax.data.collate import GROUPS
+from ppllava_jax.layout import FRAME_MASK, GROUPS
 from ppllava_jax.models import layers
 from ppllava_jax.models.btadapter import PPLLaVAVisionModel
 from ppllava_jax.models.config import PPLLaVAConfig
@@ -31,8 +31,6 @@ from ppllava_jax.models.siglip import SiglipVisionTransformer
 from ppllava_jax.train.losses import next_token_loss
 
 Array = jax.Array
-
-_FRAME_MASK = {"video": "video_frames", "image": "image_views", "multi": "multi_frames"}
 
 
 class VisionTower(nn.Module):
@@ -92,7 +90,7 @@ class PPLLaVA(nn.Module):
         """
         px = batch[f"{group}_pixels"]
         n, t = px.shape[:2]
-        mask = batch.get(_FRAME_MASK[group])
+        mask = batch.get(FRAME_MASK[group])
         mask = jnp.ones((n, t), bool) if mask is None else mask.astype(bool)
         if group == "image":
             feats = self.vision_tower(
@@ -229,7 +227,7 @@ def dummy_batch(cfg: PPLLaVAConfig, batch_size: int = 1, length: int = 8) -> dic
     frames = max(cfg.pooling_kernel[0] if cfg.pooling_kernel else 1, 1)
     for g, t in (("video", frames), ("image", 1), ("multi", 1)):
         out[f"{g}_pixels"] = np.zeros((1, t, s, s, 3), np.float32)
-        out[_FRAME_MASK[g]] = np.ones((1, t), bool)
+        out[FRAME_MASK[g]] = np.ones((1, t), bool)
         out[f"{g}_clip_ids"] = np.zeros((1, 4), np.int32)
         out[f"{g}_clip_mask"] = np.ones((1, 4), np.int32)
     return out

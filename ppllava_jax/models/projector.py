@@ -14,8 +14,8 @@ Computation for one sample with features ``F[T, P, C]`` (class token dropped) an
    pooling_temp)``: tokens ``[T', h', w']``, flattened (t, row, col).
 
 What the original does with each media type (read from its code and checked against the
-fixtures ``forward_*_batch.npz`` -> ``visual_tokens_i`` at <= 1e-5, tests/test_projector.py,
-tests/test_btadapter.py). This is the contract for the visual-token merge:
+fixtures ``forward_*_batch.npz`` -> ``visual_tokens_i`` at <= 1e-5, tests/models/test_projector.py,
+tests/models/test_btadapter.py). This is the contract for the visual-token merge:
 
 - **video** (T frames): the vision tower runs the T frames as *one* BT-Adapter sequence; the
   projector pools the sample with the *video* kernel/stride (``pooling_kernel`` (2,3,3)) and one
@@ -53,16 +53,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ppllava_jax.data.anyres import (  # noqa: F401  re-exported for callers
-    anyres_grid_shape,
-    anyres_token_order,
-    select_best_resolution,
-    unpad_slices,
-)
+from ppllava_jax.layout import pool_windows
 from ppllava_jax.models import layers
 from ppllava_jax.models.clip import CLIPTextTransformer
 from ppllava_jax.models.config import PPLLaVAConfig
-from ppllava_jax.models.pooling import adaptive_avg_pool3d, pool_windows, weighted_pool3d
+from ppllava_jax.models.pooling import adaptive_avg_pool3d, weighted_pool3d
 from ppllava_jax.models.siglip import (
     SiglipAttentionPoolingHead,
     SiglipTextTransformer,
@@ -246,23 +241,7 @@ def gather_tokens(tokens: Array, order: Array, newline: Array) -> Array:
     return jnp.where((order < 0)[:, None], newline.astype(tokens.dtype)[None], picked)
 
 
-def num_pooled(cfg: PPLLaVAConfig, frames: int, video: bool) -> tuple[int, int, int]:
-    """Pooled grid ``(T', h', w')`` of a sample with ``frames`` frames/views."""
-    if cfg.pooling != "ppllava":
-        t = 1 if (cfg.pooling == "avp" and video) else frames
-        if cfg.pooling == "pllava":
-            return tuple(cfg.pllava_pooling_shape)  # type: ignore[return-value]
-        return (t, *cfg.frame_shape)
-    k, s = cfg.pool_kernel_stride(video)
-    return pool_windows((frames, *cfg.frame_shape), kernel=k, stride=s)[2]
-
-
 __all__: Any = [
     "PPLLaVAProjector",
-    "anyres_grid_shape",
-    "anyres_token_order",
     "gather_tokens",
-    "num_pooled",
-    "select_best_resolution",
-    "unpad_slices",
 ]

@@ -21,9 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ppllava_jax.layout import IGNORE_INDEX
+
 Array = jax.Array
 
-IGNORE_INDEX = -100
 
 
 def _shifted_targets(labels: Array, attention_mask: Array) -> tuple[Array, Array]:

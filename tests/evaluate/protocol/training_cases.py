@@ -20,7 +20,7 @@ from ppllava_jax.data import pipeline as pl
 from ppllava_jax.data import video as vid
 from ppllava_jax.data.tokenizers import train_clip_tokenizer
 from ppllava_jax.models.config import CLIPVisionConfig, PPLLaVAConfig
-from protocol.fixture import case_ids, ids_key, protocols, tokenizer_dir
+from tests.evaluate.protocol.fixture import case_ids, ids_key, protocols, tokenizer_dir
 
 TRAINING = protocols()["training"]
 SAMPLES = TRAINING["samples"]

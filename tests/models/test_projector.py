@@ -20,14 +20,10 @@ import pytest
 
 from ppllava_jax.convert.ppllava_keys import convert_vision_and_projector
 from ppllava_jax.convert.torch_io import TorchCheckpoint
+from ppllava_jax.layout import anyres_token_order, num_pooled
 from ppllava_jax.models.btadapter import PPLLaVAVisionModel
 from ppllava_jax.models.config import PPLLaVAConfig
-from ppllava_jax.models.projector import (
-    PPLLaVAProjector,
-    anyres_token_order,
-    gather_tokens,
-    num_pooled,
-)
+from ppllava_jax.models.projector import PPLLaVAProjector, gather_tokens
 
 REF = Path(os.environ.get("PPLLAVA_REFERENCE_DIR", "tests/fixtures/reference_ppllava"))
 FILES = ("forward_train_batch.npz", "forward_infer_batch.npz")

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_flops import _cfg
 
 from ppllava_jax.data.collate import Media, Sample, collate, pad_length
 from ppllava_jax.models.ppllava import PPLLaVA, init_params
 from ppllava_jax.train import run
+from tests.test_flops import _cfg
 
 IMG = 95
 

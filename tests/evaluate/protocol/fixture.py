@@ -15,7 +15,7 @@ from typing import Any
 PROTOCOLS_DIR = Path(
     os.environ.get(
         "PPLLAVA_PROTOCOLS_DIR",
-        Path(__file__).resolve().parent.parent / "fixtures" / "reference_protocols",
+        Path(__file__).resolve().parents[2] / "fixtures" / "reference_protocols",
     )
 )
 

@@ -17,7 +17,7 @@ from ppllava_jax.convert.torch_io import TorchCheckpoint
 from ppllava_jax.models.clip import CLIPTextTransformer
 from ppllava_jax.models.longclip import extend_positions, extended_length
 
-FIXTURES = Path(__file__).parent / "fixtures" / "reference_ppllava"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference_ppllava"
 TEXT_FAMILY = next(f for f in clip_keys.FAMILIES if f.name == "clip_text")
 
 

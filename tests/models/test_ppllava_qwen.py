@@ -28,7 +28,8 @@ from ppllava_jax.models.ppllava import PPLLaVA
 
 REF = Path(
     os.environ.get(
-        "PPLLAVA_QWEN_REFERENCE_DIR", Path(__file__).parent / "fixtures/reference_ppllava_qwen"
+        "PPLLAVA_QWEN_REFERENCE_DIR",
+        Path(__file__).resolve().parents[1] / "fixtures/reference_ppllava_qwen",
     )
 )
 IMG, PAD = 120, 100

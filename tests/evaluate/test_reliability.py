@@ -21,7 +21,7 @@ from ppllava_jax.evaluate.checkpoint_check import CheckpointMismatchError
 from ppllava_jax.evaluate.synthetic import Synthetic
 from ppllava_jax.evaluate.tiny import make_tiny_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MESH = "data=1,fsdp=1,tensor=1"
 KW = dict(batch_size=4, max_new_tokens=2, progress=False)
 
@@ -182,14 +182,13 @@ class _DataPosition:
 def test_training_resume_after_model_change_names_parameter(tmp_path):
     """run.main with a checkpoint of another model in its workdir: the parameter and both
     shapes, before the trainer restores anything (orbax's error named no parameter)."""
-    from test_demo import _small
-
     from configs import demo
     from ppllava_jax.models.ppllava import init_params
     from ppllava_jax.train import resume_check, run
     from ppllava_jax.train.checkpoint import Checkpointer
     from ppllava_jax.train.optimizer import make_optimizer, trainable_predicate
     from ppllava_jax.train.state import create_train_state
+    from tests.test_demo import _small
 
     def config(mlp):
         c = _small(demo.get_config(), 2)

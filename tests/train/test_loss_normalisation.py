@@ -24,14 +24,15 @@ import numpy as np
 import pytest
 import torch
 from jax.sharding import NamedSharding, PartitionSpec
-from toy_model import make_batch, make_toy
 
 from ppllava_jax import sharding
-from ppllava_jax.train.losses import IGNORE_INDEX, group_token_means, token_logps
+from ppllava_jax.layout import IGNORE_INDEX
+from ppllava_jax.train.losses import group_token_means, token_logps
 from ppllava_jax.train.optimizer import make_optimizer, merge_params, trainable_predicate
 from ppllava_jax.train.state import create_train_state
 from ppllava_jax.train.step import make_grad_fn, make_train_step
 from ppllava_jax.train.trainer import default_config
+from tests.train.toy_model import make_batch, make_toy
 
 ACCUM = 2  # accumulation steps
 ROWS = 8  # global batch: 2 devices x 2 micro-batches x 2 rows

@@ -23,7 +23,13 @@ from ppllava_jax.data.video import FrameRule, frame_rule_indices
 from ppllava_jax.evaluate import mvbench, scoring
 from ppllava_jax.evaluate.common import eval_num_segments
 from ppllava_jax.evaluate.conversation import reply_after
-from protocol.fixture import case_ids, ids_key, llm_tokenizer, protocols, tokenizer_dir
+from tests.evaluate.protocol.fixture import (
+    case_ids,
+    ids_key,
+    llm_tokenizer,
+    protocols,
+    tokenizer_dir,
+)
 
 P = protocols()
 MV = P["mvbench"]

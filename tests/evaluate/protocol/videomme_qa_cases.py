@@ -18,7 +18,7 @@ import pytest
 from ppllava_jax.data import video as vid
 from ppllava_jax.evaluate.openqa import OpenQA, VCGBench
 from ppllava_jax.evaluate.videomme import VideoMME
-from protocol.fixture import case_ids, ids_key, llm_tokenizer, protocols
+from tests.evaluate.protocol.fixture import case_ids, ids_key, llm_tokenizer, protocols
 
 VM_CASES = protocols()["videomme"]["cases"]
 QA_CASES = protocols()["qa"]["cases"]
@@ -348,7 +348,7 @@ def pipelines(tmp_path_factory):
     from ppllava_jax.data import pipeline as pl
     from ppllava_jax.data.tokenizers import train_clip_tokenizer
     from ppllava_jax.evaluate.tiny import tiny_config
-    from protocol.fixture import tokenizer_dir
+    from tests.evaluate.protocol.fixture import tokenizer_dir
 
     texts = [c["question"] for c in VM_CASES + QA_CASES] * 4
     clip_dir = tmp_path_factory.mktemp("clip_tok")

@@ -4,7 +4,7 @@ Every case of ``protocols.json`` in ``PPLLAVA_PROTOCOLS_DIR`` (default
 ``tests/fixtures/reference_protocols``) runs through the project's own code paths: the
 benchmark readers and prompt builders, the frame rules, the scoring, the data pipeline's
 sample encoder. Texts and ids are compared exactly, frame indices exactly, verdicts exactly.
-The cases live in ``tests/protocol/`` by benchmark; this module collects them all:
+The cases live in ``tests/evaluate/protocol/`` by benchmark; this module collects them all:
 
 - ``mvbench_cases``: MVBench prompts, ids, CLIP texts, frames (videos and frame folders),
   ``get_index`` grid, verdicts, the results dict; the MVBench and Video-MME scoring tables;
@@ -16,6 +16,6 @@ The cases live in ``tests/protocol/`` by benchmark; this module collects them al
   through the pipeline's encoder; the training frame-sampling rules.
 """
 
-from protocol.mvbench_cases import *  # noqa: F403
-from protocol.training_cases import *  # noqa: F403
-from protocol.videomme_qa_cases import *  # noqa: F403
+from tests.evaluate.protocol.mvbench_cases import *  # noqa: F403
+from tests.evaluate.protocol.training_cases import *  # noqa: F403
+from tests.evaluate.protocol.videomme_qa_cases import *  # noqa: F403

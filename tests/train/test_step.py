@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from toy_model import make_batch, make_toy
 
 from ppllava_jax.train.optimizer import make_optimizer, param_paths, trainable_predicate
 from ppllava_jax.train.state import create_train_state
 from ppllava_jax.train.step import make_grad_fn, make_train_step, microbatch
 from ppllava_jax.train.trainer import default_config
+from tests.train.toy_model import make_batch, make_toy
 
 
 def _config(accum=1, trainable="ppllava_sft", total=10):

@@ -22,7 +22,7 @@ from ppllava_jax.convert.mapping import ConversionError
 from ppllava_jax.convert.torch_io import TorchCheckpoint, write_safetensors
 from ppllava_jax.models.clip import CLIPTextTransformer, CLIPVisionTransformer
 
-FIXTURES = Path(__file__).parent / "fixtures" / "reference_ppllava"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference_ppllava"
 FAM = {f.name: f for f in clip_keys.FAMILIES}
 TOL = 1e-5
 

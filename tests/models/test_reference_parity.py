@@ -21,12 +21,15 @@ import pytest
 from ppllava_jax.convert.api import convert_checkpoint, load_checkpoint
 from ppllava_jax.data.collate import Media, Sample, collate
 from ppllava_jax.generate import SamplingConfig, generate
+from ppllava_jax.layout import pool_windows
 from ppllava_jax.models.longclip import extend_positions
-from ppllava_jax.models.pooling import pool_windows, weighted_pool3d
+from ppllava_jax.models.pooling import weighted_pool3d
 from ppllava_jax.models.ppllava import PPLLaVA
 
 REF = Path(
-    os.environ.get("PPLLAVA_REFERENCE_DIR", Path(__file__).parent / "fixtures/reference_ppllava")
+    os.environ.get(
+        "PPLLAVA_REFERENCE_DIR", Path(__file__).resolve().parents[1] / "fixtures/reference_ppllava"
+    )
 )
 KINDS = {"video": "video", "image": "image", "multi-image": "multi", "multi_image": "multi"}
 

@@ -25,7 +25,7 @@ from ppllava_jax.convert.torch_io import TorchCheckpoint, write_safetensors
 from ppllava_jax.models import llama
 from ppllava_jax.models.config import LlamaConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _flat(tree):

@@ -19,7 +19,9 @@ from ppllava_jax.models.longclip import extend_positions
 from ppllava_jax.models.ppllava import PPLLaVA
 
 REF = Path(
-    os.environ.get("PPLLAVA_REFERENCE_DIR", Path(__file__).parent / "fixtures/reference_ppllava")
+    os.environ.get(
+        "PPLLAVA_REFERENCE_DIR", Path(__file__).resolve().parents[1] / "fixtures/reference_ppllava"
+    )
 )
 IMG = 100
 TOWER, PATCH = 24, 4

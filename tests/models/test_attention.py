@@ -19,7 +19,7 @@ from ppllava_jax.models import attention, llama
 from ppllava_jax.models.attention import choose_impl, dot_product_attention
 from ppllava_jax.models.config import LlamaConfig
 
-REF = Path(__file__).parent / "fixtures/reference_ppllava"
+REF = Path(__file__).resolve().parents[1] / "fixtures/reference_ppllava"
 
 
 def _qkv(rng, b, t, s, n, k, h, dtype=jnp.float32):

@@ -3,7 +3,6 @@
 import jax
 import numpy as np
 import pytest
-from toy_model import make_toy
 
 from ppllava_jax.train.optimizer import (
     check_selection,
@@ -16,6 +15,7 @@ from ppllava_jax.train.optimizer import (
     split_params,
     trainable_predicate,
 )
+from tests.train.toy_model import make_toy
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ppllava_jax.models.pooling import adaptive_avg_pool3d, pool_windows, weighted_pool3d
+from ppllava_jax.layout import pool_windows
+from ppllava_jax.models.pooling import adaptive_avg_pool3d, weighted_pool3d
 
 REF = Path(os.environ.get("PPLLAVA_REFERENCE_DIR", "tests/fixtures/reference_ppllava"))
 

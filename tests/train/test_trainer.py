@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from toy_model import CountingIterator, make_toy
 
 from ppllava_jax.sharding import make_mesh
 from ppllava_jax.train.checkpoint import Checkpointer
 from ppllava_jax.train.optimizer import make_optimizer, trainable_predicate
 from ppllava_jax.train.state import create_train_state, state_shardings, with_shardings
 from ppllava_jax.train.trainer import default_config, train
+from tests.train.toy_model import CountingIterator, make_toy
 
 TOTAL = 6
 
@@ -113,13 +113,12 @@ CHILD = textwrap.dedent(
     import os, sys
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, {tests!r})
     sys.path.insert(0, {root!r})
     import jax
     jax.config.update("jax_compilation_cache_dir", {cache!r})
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from toy_model import CountingIterator, make_toy
-    from test_train_trainer import _config
+    from tests.train.toy_model import CountingIterator, make_toy
+    from tests.train.test_trainer import _config
     from ppllava_jax.train.trainer import train
     apply_fn, init = make_toy(dropout=0.1)
     res = train(_config(), {workdir!r}, model_apply=apply_fn, init_params=init,
@@ -135,7 +134,7 @@ def test_sigterm_saves_and_next_run_continues(straight, tmp_path):
     script = tmp_path / "child.py"
     wd = tmp_path / "wd"
     script.write_text(
-        CHILD.format(tests=here, root=os.path.dirname(here), cache=cache, workdir=str(wd))
+        CHILD.format(root=os.path.dirname(os.path.dirname(here)), cache=cache, workdir=str(wd))
     )
     proc = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

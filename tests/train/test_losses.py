@@ -3,7 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 
-from ppllava_jax.train.losses import IGNORE_INDEX, dpo_loss, next_token_loss, sequence_logps
+from ppllava_jax.layout import IGNORE_INDEX
+from ppllava_jax.train.losses import dpo_loss, next_token_loss, sequence_logps
 
 
 def _np_reference(logits, labels, mask):

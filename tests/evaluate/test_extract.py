@@ -1,5 +1,5 @@
 """Answer extraction on real-looking model outputs; option parsing. (Video-MME subtitles:
-tests/test_eval_readers_videomme_qa.py.)"""
+tests/evaluate/test_readers_videomme_qa.py.)"""
 
 import pytest
 

@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ppllava_jax.train.losses import IGNORE_INDEX, chunked_token_logps, token_logps
+from ppllava_jax.layout import IGNORE_INDEX
+from ppllava_jax.train.losses import chunked_token_logps, token_logps
 from ppllava_jax.train.optimizer import make_optimizer, trainable_predicate
 from ppllava_jax.train.state import create_train_state
 from ppllava_jax.train.step import make_grad_fn
 from ppllava_jax.train.trainer import default_config
 
-REF = Path(__file__).parent / "fixtures/reference_ppllava"
+REF = Path(__file__).resolve().parents[1] / "fixtures/reference_ppllava"
 
 
 def _problem(rng, b=4, length=13, d=8, v=29, dtype=jnp.float32):
