@@ -10,7 +10,7 @@
     python eval.py --checkpoint DIR --benchmark vcgbench --data video_chatgpt/ --out vcg.json
                                           # + vcg_general.json, vcg_temporal.json, vcg_consist.json
     python eval.py --checkpoint runs/demo/final --benchmark synthetic --data runs/demo/data \\
-        --out runs/demo/eval_synthetic.json --save-attention runs/demo/attention
+        --out runs/demo/eval/results_eval.json --save-attention runs/demo/eval/attention
 
 Benchmarks (``ppllava_jax/evaluate/``): ``mvbench`` (20 task JSON files + videos, 32 frames,
 accuracy per task), ``videomme`` (question file, 32 frames short / 64 medium+long, optional
@@ -43,9 +43,9 @@ a traceback (``PPLLAVA_TRACEBACK=1`` shows it).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ppllava_jax import cli_errors
+from ppllava_jax import command_line
 
-cli_errors.allow_list_overrides()
+command_line.allow_list_overrides()
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "optional training config (configs/*.py): template, frames, mesh defaults"
@@ -113,7 +113,12 @@ flags.DEFINE_bool(
 flags.DEFINE_string("mesh", "", "mesh over local devices, e.g. 'data=1,fsdp=-1,tensor=1'")
 flags.DEFINE_string("dtype", "", "compute dtype: float32 | bfloat16 (default: the config's)")
 flags.DEFINE_integer("num_workers", 0, "video decoding worker processes")
-flags.DEFINE_string("save_attention", "", "directory for per-frame relevance heatmaps (PNG)")
+flags.DEFINE_string(
+    "save_attention",
+    "",
+    "directory for one relevance picture per question (<question id>.png: the frames, the "
+    "prompt-to-patch relevance over each, a colour bar, the question and the answer)",
+)
 flags.DEFINE_integer("max_attention", 16, "heatmaps for at most this many questions per host")
 flags.DEFINE_bool("no_progress", False, "no progress bar")
 flags.mark_flags_as_required(["checkpoint", "benchmark", "data", "out"])
@@ -134,7 +139,7 @@ def main(argv: list[str]) -> None:
         "tokenizer_legacy", "mvbench_system", "qa_dataset", "vcg_system", "vcg_legacy_labels",
         "fresh",
     ]  # fmt: skip
-    cli_errors.report_user_errors(
+    command_line.report_user_errors(
         cli.main,
         checkpoint=FLAGS.checkpoint,
         benchmark=FLAGS.benchmark,
@@ -150,4 +155,4 @@ if __name__ == "__main__":
     import sys
 
     sys.argv = [a.replace("--save-attention", "--save_attention", 1) for a in sys.argv]
-    app.run(main, flags_parser=cli_errors.parse_flags)
+    app.run(main, flags_parser=command_line.parse_flags)

@@ -9,14 +9,20 @@ JSON or Python lists (``--config.data.buckets='[256, 512]'``,
 ``--config.data.sources='[{"path": "train.json", "data_root": "media/"}]'``). A mistake (an
 unknown config field, a missing file, a bad setting or unusable data) is printed as one
 ``error: ...`` line without a traceback (``PPLLAVA_TRACEBACK=1`` shows it).
+
+SIGTERM (preemption) or Ctrl-C saves a checkpoint and stops with exit status 75 (EX_TEMPFAIL:
+requeue the job; the same command resumes); a second Ctrl-C aborts at once, without saving.
+``ppllava_jax/train/preemption.py`` says how to make SLURM and Kubernetes requeue on 75.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ppllava_jax import cli_errors
+from ppllava_jax import command_line
 
-cli_errors.allow_list_overrides()
+command_line.allow_list_overrides()
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and data go")
@@ -28,9 +34,12 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from ppllava_jax.train import run
+    from ppllava_jax.train.preemption import REQUEUE_EXIT_CODE
 
-    cli_errors.report_user_errors(run.main, _CONFIG.value, _WORKDIR.value)
+    summary = command_line.report_user_errors(run.main, _CONFIG.value, _WORKDIR.value)
+    if summary.get("preempted"):
+        sys.exit(REQUEUE_EXIT_CODE)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli_errors.parse_flags)
+    app.run(main, flags_parser=command_line.parse_flags)

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
 
-    from configs import demo
+    from configs import common, demo
     from ppllava_jax.data.collate import Media, Sample, collate
     from ppllava_jax.models.ppllava import PPLLaVA, init_params
     from ppllava_jax.train.optimizer import make_optimizer, trainable_predicate
@@ -49,7 +49,7 @@ def main() -> None:
         ids[1] = base.image_token_index
         labels = np.full(len(ids), -100, np.int32)
         labels[-supervised:] = ids[-supervised:]
-        px = rng.random((demo.FRAMES, s, s, 3), np.float32)
+        px = rng.random((common.DEMO_FRAMES, s, s, 3), np.float32)
         clip = rng.integers(3, 600, 20).astype(np.int32)
         samples.append(Sample(ids, labels=labels, media=Media("video", px), clip_ids=clip))
     batch = collate(samples, base, padding_side="right", clip_length=32)

@@ -119,6 +119,41 @@ def size_of(args: Any) -> str:
     return "smoke" if args.smoke else ("quick" if args.quick else "full")
 
 
+def parse_size(ap: Any, sizes: dict[str, dict]) -> tuple[Any, str, dict, int | None]:
+    """``ap.parse_args()``, the size it asks for (full | quick | smoke), that size's setting in
+    ``sizes`` and the timed repeats (``--repeats``, else the setting's ``rep``)."""
+    args = ap.parse_args()
+    size = size_of(args)
+    setting = sizes[size]
+    return args, size, setting, args.repeats or setting.get("rep")
+
+
+def setting_config(s: dict, size: str, **kw: Any) -> Any:
+    """``ppllava_config`` of a benchmark setting (``vl``/``vw``, ``ll``/``lw``, ``img``; a
+    256-token vocabulary and a 64-wide text tower in the smoke setting); ``kw`` as there."""
+    smoke = size == "smoke"
+    return ppllava_config(
+        vision_layers=s["vl"],
+        vision_width=s["vw"],
+        llm_layers=s["ll"],
+        llm_width=s["lw"],
+        image_size=s["img"],
+        vocab_size=256 if smoke else 8192,
+        text_width=64 if smoke else 128,
+        **kw,
+    )
+
+
+def model_shape(s: dict) -> dict[str, Any]:
+    """The model of a benchmark setting as its JSON lines name it (``img``: image size,
+    ``vl``/``vw``: vision layers/width, ``ll``/``lw``: LLM layers/width)."""
+    return dict(
+        image_size=s["img"],
+        vision=f"{s['vl']}x{s['vw']}+btadapter2",
+        llm=f"{s['ll']}x{s['lw']}",
+    )
+
+
 # ----------------------------------------------------------------------------- timing
 
 
@@ -244,7 +279,7 @@ def demo_model_config() -> Any:
     """The model section of ``configs/demo.py`` as a ``PPLLaVAConfig``."""
     import importlib.util
 
-    from ppllava_jax.models.config import ppllava_config_from_dict
+    from ppllava_jax.convert.ppllava_config import ppllava_config_from_dict
 
     spec = importlib.util.spec_from_file_location("_demo_config", ROOT / "configs/demo.py")
     mod = importlib.util.module_from_spec(spec)

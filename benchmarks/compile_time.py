@@ -41,9 +41,10 @@ def main() -> int:
 
     jax.config.update("jax_enable_compilation_cache", False)
 
-    from ppllava_jax.models.config import PPLLaVAConfig
+    from ppllava_jax.convert.ppllava_config import ppllava_config_from_hf
     from ppllava_jax.models.ppllava import PPLLaVA, abstract_params
     from ppllava_jax.train.optimizer import make_optimizer, trainable_predicate
+    from ppllava_jax.train.run import make_apply
     from ppllava_jax.train.state import create_train_state
     from ppllava_jax.train.step import make_train_step
     from ppllava_jax.train.trainer import default_config
@@ -72,16 +73,11 @@ def main() -> int:
     results = {}
     for scan in (True,) if args.quick else (True, False):
         for depth in (int(d) for d in args.depths.split(",")):
-            base = PPLLaVAConfig.from_hf(hf, clip, scan_layers=scan, remat_policy="full")
+            base = ppllava_config_from_hf(hf, clip, scan_layers=scan, remat_policy="full")
             cfg = base.replace(llm=base.llm.replace(num_hidden_layers=depth))
             params = nn.unbox(abstract_params(cfg))
             state = jax.eval_shape(lambda p: create_train_state(p, tx, pred), params)
-            model = PPLLaVA(cfg)
-
-            def apply_fn(p, batch, *, train, rng, model=model):
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                return model.apply({"params": p}, inputs, deterministic=not train)
-
+            apply_fn = make_apply(PPLLaVA(cfg))  # what train.py runs (dropout keyed by rng)
             step = make_train_step(apply_fn, config, "sft", tx=tx, schedule=schedule)
             rng = jax.ShapeDtypeStruct((2,), np.uint32)
             best = None

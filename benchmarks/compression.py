@@ -39,10 +39,7 @@ MODES = ("ppllava", "none", "avp")
 def main() -> int:
     ap = common.base_parser(__doc__)
     ap.add_argument("--modes", default=",".join(MODES))
-    args = ap.parse_args()
-    size = common.size_of(args)
-    s = SIZES[size]
-    repeats = args.repeats or s["rep"]
+    args, size, s, repeats = common.parse_size(ap, SIZES)
     jax = common.setup_jax()
     import numpy as np
 
@@ -56,18 +53,7 @@ def main() -> int:
     pixels = rng_np.standard_normal((frames, s["img"], s["img"], 3)).astype(np.float32)
     runs = {}
     for mode in args.modes.split(","):
-        cfg = common.ppllava_config(
-            vision_layers=s["vl"],
-            vision_width=s["vw"],
-            llm_layers=s["ll"],
-            llm_width=s["lw"],
-            image_size=s["img"],
-            vocab_size=8192 if size != "smoke" else 256,
-            text_width=128 if size != "smoke" else 64,
-            pooling=mode,
-            kernel=(2, 3, 3),
-            btadapter_depth=2,
-        )
+        cfg = common.setting_config(s, size, pooling=mode, kernel=(2, 3, 3), btadapter_depth=2)
         ids = np.concatenate(
             [[1], rng_np.integers(3, 200, 7), [cfg.image_token_index], rng_np.integers(3, 200, 16)]
         ).astype(np.int32)
@@ -88,9 +74,7 @@ def main() -> int:
     shape = dict(
         size=size,
         frames=frames,
-        image_size=s["img"],
-        vision=f"{s['vl']}x{s['vw']}+btadapter2",
-        llm=f"{s['ll']}x{s['lw']}",
+        **common.model_shape(s),
         new_tokens=sc.max_new_tokens,
         dtype="float32",
     )

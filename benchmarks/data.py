@@ -37,9 +37,7 @@ def main() -> int:
     ap = common.base_parser(__doc__)
     ap.add_argument("--dir", default="", help="dataset directory (kept; default: a temp dir)")
     ap.add_argument("--workers", default="", help="comma list of worker counts")
-    args = ap.parse_args()
-    size = common.size_of(args)
-    s = SIZES[size]
+    args, size, s, _ = common.parse_size(ap, SIZES)
     workers = [int(w) for w in args.workers.split(",")] if args.workers else s["workers"]
     from ppllava_jax.data import pipeline, synthetic
 
@@ -84,7 +82,7 @@ def main() -> int:
                 first_batch_s=round(t1 - t0, 3),
                 dataset_clips=s["clips"],
                 frames_per_sample=int(data.num_frames),
-                image_size=int(data.image_size),
+                image_size=int(cfg.vision.image_size),
                 batch_shapes={k: shapes[k] for k in ("input_ids", "video_pixels") if k in shapes},
                 dataset_generation_s=round(gen_s, 2),
             )

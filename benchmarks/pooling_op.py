@@ -50,10 +50,7 @@ def torch_weighted_pool3d(x, w, kernel, stride, temperature: float):
 
 def main() -> int:
     ap = common.base_parser(__doc__)
-    args = ap.parse_args()
-    size = common.size_of(args)
-    s = SIZES[size]
-    repeats = args.repeats or s["rep"]
+    args, size, s, repeats = common.parse_size(ap, SIZES)
     jax = common.setup_jax()
     import numpy as np
     import torch

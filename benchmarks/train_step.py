@@ -97,10 +97,7 @@ def main() -> int:
     ap = common.base_parser(__doc__)
     ap.add_argument("--batch", type=int, default=1, help="videos per step")
     ap.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
-    args = ap.parse_args()
-    size = common.size_of(args)
-    s = SIZES[size]
-    repeats = args.repeats or s["rep"]
+    args, size, s, repeats = common.parse_size(ap, SIZES)
     jax = common.setup_jax()
     import numpy as np
     import torch

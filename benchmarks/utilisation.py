@@ -42,10 +42,7 @@ def main() -> int:
     ap = common.base_parser(__doc__)
     ap.add_argument("--dtype", default="", help="default: float32 on CPU, else bfloat16")
     ap.add_argument("--matmul-n", type=int, default=0, help="matmul size (default per size)")
-    args = ap.parse_args()
-    size = common.size_of(args)
-    s = SIZES[size]
-    repeats = args.repeats or s["rep"]
+    args, size, s, repeats = common.parse_size(ap, SIZES)
     jax = common.setup_jax()
     import flax.linen as nn
 
@@ -60,19 +57,8 @@ def main() -> int:
     clip_len = 16
 
     def make_cfg(scan: bool):
-        return common.ppllava_config(
-            vision_layers=s["vl"],
-            vision_width=s["vw"],
-            llm_layers=s["ll"],
-            llm_width=s["lw"],
-            image_size=s["img"],
-            vocab_size=8192 if size != "smoke" else 256,
-            text_layers=2,
-            text_width=128 if size != "smoke" else 64,
-            kernel=kernel,
-            btadapter_depth=2,
-            dtype=dtype,
-            scan_layers=scan,
+        return common.setting_config(
+            s, size, text_layers=2, kernel=kernel, btadapter_depth=2, dtype=dtype, scan_layers=scan
         )
 
     cfg = make_cfg(True)
@@ -126,10 +112,8 @@ def main() -> int:
         size=size,
         batch=s["batch"],
         frames=s["frames"],
-        image_size=s["img"],
         seq_len=length,
-        vision=f"{s['vl']}x{s['vw']}+btadapter2",
-        llm=f"{s['ll']}x{s['lw']}",
+        **common.model_shape(s),
         pooling=f"ppllava{kernel}",
         dtype=dtype,
         step_s=st["median_s"],

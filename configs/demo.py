@@ -11,37 +11,17 @@ Any field can be overridden: ``--config.train.total_steps=200``.
 
 import ml_collections
 
-from ppllava_jax.data import pipeline, synthetic
-from ppllava_jax.train import trainer
+from configs import common
 
-FRAMES = 8  # frames sampled per clip
-SIZE = 48  # clip and tower resolution
+SIZE = common.DEMO_SIZE  # clip and tower resolution
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = trainer.default_config()
-
-    # -- the synthetic dataset, created under <workdir>/data when `synthetic.dir` is empty
-    c.synthetic = ml_collections.ConfigDict()
-    c.synthetic.dir = ""  # "" = <workdir>/data
-    c.synthetic.num_train = 3000  # training clips
-    c.synthetic.num_eval = 300  # held-out clips
-    c.synthetic.qtypes = synthetic.DEFAULT_QTYPES  # colour, first_colour, last_colour
-    c.synthetic.frames = 16  # frames per clip
-    c.synthetic.size = SIZE  # clip width = height
-    c.synthetic.seed = 0
+    c = common.demo_task()  # dataset, data, evaluation, mesh and schedule (configs/common.py)
 
     # -- model: every size small enough for a 2-core CPU
     c.model = ml_collections.ConfigDict()
-    c.model.vision = dict(
-        image_size=SIZE,  # tower input = clip size
-        patch_size=8,  # 6x6 patch grid
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        projection_dim=64,
-    )
+    c.model.vision = dict(common.DEMO_VISION, projection_dim=64)  # 48px, 6x6 patches, 64 wide
     c.model.clip_text = dict(
         vocab_size=1024,  # >= the synthetic CLIP tokenizer's ~700 (end-of-text = its largest id)
         hidden_size=64,
@@ -84,42 +64,4 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.remat_policy = "none"
 
-    c.init_from = ""  # a converted / start-point directory; "" = random initialisation
-
-    # -- data (filled in from the synthetic dataset by train.py when sources is empty)
-    c.data = pipeline.default_config()
-    c.data.num_frames = FRAMES
-    c.data.image_size = SIZE
-    c.data.image_grid_pinpoints = [list(p) for p in c.model.image_grid_pinpoints]
-    c.data.clip_max_length = 32
-    c.data.clip_prompt = "question"  # the conversation holds the answer (see pipeline.py)
-    # answers-only labels on the whole text: the demo scores a prompt ending in "ASSISTANT:",
-    # while the original's encoding leaves an unsupervised "▁" token after it (pipeline.py)
-    c.data.text_encoding = "offsets"
-    c.data.max_length = 64  # ~48 text tokens + 8 visual tokens
-    c.data.buckets = [64]
-    c.data.fixed_groups = ("video",)  # every batch has its video group (multi-host shapes)
-    c.data.batch_size = 32
-    c.data.num_workers = 0
-    c.data.prefetch_batches = 2
-
-    # -- evaluation at the end of training: held-out multiple choice accuracy
-    c.eval = ml_collections.ConfigDict()
-    c.eval.split = "eval"  # synthetic split scored at the end ("" = none)
-    c.eval.batch_size = 48
-    c.eval.max_new_tokens = 4
-
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-
-    # ~0.7 s/step on 2 CPU cores (data decoding included); the loss falls below 0.05 around step
-    # 200-250, held-out accuracy 100%. Data + training + export + scoring: ~5.5 minutes.
-    c.train.total_steps = 400
-    c.train.log_every = 25
-    c.train.seed = 0
-    c.optimizer.trainable = "all"  # from scratch: train everything (the recipe freezes CLIP)
-    c.optimizer.lr = 2e-3
-    c.optimizer.warmup_steps = 40
-    c.optimizer.weight_decay = 0.0
-    c.checkpoint.save_every = 200
-    c.checkpoint.keep = 2
     return c

@@ -15,28 +15,22 @@ head), the ``plain_qwen`` template. Reports the held-out multiple-choice accurac
 
 import ml_collections
 
-from configs import demo
+from configs import common
 
-SIZE = demo.SIZE
+SIZE = common.DEMO_SIZE
 QWEN_VOCAB = 400  # ordinary ids of the trained Qwen-style tokenizer; 5 special ids follow
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = demo.get_config()  # dataset, data, eval, optimizer and schedule as the Vicuna demo
+    c = common.demo_task()  # dataset, data, evaluation, mesh and schedule as the Vicuna demo
     c.synthetic.llm_tokenizer = "qwen"  # train DATA/qwen_tokenizer and use it as data.tokenizer
     c.synthetic.qwen_vocab_size = QWEN_VOCAB
 
     m = c.model = ml_collections.ConfigDict()
     m.qwen = True  # SigLIP towers + Qwen2 (PPLLaVAConfig.qwen)
-    m.vision = dict(  # SigLIP vision tower
-        image_size=SIZE,  # tower input = clip size
-        patch_size=8,  # 6x6 patch grid
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vision_use_head=False,  # as LLaVA-OneVision's tower (the projector has its own head)
-    )
+    # SigLIP vision tower of the Vicuna demo's size; no head, as LLaVA-OneVision's tower (the
+    # projector has its own)
+    m.vision = dict(common.DEMO_VISION, vision_use_head=False)
     m.clip_text = dict(  # SigLIP text tower of the prompt-guided pooling
         vocab_size=1024,  # >= the synthetic CLIP-style prompt tokenizer's ~700 ids
         hidden_size=64,  # = the vision width: cosine of text and patch embeddings
@@ -75,9 +69,5 @@ def get_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"
     m.remat_policy = "none"
 
-    c.data.template = "plain_qwen"
-    c.data.image_grid_pinpoints = [list(p) for p in m.image_grid_pinpoints]
-    c.data.clip_max_length = 32  # evaluation prompts padded to it; training ones unpadded
-    c.data.max_length = 64  # ~45 text tokens + 8 visual tokens
-    c.data.buckets = [64]
+    c.data.template = "plain_qwen"  # training CLIP prompts unpadded, evaluation ones padded
     return c

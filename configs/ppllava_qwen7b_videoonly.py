@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import common
 from ppllava_jax.train.trainer import default_config
 
 
@@ -32,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- model
     m = c.model = ml_collections.ConfigDict()
-    m.preset = "ppllava_qwen7b"  # plan.model_config -> models.config.ppllava_qwen7b_config()
+    m.preset = "ppllava_qwen7b"  # train.model_config.preset_model_config -> ppllava_qwen7b_config()
     m.dtype = "bfloat16"  # compute dtype (softmax/norms/loss stay f32)
     m.param_dtype = "float32"
     m.scan_layers = True
@@ -40,34 +41,23 @@ def get_config() -> ml_collections.ConfigDict:
     m.attention_impl = "xla"  # xla | cudnn | auto
     m.llm_layers = 28  # Qwen2-7B decoder layers
     m.vocab_size = 152128  # llava-onevision-qwen2-7b-si-hf (read from init_from when set)
-    m.num_frames = 32  # frames per video, 384x384, 27x27 patches each
+    m.num_frames = common.FRAMES  # frames per video, 384x384, 27x27 patches each
     m.clip_length = 196  # SigLIP prompt tokens (64 extended to 196)
 
     # ---------------------------------------------------------------- mesh and batch
-    mesh = c.mesh = ml_collections.ConfigDict()
-    mesh.data = 1
-    mesh.fsdp = -1  # ZeRO-3 as the original's deepspeed zero3.json
-    mesh.tensor = 1
-    mesh.dcn_data = 1
-    b = c.batch = ml_collections.ConfigDict()
-    b.per_device = 1
-    b.global_batch = 128  # 8 per device x 2 accumulation x 8 GPUs in the original
-    b.max_length = 2048  # 1296 visual tokens (16 x 9 x 9) + text, padded
-    b.visual_tokens = 1296  # pooled tokens per 32-frame video: (32/2) x (27/3) x (27/3)
+    # fsdp = ZeRO-3 as the original's deepspeed zero3.json; global batch 128 = 8 per device x 2
+    # accumulation x 8 GPUs in the original; 2048 tokens = 1296 visual (16 x 9 x 9) + text
+    common.mesh_and_batch(c)
+    b = c.batch
 
     # ---------------------------------------------------------------- start point and data
     c.init_from = "ckpt/ppllava_qwen_start"  # the converted start point; "" = random init
-    from configs import ppllava_vicuna7b_image_video as iv
-
-    d = c.data = iv.data_config([("llava_hound_300k", "video")])
+    d = c.data = common.data_config(common.HOUND)
     d.tokenizer = "hf/llava-onevision-qwen2-7b-si-hf"  # Qwen2 tokenizer, <image> = 151646
     d.clip_tokenizer = "hf/siglip-so400m-patch14-384"  # SigLIP's SentencePiece, </s> = 1
     d.template = "plain_qwen"  # <|im_start|>user\n<image>\n{q}<|im_end|>\n<|im_start|>assistant\n
     d.tokenizer_legacy = None  # byte-level BPE: no Llama pre-tokenization switch
     d.text_encoding = "offsets"  # answers + <|im_end|> + "\n" supervised (the original's rule)
-    d.num_frames = 32
-    d.image_size = 384  # SigLIP-so400m-patch14-384: 27x27 patches (the last 6 pixels unused)
-    d.image_grid_pinpoints = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
     d.clip_max_length = 196  # training: the conversation unpadded, truncated; eval: padded
     d.buckets = [1536, 2048]  # every sample carries 1296 visual tokens
 

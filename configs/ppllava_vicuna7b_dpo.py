@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import ppllava_vicuna7b_image_video as sft
+from configs import common
+from ppllava_jax.train.trainer import default_config
 
 PAIRS_PER_UPDATE = 64  # the original: 2 per GPU x 4 accumulation x 8 GPUs
 NUM_PAIRS = 17_000  # LLaVA-Hound sft_dpo_17k
@@ -56,15 +57,18 @@ EPOCHS = 2  # the original's num_train_epochs
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = sft.get_config()  # 7B model / mesh / bf16 / remat, 32 frames, 248-token CLIP prompts
+    c = default_config()  # train / optimizer / checkpoint / dpo sections
+    c.model = common.vicuna7b_model()  # 7B, bf16 compute, remat, scanned layers, 32 frames
+    common.mesh_and_batch(c)  # fsdp mesh; plan.py's batch section
+    c.batch.global_batch = PAIRS_PER_UPDATE
 
     c.init_from = "runs/sft/final"  # the SFT export (placeholder path)
 
-    d = c.data
+    d = c.data = common.data_config()  # 32 frames, 248-token CLIP prompts, as the SFT recipe
     d.sources = [
         dict(
-            path=f"{sft.ANNOTATIONS}/llava_hound_dpo_17k.json",
-            data_root=f"{sft.MEDIA}/llava_hound",
+            path=f"{common.ANNOTATIONS}/llava_hound_dpo_17k.json",
+            data_root=f"{common.MEDIA}/llava_hound",
             media_type="video",
             weight=1.0,
             name="llava_hound_dpo_17k",
@@ -80,12 +84,14 @@ def get_config() -> ml_collections.ConfigDict:
     t.mode = "dpo"
     t.num_samples = NUM_PAIRS  # pairs in the preference set
     t.epochs = EPOCHS
-    t.global_batch = PAIRS_PER_UPDATE  # pairs per update = data.batch_size x hosts
+    t.global_batch = c.batch.get_ref("global_batch")  # pairs per update = batch_size x hosts
     t.total_steps = -(
         (-t.get_ref("num_samples") * t.get_ref("epochs")) // t.get_ref("global_batch")
     )
     t.grad_accum_steps = 2  # 32-pair micro-batches: 2 pairs (4 sequences) per v5p chip
     t.log_every = 1
+    t.loss_normalization = "per_device_mean"  # as the SFT recipe
+    t.loss_group_size = 8
 
     c.dpo.beta = 0.1
 

@@ -62,85 +62,26 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import ppllava_vicuna7b_videoonly as videoonly
-from ppllava_jax.data import pipeline
-from ppllava_jax.layout import GROUPS
+from configs import common
+from ppllava_jax.train.trainer import default_config
 
-GLOBAL_BATCH = 128  # SPEC section 7
 NUM_SAMPLES = 800_000  # placeholder: ~300k images + ~300k LLaVA-Hound + ~200k VideoChat2-IT
-ANNOTATIONS = "data/annotations"  # placeholder roots: point them at your copies
-MEDIA = "data/media"
-
-# (name, media type) of the original image + video mixture, weight 1 each
-MIXTURE = (
-    ("llava_v1p5_300k", "image"),
-    ("llava_hound_300k", "video"),
-    ("classification_k400", "video"),
-    ("classification_ssv2", "video"),
-    ("reasoning_next_qa", "video"),
-    ("reasoning_clevrer_qa", "video"),
-    ("reasoning_clevrer_mc", "video"),
-)
-
-
-def sources(mixture=MIXTURE) -> list[dict]:
-    """``data.sources`` entries of a mixture (placeholder paths, see the module docstring)."""
-    return [
-        dict(
-            path=f"{ANNOTATIONS}/{name}.json",
-            data_root=f"{MEDIA}/{name}",
-            media_type=kind,
-            weight=1.0,
-            name=name,
-        )
-        for name, kind in mixture
-    ]
-
-
-def data_config(mixture=MIXTURE) -> ml_collections.ConfigDict:
-    """The data section shared by the 7B recipes: 32 frames, 248-token CLIP prompts."""
-    d = pipeline.default_config()
-    d.sources = sources(mixture)
-    # the same arrays on every host (multi-host): each group of the mixture in every batch
-    kinds = {"video": "video", "image": "image", "multi-image": "multi"}
-    d.fixed_groups = tuple(g for g in GROUPS if g in {kinds[k] for _, k in mixture})
-    d.tokenizer = "hf/llava-v1.6-vicuna-7b-hf"  # LLaMA tokenizer with <image> = 32000
-    d.clip_tokenizer = "hf/clip-vit-large-patch14-336"
-    d.template = "plain_v1"
-    # the released Vicuna tokenizer's pre-tokenization (a '▁' after each special token) and the
-    # original's training samples (Interleave_sft_dataset: ids, labels, CLIP text)
-    d.tokenizer_legacy = True
-    d.text_encoding = "original"
-    d.num_frames = 32  # (32/2) x (24/3) x (24/3) = 1024 visual tokens per video
-    d.clip_max_length = 248  # Long-CLIP positions; the whole conversation, truncated
-    # Merged lengths: an any-resolution image is <= 64 + 16 x 17 = 336 tokens, a video 1024,
-    # plus the text (the original capped the text at 1024 tokens). A mixed batch is padded to
-    # the smallest bucket that fits its longest sample: image-only ~640, most video batches
-    # 1152, long conversations 1536 / 2048; longer samples are skipped (counted).
-    d.max_length = 2048
-    d.buckets = [640, 1152, 1536, 2048]
-    d.batch_size = GLOBAL_BATCH // 4  # per host: 4 hosts (v5p-32) x 32 = 128
-    d.num_epochs = 0  # repeat; the schedule (1 epoch of steps) ends the run
-    d.num_workers = 8  # decoding processes per host (32-frame videos are the bottleneck)
-    d.read_threads = 2
-    d.worker_buffer = 4
-    d.prefetch_batches = 2
-    return d
 
 
 def get_config() -> ml_collections.ConfigDict:
-    # model (7B, bf16 compute, remat, scanned layers), mesh (fsdp) and batch sections, and the
-    # trainer's train / optimizer / checkpoint / dpo sections
-    c = videoonly.get_config()
+    c = default_config()  # train / optimizer / checkpoint / dpo sections
+    c.model = common.vicuna7b_model()  # 7B, bf16 compute, remat, scanned layers, 32 frames
+    common.mesh_and_batch(c)  # fsdp mesh; plan.py's batch section
 
     c.init_from = "ckpt/ppllava_start"  # convert_torch_weights.py output (module docstring)
-    c.data = data_config()
+    c.data = common.data_config(common.MIXTURE)
 
     # -------------------------------------------------------- schedule: 1 epoch (SPEC §7)
     c.train.mode = "sft"
     c.train.num_samples = NUM_SAMPLES  # samples in one epoch of the mixture (read by nothing
     #                                    but the step count below)
-    c.train.global_batch = GLOBAL_BATCH  # = data.batch_size x hosts (documentation + the count)
+    # = data.batch_size x hosts (documentation + the count)
+    c.train.global_batch = c.batch.get_ref("global_batch")
     c.train.total_steps = -((-c.train.get_ref("num_samples")) // c.train.get_ref("global_batch"))
     c.train.epochs = 1  # the original's num_train_epochs (the video-only recipe's is 2)
     c.train.grad_accum_steps = 2  # 64-sample micro-batches: 4 per v5p chip

@@ -17,58 +17,33 @@ micro-batch of 8 (``train.loss_normalization``). Launch commands for TPU pods an
     python train.py --config configs/ppllava_vicuna7b_videoonly.py --workdir runs/sft_video \
         --config.data.batch_size=128 --config.train.grad_accum_steps=1
 
-The image+video and DPO recipes start from this file's model, mesh and batch sections.
+The model, mesh, batch and data sections are shared with the other 7B recipes
+(``configs/common.py``).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from configs import common
 from ppllava_jax.train.trainer import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = default_config()  # train / optimizer / checkpoint / dpo sections
-
-    # ---------------------------------------------------------------- model
-    m = c.model = ml_collections.ConfigDict()
-    m.preset = "ppllava_vicuna7b"  # plan.model_config builds PPLLaVAConfig() (7B defaults)
-    m.dtype = "bfloat16"  # compute dtype of activations/matmuls (softmax/norms/loss stay f32)
-    m.param_dtype = "float32"  # parameter storage (and so optimizer moments) dtype
-    m.scan_layers = True  # nn.scan over repeated layers: compile time flat in depth
-    m.remat_policy = "full"  # none | full | dots | dots_no_batch (gradient checkpointing)
-    m.attention_impl = "xla"  # xla | cudnn (NVIDIA flash attention, bf16) | auto
-    m.llm_layers = 32  # Vicuna-7B decoder layers (lower it only for experiments)
-    m.vocab_size = 32064  # llava-v1.6-vicuna-7b vocabulary (32000 + added tokens, padded)
-    m.num_frames = 32  # frames per video, each 336x336 (the start point's max_T = 64)
-    m.clip_length = 248  # CLIP prompt tokens (Long-CLIP positions; the conversation, truncated)
-
-    # ---------------------------------------------------------------- mesh
-    mesh = c.mesh = ml_collections.ConfigDict()
-    mesh.data = 1  # pure data parallel (replicated parameters); within a slice
-    mesh.fsdp = -1  # data parallel + parameter/optimizer sharding (ZeRO-3); -1 = the rest
-    mesh.tensor = 1  # Megatron tensor parallel over heads / MLP / vocabulary
-    mesh.dcn_data = 1  # slices (multi-slice TPU) or nodes stacked on `data` over the slow network
-
-    # ---------------------------------------------------------------- batch
-    b = c.batch = ml_collections.ConfigDict()
-    b.per_device = 1  # samples per device per micro-batch (global = per_device * devices)
-    b.global_batch = 128  # SPEC section 7; grad_accum_steps = global / (per_device * devices)
-    b.max_length = 2048  # merged sequence: 1024 visual tokens (16 x 8 x 8) + text, padded
-    b.visual_tokens = 1024  # pooled tokens per 32-frame video: (32/2) x (24/3) x (24/3)
+    c.model = common.vicuna7b_model()  # 7B, bf16 compute, remat, scanned layers, 32 frames
+    common.mesh_and_batch(c)  # fsdp mesh; plan.py's batch section (global batch 128)
 
     # ---------------------------------------------------------------- start point and data
     c.init_from = "ckpt/ppllava_start"  # convert_torch_weights.py output; "" = random init
-    from configs import ppllava_vicuna7b_image_video as iv  # (imports this file: lazily here)
-
-    c.data = iv.data_config([("llava_hound_300k", "video")])  # the original's only source
+    c.data = common.data_config(common.HOUND)  # the original's only source
     c.data.buckets = [1152, 1536, 2048]  # every sample carries 1024 visual tokens
 
     # ---------------------------------------------------------------- training (SPEC §7)
     t = c.train
     t.num_samples = 300_000  # placeholder: samples of llava_hound_300k (set it to your count)
     t.epochs = 2  # the original's num_train_epochs for this recipe
-    t.global_batch = b.get_ref("global_batch")
+    t.global_batch = c.batch.get_ref("global_batch")
     t.total_steps = -(
         (-t.get_ref("num_samples") * t.get_ref("epochs")) // t.get_ref("global_batch")
     )

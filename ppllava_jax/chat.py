@@ -62,8 +62,8 @@ class Chat:
         from transformers import AutoTokenizer
 
         from ppllava_jax.data import image as img
-        from ppllava_jax.evaluate.runner import video_buckets
-        from ppllava_jax.generate import SamplingConfig, StepDecoder
+        from ppllava_jax.evaluate.model_setup import video_buckets
+        from ppllava_jax.generate import StepDecoder
 
         self.setup, self.cfg = setup, setup.cfg
         cfg = self.cfg
@@ -78,20 +78,11 @@ class Chat:
         if clip is None or len(clip.frames) != num_frames:  # clip: load_clip(video, num_frames)
             clip = load_clip(video, num_frames)
         s = cfg.vision.image_size
-        frames = np.stack([img._resize(f, s, s) for f in clip.frames])
+        frames = img.resize_frames(clip.frames, s)
         self.frames_uint8 = frames
         self.pixels = img.normalize(frames, *img.pixel_stats(bool(getattr(cfg, "qwen", False))))
         self.num_frames = num_frames
-        eos = cfg.llm.eos_token_id if cfg.llm.eos_token_id is not None else self.tok.eos_token_id
-        pad = cfg.llm.pad_token_id if cfg.llm.pad_token_id is not None else 0
-        self.sc = SamplingConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=int(eos),
-            pad_token_id=int(pad),
-        )
+        self.sc = setup.sampling(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         self.decoder = StepDecoder(setup.model, self.sc, setup.mesh)
         self.buckets = video_buckets(cfg, num_frames, max_new_tokens)
         # every prompt that leaves room for the answer fits (the last bucket: all of that room)
@@ -107,7 +98,6 @@ class Chat:
         self.save_attention = save_attention
         self.turn = 0
         self.last_prompt = ""
-        self._maps = None
         # keep_attention: after each answer, ``last_attention`` holds the prompt-to-patch
         # relevance of that question, float32[num_frames, h, w] (the web demo shows it)
         self.keep_attention = keep_attention
@@ -170,7 +160,7 @@ class Chat:
 
     def ask(self, question: str) -> Iterator[str]:
         """Yield the answer's text as it grows; the turn is then kept in the history."""
-        from ppllava_jax.evaluate.runner import place_batch
+        from ppllava_jax.evaluate.model_setup import place_batch
 
         batch = self._batch(question)
         placed = place_batch(batch, self.setup.mesh)
@@ -200,18 +190,8 @@ class Chat:
     def _relevance(self, placed: dict) -> np.ndarray | None:
         """float32[num_frames, h, w]: prompt-to-patch cosine of ``placed`` (None: the model's
         pooling has no prompt guidance)."""
-        from ppllava_jax import sharding
-
-        model = self.setup.model
-        if self._maps is None:
-            self._maps = jax.jit(
-                lambda p, b: model.apply({"params": p}, b, method="embed_inputs")[1].get("video")
-            )
-        with sharding.mesh_context(self.setup.mesh):
-            maps = self._maps(self.setup.params, placed)
-        if maps is None:
-            return None
-        return np.asarray(jax.device_get(maps), np.float32)[0][: self.num_frames]
+        maps = self.setup.relevance(placed)
+        return None if maps is None else maps[0][: self.num_frames]
 
     def _save_maps(self, maps: np.ndarray, question: str) -> None:
         from ppllava_jax.evaluate import heatmap
@@ -236,25 +216,37 @@ def load_clip(video: str, num_frames: int) -> Any:
     return vid.load_video(video, num_frames, "middle")
 
 
-def _inference_defaults(checkpoint: str) -> dict[str, Any]:
-    """``DIR/inference.json`` (defaults such as ``num_frames``), {} when absent or unreadable."""
-    import json
+def checkpoint_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """A parser of ``--checkpoint`` and the other flags of ``load_setup``
+    (:func:`setup_from_flags`); the chat and the web demo add their own."""
+    from ppllava_jax import command_line
 
-    try:
-        with open(os.path.join(checkpoint, "inference.json")) as f:
-            d = json.load(f)
-        return d if isinstance(d, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    p = command_line.argument_parser(description, prog)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (as for eval.py)")
+    p.add_argument("--template", default="", help="conversation template (default plain_v1)")
+    p.add_argument("--tokenizer", default="")
+    p.add_argument("--clip_tokenizer", default="")
+    p.add_argument("--mesh", default="", help="mesh over local devices, e.g. 'fsdp=-1'")
+    p.add_argument("--dtype", default="", help="float32 | bfloat16")
+    return p
+
+
+def setup_from_flags(a: argparse.Namespace) -> Any:
+    """``load_setup`` of ``a.checkpoint`` with the flags of :func:`checkpoint_parser`."""
+    from ppllava_jax.evaluate import model_setup
+
+    return model_setup.load_setup(
+        a.checkpoint,
+        tokenizer=a.tokenizer,
+        clip_tokenizer=a.clip_tokenizer,
+        template=a.template,
+        mesh=a.mesh or None,
+        dtype=a.dtype or None,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m ppllava_jax.chat",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p = checkpoint_parser("python -m ppllava_jax.chat", __doc__)
     p.add_argument("--video", required=True, help="video file, GIF or frame folder")
     p.add_argument("--num_frames", type=int, default=0, help="frames (0: inference.json or 32)")
     p.add_argument("--max_new_tokens", type=int, default=200)
@@ -263,11 +255,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", default=None, help="system prompt (default: the template's)")
-    p.add_argument("--template", default="", help="conversation template (default plain_v1)")
-    p.add_argument("--tokenizer", default="")
-    p.add_argument("--clip_tokenizer", default="")
-    p.add_argument("--mesh", default="", help="mesh over local devices, e.g. 'fsdp=-1'")
-    p.add_argument("--dtype", default="", help="float32 | bfloat16")
     p.add_argument("--save-attention", "--save_attention", dest="save_attention", default="")
     p.add_argument("--show_prompt", action="store_true", help="print each prompt to stderr")
     return p.parse_args(argv)
@@ -275,27 +262,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None, stdin=None, stdout=None, stderr=None) -> int:
     """The chat command; a user's mistake is printed as ``error: ...`` (exit status 1)."""
-    from ppllava_jax import cli_errors
+    from ppllava_jax import command_line
 
     a = parse_args(argv)
-    return cli_errors.report_user_errors(_main, a, stdin, stdout, stderr)
+    return command_line.report_user_errors(_main, a, stdin, stdout, stderr)
 
 
 def _main(a: argparse.Namespace, stdin=None, stdout=None, stderr=None) -> int:
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-    from ppllava_jax.evaluate.runner import load_setup
+    from ppllava_jax.evaluate.model_setup import inference_defaults
 
     # the video first: a wrong path is said before minutes of model loading
-    num_frames = a.num_frames or int(_inference_defaults(a.checkpoint).get("num_frames", 32))
+    num_frames = a.num_frames or int(inference_defaults(a.checkpoint).get("num_frames", 32))
     clip = load_clip(a.video, num_frames)
-    setup = load_setup(
-        a.checkpoint,
-        tokenizer=a.tokenizer,
-        clip_tokenizer=a.clip_tokenizer,
-        template=a.template,
-        mesh=a.mesh or None,
-        dtype=a.dtype or None,
-    )
+    setup = setup_from_flags(a)
     chat = Chat(
         setup,
         a.video,

@@ -31,6 +31,9 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
+from ppllava_jax.chat import Chat, checkpoint_parser, setup_from_flags
+from ppllava_jax.evaluate.common import VIDEO_EXTS
+
 MAX_SAMPLES = 12
 ELEM_STATUS = "demo-status"
 
@@ -45,8 +48,7 @@ def find_samples(spec: str, checkpoint: str) -> list[str]:
         pattern = os.path.join(spec, "*")
     else:
         pattern = spec
-    exts = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
-    paths = sorted(p for p in glob.glob(pattern) if p.lower().endswith(exts))
+    paths = sorted(p for p in glob.glob(pattern) if p.lower().endswith(VIDEO_EXTS))
     return [os.path.abspath(p) for p in paths[:MAX_SAMPLES]]
 
 
@@ -64,21 +66,23 @@ class Engine:
     """The loaded model and the conversations' machinery, shared by every browser session.
 
     One :class:`~ppllava_jax.chat.Chat` per (video, frames, max new tokens, temperature) is
-    kept (the video decoded once), at most ``cache`` of them; they share one compiled decoder
+    kept (the video decoded once), at most :attr:`CACHE` of them; they share one compiled decoder
     per generation setting. Each browser session keeps its own history (``turns``) and lends it
     to the chat for the length of one answer, under a lock (one generation at a time).
     """
 
-    def __init__(self, setup: Any, *, cache: int = 4):
+    CACHE = 4  # chats kept
+
+    def __init__(self, setup: Any):
         self.setup, self.cfg = setup, setup.cfg
         self.lock = threading.Lock()
         self._chats: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
-        self._shared: dict[tuple, tuple[Any, Any]] = {}
-        self.cache = cache
+        # one compiled decoder per (max new tokens, temperature); the relevance function is
+        # the set-up's own (Setup.relevance), shared already
+        self._decoders: dict[tuple, Any] = {}
 
     def chat_for(self, video: str, num_frames: int, max_new_tokens: int, temperature: float):
         """The :class:`Chat` for these settings (``DemoError`` for a video it cannot read)."""
-        from ppllava_jax.chat import Chat
         from ppllava_jax.data.errors import DataError
 
         key = (video, int(num_frames), int(max_new_tokens), float(temperature))
@@ -100,12 +104,9 @@ class Engine:
             raise DemoError(f"Cannot read {name!r} as a video: {why}") from e
         except ValueError as e:  # e.g. more frames than the model takes
             raise DemoError(str(e)) from e
-        shared = self._shared.setdefault(key[2:], (chat.decoder, None))
-        chat.decoder = shared[0]
-        if shared[1] is not None:
-            chat._maps = shared[1]
+        chat.decoder = self._decoders.setdefault(key[2:], chat.decoder)
         self._chats[key] = chat
-        while len(self._chats) > self.cache:
+        while len(self._chats) > self.CACHE:
             self._chats.popitem(last=False)
         return chat
 
@@ -140,10 +141,6 @@ class Engine:
                 turns[:] = chat.history
                 if result is not None:
                     result.update(attention=chat.last_attention, frames=chat.frames_uint8)
-                self._shared[(int(max_new_tokens), float(temperature))] = (
-                    chat.decoder,
-                    chat._maps,
-                )
             finally:
                 chat.history = []
 
@@ -179,18 +176,14 @@ def build_app(
     num_frames = max(min_frames, min(int(num_frames), max_frames))
     labels = [(os.path.basename(p), p) for p in samples]
 
-    def fresh() -> dict:
-        return {"video": None, "turns": [], "messages": []}
+    def fresh(video: str | None = None) -> dict:
+        return {"video": video, "turns": [], "messages": []}
 
     def status(text: str, error: bool = False) -> str:
         return f"**Error:** {text}" if error else text
 
-    def on_sample(path: str | None):
-        return path
-
     def on_video(video: str | None, state: dict):
-        state = fresh()
-        state["video"] = video
+        state = fresh(video)
         msg = (
             f"Video: `{os.path.basename(video)}`. Ask a question."
             if video
@@ -199,30 +192,25 @@ def build_app(
         return [], [], msg, state
 
     def on_reset(state: dict):
-        video = state.get("video") if state else None
-        state = fresh()
-        state["video"] = video
+        state = fresh(state.get("video") if state else None)
         return [], [], "New conversation.", state
 
     def on_ask(question, video, frames, max_new, temp, state):
         state = state or fresh()
         question = (question or "").strip()
         gallery_out = gr.skip()
+
+        def failed(text: str, keep: str = question) -> tuple:  # the page as it was, and why
+            return state["messages"], gallery_out, status(text, True), state, keep
+
         if not video:
-            yield (
-                state["messages"],
-                gallery_out,
-                status("pick a sample video or upload one first.", True),
-                state,
-                question,
-            )
+            yield failed("pick a sample video or upload one first.")
             return
         if not question:
-            yield state["messages"], gallery_out, status("type a question first.", True), state, ""
+            yield failed("type a question first.", "")
             return
         if state.get("video") != video:  # a new video: a new conversation
-            state = fresh()
-            state["video"] = video
+            state = fresh(video)
         turns = list(state["turns"])
         messages = [*state["messages"], {"role": "user", "content": question}]
         answer = {"role": "assistant", "content": ""}
@@ -242,24 +230,19 @@ def build_app(
                 answer = {"role": "assistant", "content": answer["content"] + piece}
                 yield [*messages, answer], gallery_out, "Generating...", state, ""
         except DemoError as e:
-            yield state["messages"], gallery_out, status(str(e), True), state, question
+            yield failed(str(e))
             return
         except Exception as e:  # keep serving; the details go to the server's log
             traceback.print_exc()
-            msg = f"{type(e).__name__}: {e}"
-            yield state["messages"], gallery_out, status(msg, True), state, question
+            yield failed(f"{type(e).__name__}: {e}")
             return
         text = answer["content"].strip() or "(no answer)"
         messages.append({"role": "assistant", "content": text})
         state = {"video": video, "turns": turns, "messages": messages}
-        rel = result.get("attention")
-        if rel is not None:
-            frames_u8 = result["frames"]
-            size = max(224, int(frames_u8.shape[1]))
-            pics = heatmap.frame_overlays(frames_u8, rel, size=size)
-            gallery_out = [(p, f"frame {i}") for i, p in enumerate(pics)]
-        else:
-            gallery_out = []
+        rel, shown = result.get("attention"), result.get("frames")
+        size = None if shown is None else max(224, int(shown.shape[1]))
+        pics = [] if rel is None else heatmap.frame_overlays(shown, rel, size=size)
+        gallery_out = [(p, f"frame {i}") for i, p in enumerate(pics)]
         took = time.perf_counter() - t0
         kept = len(turns)
         note = f"Answered in {took:.1f} s; {kept} turn{'s' * (kept != 1)} in the context."
@@ -333,7 +316,7 @@ def build_app(
                     object_fit="contain",
                     interactive=False,
                 )
-        sample.change(on_sample, [sample], [video])
+        sample.change(lambda path: path, [sample], [video])
         video.change(on_video, [video, state], [chatbot, gallery, info, state])
         reset.click(on_reset, [state], [chatbot, gallery, info, state])
         chatbot.clear(on_reset, [state], [chatbot, gallery, info, state])
@@ -346,25 +329,20 @@ def build_app(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m ppllava_jax.demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (as for eval.py)")
+    p = checkpoint_parser("python -m ppllava_jax.demo", __doc__)
     p.add_argument("--samples", default="", help="folder or glob of sample videos")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on")
     p.add_argument("--port", type=int, default=7860, help="port (0: a free one)")
     p.add_argument("--num_frames", type=int, default=0, help="frames (0: inference.json or 32)")
     p.add_argument("--max_new_tokens", type=int, default=0, help="0: inference.json's, at most 200")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--template", default="", help="conversation template (default plain_v1)")
-    p.add_argument("--tokenizer", default="")
-    p.add_argument("--clip_tokenizer", default="")
-    p.add_argument("--mesh", default="", help="mesh over local devices, e.g. 'fsdp=-1'")
-    p.add_argument("--dtype", default="", help="float32 | bfloat16")
     p.add_argument("--max_file_size", default="200mb", help="largest upload")
     return p.parse_args(argv)
+
+
+def _refuse(message: str) -> int:
+    print(message, file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,30 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import gradio as gr
     except ImportError:
-        print("The web demo needs gradio: pip install -e '.[demo]'", file=sys.stderr)
-        return 2
+        return _refuse("The web demo needs gradio: pip install -e '.[demo]'")
     if not os.path.isdir(a.checkpoint):
-        print(
-            f"--checkpoint {a.checkpoint}: no such directory (train one with "
-            "`python train.py --config configs/demo.py --workdir runs/demo`, then pass "
-            "runs/demo/final)",
-            file=sys.stderr,
+        return _refuse(
+            f"--checkpoint {a.checkpoint}: no such directory (train one with `python train.py "
+            "--config configs/demo.py --workdir runs/demo`, then pass runs/demo/final)"
         )
-        return 2
-    from ppllava_jax.evaluate.runner import load_setup
-
-    setup = load_setup(
-        a.checkpoint,
-        tokenizer=a.tokenizer,
-        clip_tokenizer=a.clip_tokenizer,
-        template=a.template,
-        mesh=a.mesh or None,
-        dtype=a.dtype or None,
-    )
+    setup = setup_from_flags(a)
     samples = find_samples(a.samples, a.checkpoint)
     if a.samples and not samples:
-        print(f"--samples {a.samples}: no video files there", file=sys.stderr)
-        return 2
+        return _refuse(f"--samples {a.samples}: no video files there")
     d = setup.defaults
     max_new = a.max_new_tokens or min(int(d.get("max_new_tokens", 200)), 200)
     app = build_app(
@@ -422,11 +386,9 @@ def main(argv: list[str] | None = None) -> int:
             footer_links=[],
         )
     except OSError as e:
-        print(
-            f"Cannot serve on {a.host}:{port} ({e}); pass another --port (0: a free one)",
-            file=sys.stderr,
+        return _refuse(
+            f"Cannot serve on {a.host}:{port} ({e}); pass another --port (0: a free one)"
         )
-        return 2
     print(f"Serving the demo on http://{a.host}:{port} (Ctrl-C stops it)", flush=True)
     try:
         app.block_thread()

@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ppllava_jax.models.clip import normalize_taps
+from ppllava_jax.layout import GROUPS
+from ppllava_jax.models.encoder import normalize_taps
 
 # parts in data-flow order, with the parameter-path prefixes they own
 PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -32,7 +33,6 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("llm", ("language_model/model",)),
     ("lm_head", ("language_model/lm_head",)),
 )
-_GROUP_FRAMES = {"video": "video_pixels", "image": "image_pixels", "multi": "multi_pixels"}
 
 
 def forward_flops(
@@ -141,7 +141,8 @@ def batch_train_flops(
     rows, length = batch["input_ids"].shape[-2:]
     rows *= batch["input_ids"].shape[0] if batch["input_ids"].ndim == 3 else 1
     visual, clip_len = [], 0
-    for group, key in _GROUP_FRAMES.items():
+    for group in GROUPS:
+        key = f"{group}_pixels"
         if key in batch:
             shape = batch[key].shape  # [N, T, S, S, 3] or [k, N/k, T, S, S, 3]
             lead = shape[:-4]

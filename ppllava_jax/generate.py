@@ -350,14 +350,3 @@ class StepDecoder:
                 yield np.asarray(tok)
                 if bool(np.all(np.asarray(done))):
                     break
-
-
-def decode_tokens(
-    tokenizer: Any, tokens: np.ndarray, lengths: np.ndarray, eos_id: int
-) -> list[str]:
-    """Text of each generated row, EOS and padding removed."""
-    out = []
-    for row, n in zip(np.asarray(tokens), np.asarray(lengths)):
-        ids = [int(t) for t in row[: int(n)] if int(t) != eos_id]
-        out.append(tokenizer.decode(ids, skip_special_tokens=True))
-    return out

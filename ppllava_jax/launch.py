@@ -8,10 +8,11 @@ call ``train.py`` and ``eval.py`` make on a TPU pod, under SLURM or on Kubernete
 
     JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>   process 0 runs the coordinator there
     JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i           this child's place in the job
-    XLA_FLAGS=--xla_force_host_platform_device_count=D, JAX_PLATFORMS=cpu
+    XLA_FLAGS=--xla_force_host_platform_device_count=D, JAX_PLATFORMS=cpu, PJRT_NPROC
                                                     (with --devices-per-process: D simulated
-                                                    CPU devices; cross-process CPU collectives
-                                                    go through gloo)
+                                                    CPU devices, see ``simulate_cpu_devices``;
+                                                    cross-process CPU collectives go through
+                                                    gloo)
     PPLLAVA_HEARTBEAT_TIMEOUT=S                      (with --heartbeat-timeout) seconds after
                                                     which a silent (killed) process is declared
                                                     dead and the others stop with an error
@@ -37,9 +38,43 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
+
+from ppllava_jax import command_line
 
 _PR_SET_PDEATHSIG = 1
+_DEVICE_COUNT = "--xla_force_host_platform_device_count="
+
+
+def size_cpu_thread_pool(env: MutableMapping[str, str] | None = None) -> None:
+    """Enlarge XLA's CPU thread pool when ``env`` (default ``os.environ``) asks for simulated
+    CPU devices; call it before JAX starts its CPU client.
+
+    Simulated CPU devices (``--xla_force_host_platform_device_count=N``) run their collectives
+    on XLA's CPU thread pool, which has max(cores, N) threads. A device's program may block a
+    pool thread in one collective while its other ready collective waits for a free thread; with
+    every thread blocked that way the N devices deadlock (seen with 8 devices on 2 cores: 7
+    devices inside a scanned layer's all-gather, 1 in another). A larger pool (``PJRT_NPROC``,
+    read when the CPU client starts: max(64, 8 N) threads) removes the shortage; idle threads
+    cost nothing. A ``PJRT_NPROC`` already set is kept.
+    """
+    env = os.environ if env is None else env
+    m = re.search(re.escape(_DEVICE_COUNT) + r"(\d+)", env.get("XLA_FLAGS", ""))
+    if m and int(m.group(1)) > 1:
+        env.setdefault("PJRT_NPROC", str(max(64, 8 * int(m.group(1)))))
+
+
+def simulate_cpu_devices(n: int, env: MutableMapping[str, str] | None = None) -> None:
+    """Ask for ``n`` simulated CPU devices in ``env`` (default ``os.environ``; before JAX is
+    imported): ``XLA_FLAGS`` gets ``--xla_force_host_platform_device_count=n`` (replacing any
+    count, keeping the other flags), ``JAX_PLATFORMS=cpu``, and the CPU thread pool is sized for
+    ``n`` devices (``size_cpu_thread_pool``)."""
+    env = os.environ if env is None else env
+    flags = re.sub(re.escape(_DEVICE_COUNT) + r"\S*", "", env.get("XLA_FLAGS", "")).split()
+    env["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_COUNT}{n}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("PJRT_NPROC", None)  # sized for this count, not an inherited one
+    size_cpu_thread_pool(env)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -65,11 +100,7 @@ def child_env(
     env["JAX_PROCESS_ID"] = str(process_id)
     env["PYTHONUNBUFFERED"] = "1"
     if devices_per_process > 0:
-        flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
-        flags = f"{flags.strip()} --xla_force_host_platform_device_count={devices_per_process}"
-        env["XLA_FLAGS"] = flags.strip()
-        env["JAX_PLATFORMS"] = "cpu"
-        env.pop("PJRT_NPROC", None)  # recomputed for this device count (ppllava_jax/__init__)
+        simulate_cpu_devices(devices_per_process, env)
     if heartbeat_timeout > 0:
         env["PPLLAVA_HEARTBEAT_TIMEOUT"] = str(heartbeat_timeout)
     return env
@@ -200,38 +231,45 @@ class Launcher:
         return 128 - code if code < 0 else code
 
 
+# (flag, type, default, help) of the launcher's options besides --processes
+_OPTIONS = (
+    (
+        "--devices-per-process",
+        int,
+        0,
+        "simulated CPU devices per process (0: leave the platform and devices alone)",
+    ),
+    ("--port", int, 0, "coordinator port (0: a free one)"),
+    (
+        "--grace",
+        float,
+        0.0,
+        "seconds the others get to end on their own after a failure before SIGTERM",
+    ),
+    ("--kill-after", float, 10.0, "seconds from SIGTERM to SIGKILL"),
+    (
+        "--heartbeat-timeout",
+        int,
+        0,
+        "seconds of silence after which a process counts as dead (0: JAX's default, 100)",
+    ),
+)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
     if "--" in argv:
         k = argv.index("--")
         argv, command = argv[:k], argv[k + 1 :]
-    p = argparse.ArgumentParser(
-        prog="python -m ppllava_jax.launch",
-        description="Start N local JAX processes of a command (a one-machine pod).",
-        usage="%(prog)s --processes N [--devices-per-process D] [options] -- COMMAND ...",
+    p = command_line.argument_parser(
+        __doc__,
+        "python -m ppllava_jax.launch",
+        usage="%(prog)s --processes N [--devices-per-process D] [flags] -- COMMAND ...",
     )
     p.add_argument("--processes", type=int, required=True, help="number of processes")
-    p.add_argument(
-        "--devices-per-process",
-        type=int,
-        default=0,
-        help="simulated CPU devices per process (0: leave the platform and devices alone)",
-    )
-    p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
-    p.add_argument(
-        "--grace",
-        type=float,
-        default=0.0,
-        help="seconds the others get to end on their own after a failure before SIGTERM",
-    )
-    p.add_argument("--kill-after", type=float, default=10.0, help="seconds from SIGTERM to SIGKILL")
-    p.add_argument(
-        "--heartbeat-timeout",
-        type=int,
-        default=0,
-        help="seconds of silence after which a process counts as dead (0: JAX's default, 100)",
-    )
+    for flag, kind, default, text in _OPTIONS:
+        p.add_argument(flag, type=kind, default=default, help=text)
     args = p.parse_args(argv)
     if not command:
         p.error("no command: put it after --, e.g. -- python train.py --config ...")

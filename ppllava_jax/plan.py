@@ -16,6 +16,10 @@ bytes (trainable + frozen), optimizer-state bytes, the batch, the compiler's tem
 count of ``ppllava_jax.flops`` for what the recipe trains), as a table and one JSON line per
 batch size.
 
+A config without ``model.preset`` (e.g. a small model to try the tool on) is planned with the
+model ``train.py`` would build from it (``train.model_config``) and its ``batch`` section's
+``max_length``, ``per_device``, ``num_frames`` and ``clip_length``.
+
 The figures come from XLA's CPU compiler: buffer assignment, fusion and rematerialisation differ
 on TPU and GPU, so treat them as estimates (typically within tens of percent); leave headroom.
 """
@@ -25,10 +29,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import time
 from typing import Any
+
+from ppllava_jax.launch import simulate_cpu_devices
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,10 +74,7 @@ def set_device_count(n: int) -> None:
     """Simulated host devices; must run before JAX is imported."""
     if "jax" in sys.modules:
         raise RuntimeError("set_device_count must run before jax is imported")
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    flags.append(f"--xla_force_host_platform_device_count={n}")
-    os.environ["XLA_FLAGS"] = " ".join(flags)
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    simulate_cpu_devices(n)
 
 
 def load_config(path: str):
@@ -92,30 +94,6 @@ def parse_mesh(text: str) -> dict[str, int]:
             raise ValueError(f"--mesh entry {part!r}: use axis=size")
         out[k.strip()] = int(v)
     return out
-
-
-def model_config(m: Any):
-    """``PPLLaVAConfig`` from a config's ``model`` section (7B defaults; ``preset``
-    ``ppllava_qwen7b``: the Qwen2 + SigLIP 7B)."""
-    from ppllava_jax.models.config import LlamaConfig, PPLLaVAConfig, ppllava_qwen7b_config
-
-    if m.get("preset") == "ppllava_qwen7b":
-        return ppllava_qwen7b_config(
-            llm_layers=int(m.llm_layers),
-            dtype=m.dtype,
-            param_dtype=m.param_dtype,
-            scan_layers=bool(m.scan_layers),
-            remat_policy=m.remat_policy,
-            attention_impl=m.attention_impl,
-        )
-    return PPLLaVAConfig(
-        llm=LlamaConfig(num_hidden_layers=int(m.llm_layers), vocab_size=int(m.vocab_size)),
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        scan_layers=bool(m.scan_layers),
-        remat_policy=m.remat_policy,
-        attention_impl=m.attention_impl,
-    )
 
 
 def abstract_batch_arrays(cfg: Any, batch: int, length: int, frames: int, clip_len: int) -> dict:
@@ -147,13 +125,48 @@ def _nbytes_per_device(tree: Any, shardings: Any) -> int:
     return total
 
 
+def planned_model(config: Any) -> Any:
+    """The ``PPLLaVAConfig`` to plan: the 7B recipe of ``model.preset``, else the model
+    ``train.py`` builds from the config (``train.model_config``)."""
+    from ppllava_jax.train.model_config import model_config, preset_model_config
+
+    if config.model.get("preset"):
+        return preset_model_config(config.model)
+    return model_config(config)
+
+
+def plan_shape(config: Any) -> dict[str, int]:
+    """The planned batch: ``max_length`` (merged tokens per row), ``per_device`` (rows per
+    data-parallel rank), ``frames`` (per video) and ``clip_length`` (CLIP prompt tokens): the
+    ``batch`` section's, the frames and prompt length of a preset from its ``model`` section."""
+    b = config.get("batch")
+    if b is None:
+        raise ValueError(
+            "the config has no batch section: plan needs batch.max_length, batch.per_device "
+            "(and, without model.preset, batch.num_frames and batch.clip_length)"
+        )
+    src = config.model if config.model.get("preset") else b
+    return {
+        "max_length": int(b.max_length),
+        "per_device": int(b.per_device),
+        "frames": int(src.num_frames),
+        "clip_length": int(src.clip_length),
+    }
+
+
 def plan_one(
-    config: Any, mesh: Any, per_device: int, *, show_params: bool = False, processes: int = 1
+    config: Any,
+    mesh: Any,
+    per_device: int,
+    *,
+    shape: dict[str, int] | None = None,
+    show_params: bool = False,
+    processes: int = 1,
 ) -> dict:
     """Lower and compile the train step for one batch size; returns the figures (bytes per
     device, FLOPs) and ``hosts`` (``sharding.host_layout`` for ``processes`` hosts: each one's
     devices and the rows of the global batch it feeds, ``data.batch_size`` = rows per host)
-    as a dict."""
+    as a dict. ``shape``: ``plan_shape(config)`` (with the command line's changes)."""
     import flax.linen as nn
     import jax
     import numpy as np
@@ -165,14 +178,11 @@ def plan_one(
     from ppllava_jax.train.step import make_train_step
 
     t0 = time.perf_counter()
-    cfg = model_config(config.model)
+    cfg = planned_model(config)
+    shape = shape or plan_shape(config)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     global_batch = per_device * dp
-    length, frames, clip_len = (
-        int(config.batch.max_length),
-        int(config.model.num_frames),
-        int(config.model.clip_length),
-    )
+    length, frames, clip_len = shape["max_length"], shape["frames"], shape["clip_length"]
 
     boxed = abstract_params(cfg)
     if global_batch % processes:
@@ -321,19 +331,30 @@ def main(argv: list[str] | None = None) -> int:
         config.model.remat_policy = args.remat
     if args.scan is not None:
         config.model.scan_layers = args.scan == "true"
-    if args.max_length is not None:
-        config.batch.max_length = args.max_length
-    if args.frames is not None:
-        config.model.num_frames = args.frames
     if args.llm_layers is not None:
-        config.model.llm_layers = args.llm_layers
+        if config.model.get("preset"):
+            config.model.llm_layers = args.llm_layers
+        else:
+            config.model.llm.num_hidden_layers = args.llm_layers
+    shape = plan_shape(config)
+    if args.max_length is not None:
+        shape["max_length"] = args.max_length
+    if args.frames is not None:
+        shape["frames"] = args.frames
     mesh_shape = parse_mesh(args.mesh) if args.mesh else dict(config.mesh.to_dict())
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[: args.devices])
-    sizes = args.batch_per_device or str(config.batch.per_device)
+    sizes = args.batch_per_device or str(shape["per_device"])
     rows = []
     t0 = time.perf_counter()
     for i, n in enumerate(int(s) for s in sizes.split(",")):
-        r = plan_one(config, mesh, n, show_params=args.params and i == 0, processes=args.processes)
+        r = plan_one(
+            config,
+            mesh,
+            n,
+            shape=shape,
+            show_params=args.params and i == 0,
+            processes=args.processes,
+        )
         if args.hbm_gib is not None:
             r["hbm_gib"] = args.hbm_gib
             r["fits"] = r["total_bytes"] <= args.hbm_gib * 2**30
@@ -341,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r), flush=True)
     r0 = rows[0]
     print(
-        f"\nPPLLaVA-7B SFT plan: {r0['devices']} devices, mesh {r0['mesh']}, "
+        f"\nPPLLaVA SFT plan: {r0['devices']} devices, mesh {r0['mesh']}, "
         f"{r0['frames']} frames x {r0['seq_len']} tokens, {r0['dtype']} compute, "
         f"remat={r0['remat']}, scan={r0['scan']}; trainable {r0['trainable_params'] / 1e9:.2f}B, "
         f"frozen {r0['frozen_params'] / 1e9:.2f}B parameters"

@@ -17,9 +17,12 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# importing the package enlarges XLA's CPU thread pool for the simulated devices (PJRT_NPROC, see
-# ppllava_jax/__init__.py: with max(cores, devices) = 8 threads, 8 devices deadlocked)
-import ppllava_jax  # noqa: E402, F401, I001
+# XLA's CPU thread pool sized for the simulated devices (PJRT_NPROC; with max(cores, devices) = 8
+# threads, 8 devices deadlocked: see ppllava_jax.launch.size_cpu_thread_pool); child processes of
+# the tests inherit it
+from ppllava_jax.launch import size_cpu_thread_pool  # noqa: E402
+
+size_cpu_thread_pool()
 
 import jax  # noqa: E402
 

@@ -1,6 +1,7 @@
-"""Smoke test of benchmarks/: each script runs once in its smallest setting (``--smoke``) as a
-subprocess; every stdout line must be a JSON object with the expected keys. No speed is checked
-(the figures of a smoke run mean nothing)."""
+"""Smoke test of benchmarks/: each script runs once in its smallest setting (``--smoke``, or the
+smallest arguments of the scripts without it) as a subprocess; every stdout line must be a JSON
+object (with the expected keys, for the ``--smoke`` scripts). No speed is checked (the figures
+of a smoke run mean nothing)."""
 
 import json
 import os
@@ -98,3 +99,28 @@ def test_benchmark_script_prints_json(script):
     if script == "pooling_op":
         ratio = next(json.loads(ln) for ln in lines if '"pooling_op_ratio"' in ln)
         assert ratio["allclose"] and ratio["max_abs_diff"] < 1e-4, ratio
+
+
+# scripts without --smoke (their own output format): the smallest arguments, each line JSON
+SMALLEST = {
+    "compile_time": ["--quick", "--depths", "2", "--repeat", "1"],
+    "attention_loss": ["--rounds", "1", "--batch", "2"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(SMALLEST))
+def test_other_benchmark_scripts_run(script):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *SMALLEST[script]],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+    assert lines and all(isinstance(r, dict) for r in lines), proc.stdout[-2000:]
+    if script == "attention_loss":  # every attention / loss variant computes the same loss
+        (first,) = {round(v, 4) for v in lines[-1]["first_loss"].values()}
+        assert first > 0

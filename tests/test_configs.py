@@ -4,6 +4,7 @@ schedule and trainable selection against the abstract parameter tree (``jax.eval
 
 import importlib
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -12,7 +13,7 @@ import pytest
 from flax import linen as nn
 
 from ppllava_jax import sharding
-from ppllava_jax.convert.ppllava_family import ppllava_config_to_hf
+from ppllava_jax.convert.ppllava_config import ppllava_config_to_hf
 from ppllava_jax.data import pipeline as pl
 from ppllava_jax.models.config import PPLLaVAConfig, ppllava_qwen7b_config
 from ppllava_jax.models.ppllava import init_params
@@ -20,7 +21,10 @@ from ppllava_jax.train import optimizer as opt
 from ppllava_jax.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
+# every recipe (configs/common.py holds their shared sections and is not one)
+CONFIGS = sorted(
+    p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common")
+)
 RECIPES_7B = [n for n in CONFIGS if n.startswith("ppllava_vicuna7b")]
 
 
@@ -59,6 +63,22 @@ def _load(name, tmp_path):
     if not cfg.data.sources and cfg.get("synthetic") is not None:  # the demo fills these in
         cfg.data.sources = ["<synthetic>/train.json"]
     return cfg
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_by_path_as_train_py_does(name, monkeypatch):
+    """``train.py --config configs/X.py`` loads the file by its path (``config_flags``), not as
+    the module ``configs.X``: its ``from configs import common`` must resolve all the same."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    path = str(ROOT / "configs" / f"{name}.py")
+    monkeypatch.setattr(sys, "argv", ["train.py", f"--config={path}"])
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True)
+    fv(["train.py", f"--config={path}"])
+    want = importlib.import_module(f"configs.{name}").get_config()
+    assert fv.config.to_dict() == want.to_dict()
 
 
 @pytest.mark.parametrize("name", CONFIGS)

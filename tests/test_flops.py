@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ppllava_jax import flops
-from ppllava_jax.models.config import ppllava_config_from_dict
+from ppllava_jax.convert.ppllava_config import ppllava_config_from_dict
 from ppllava_jax.models.ppllava import PPLLaVA, init_params
 
 
@@ -46,7 +46,9 @@ def _jaxpr_flops(jaxpr) -> float:
     return total
 
 
-def _cfg(**kw):
+def tiny_config(**kw):
+    """A tiny PPLLaVA config (32-px frames, 4x4 patches, 2-layer towers, 3-layer LLM); ``kw``
+    overrides fields."""
     d = dict(
         vision=dict(
             image_size=32,
@@ -109,7 +111,7 @@ def _video_batch(cfg, rows, length, frames, clip_len):
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_forward_count_equals_traced_matmuls(scan):
-    cfg = _cfg(scan_layers=scan)
+    cfg = tiny_config(scan_layers=scan)
     rows, length, frames, clip_len = 3, 24, 4, 10
     batch = _video_batch(cfg, rows, length, frames, clip_len)
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
@@ -132,7 +134,7 @@ def test_train_multipliers_follow_what_trains():
     assert recipe["vision_trunk"] == recipe["clip_text"] == recipe["btadapter"] == 1.0
     assert recipe["projector_mlp"] == recipe["llm"] == 3.0
     assert recipe["pooling"] == 2.0 and recipe["lm_head"] == 2.0  # gradients pass through
-    cfg = _cfg()
+    cfg = tiny_config()
     b = _video_batch(cfg, 2, 16, 4, 8)
     fwd = flops.forward_flops(cfg, 2, 16, [(2, 4, False)], 8)
     assert flops.batch_train_flops(cfg, b) == pytest.approx(3 * fwd["total"])

@@ -351,6 +351,77 @@ def test_launcher_environment_and_failure_status(tmp_path):
     assert "process 1 failed (status 1); stopping the others" in text, text
 
 
+def test_child_environment_and_simulated_devices():
+    """Each child's environment: its place in the job, the simulated devices replacing any
+    count (other XLA flags kept), a CPU thread pool sized for them (PJRT_NPROC, not inherited),
+    and nothing of the kind when no devices are asked for."""
+    from ppllava_jax.launch import child_env, simulate_cpu_devices, size_cpu_thread_pool
+
+    base = {"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8", "PJRT_NPROC": "9"}
+    env = child_env(
+        base, process_id=1, num_processes=2, coordinator="127.0.0.1:5", heartbeat_timeout=7
+    )
+    assert env["JAX_PROCESS_ID"] == "1" and env["JAX_NUM_PROCESSES"] == "2"
+    assert (
+        env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:5" and env["PPLLAVA_HEARTBEAT_TIMEOUT"] == "7"
+    )
+    assert env["XLA_FLAGS"] == base["XLA_FLAGS"] and env["PJRT_NPROC"] == "9"  # left alone
+    env = child_env(base, process_id=0, num_processes=2, coordinator="c", devices_per_process=16)
+    assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=16"
+    assert env["JAX_PLATFORMS"] == "cpu" and env["PJRT_NPROC"] == "128"
+    assert "PPLLAVA_HEARTBEAT_TIMEOUT" not in env and base["PJRT_NPROC"] == "9"
+    one: dict[str, str] = {"PJRT_NPROC": "9"}
+    simulate_cpu_devices(1, one)  # one device: no collectives, XLA's own pool
+    assert one == {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    size_cpu_thread_pool(two)
+    assert two["PJRT_NPROC"] == "64"
+    kept = {**two, "PJRT_NPROC": "16"}
+    size_cpu_thread_pool(kept)  # a pool size set by hand is kept
+    assert kept["PJRT_NPROC"] == "16"
+
+
+def test_launcher_arguments():
+    from ppllava_jax.launch import parse_args
+
+    args, command = parse_args(["--processes", "2", "--grace", "1.5", "--", "python", "-V"])
+    assert (args.processes, args.grace, args.kill_after, args.devices_per_process) == (
+        2,
+        1.5,
+        10,
+        0,
+    )
+    assert command == ["python", "-V"]
+    with pytest.raises(SystemExit):
+        parse_args(["--processes", "2"])  # no command
+
+
+def test_launcher_prefixes_output_and_stops_the_others(tmp_path):
+    """Without JAX: every line is prefixed with its process id; a child ended by a signal makes
+    the launcher's status 128 + signal and the sleeping child is stopped."""
+    import io
+
+    from ppllava_jax.launch import Launcher
+
+    code = (
+        "import os, signal, sys, time\n"
+        "i = int(os.environ['JAX_PROCESS_ID'])\n"
+        "print('hello from', i, os.environ['JAX_NUM_PROCESSES'], flush=True)\n"
+        "if i == 1: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(60)\n"
+    )
+    out = io.BytesIO()
+    launcher = Launcher([sys.executable, "-c", code], 2, kill_after=5, out=out)
+    t0 = time.monotonic()
+    launcher.start()
+    assert launcher.wait() == 128 + signal.SIGTERM
+    assert time.monotonic() - t0 < 30
+    text = out.getvalue().decode()
+    assert "[0] hello from 0 2" in text and "[1] hello from 1 2" in text, text
+    assert "process 1 failed (signal 15); stopping the others" in text, text
+    assert all(p.returncode is not None for p in launcher.procs)
+
+
 @real_runs
 def test_two_processes_equal_one(reference, killed_rerun):
     """2 processes x 2 devices (with a SIGKILL and a resume on the way) end with the loss of

@@ -255,9 +255,9 @@ def _expected(ckpt: str, video: Path):
     from ppllava_jax.data import image, templates
     from ppllava_jax.data import video as vid
     from ppllava_jax.data.collate import Media, Sample, collate
-    from ppllava_jax.evaluate import heatmap, runner
+    from ppllava_jax.evaluate import heatmap, model_setup
 
-    setup = runner.load_setup(ckpt, mesh=MESH)
+    setup = model_setup.load_setup(ckpt, mesh=MESH)
     chat = Chat(setup, str(video), num_frames=FRAMES, max_new_tokens=MAX_NEW)
     a1 = "".join(chat.ask(Q1)).strip()
     a2 = "".join(chat.ask(Q2)).strip()
@@ -289,7 +289,7 @@ def test_web_demo_in_a_browser(tmp_path):
     chrome, chromedriver = _browser()
     from PIL import Image
 
-    from ppllava_jax.evaluate.tiny import make_tiny_checkpoint
+    from tests.evaluate.tiny import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "data"))
     clip, bad = tmp_path / "moving_square.mp4", tmp_path / "not_a_video.mp4"

@@ -29,6 +29,7 @@ from flax import traverse_util
 
 from ppllava_jax.convert import params_io, registry
 from ppllava_jax.convert.mapping import convert_state_dict, export_state_dict
+from ppllava_jax.convert.saved_tree import saved_metadata
 from ppllava_jax.convert.torch_io import CheckpointError, TorchCheckpoint, write_safetensors
 from ppllava_jax.models.config import Runtime
 
@@ -118,8 +119,9 @@ def convert_checkpoint(
     return params_io.save_converted(output, params, fam.name, fam.config_to_hf(cfg), [source])
 
 
-def _scan_layout(params: Any) -> bool | None:
-    """True if the tree holds stacked ``layers``, False for ``layers_i``, None if neither."""
+def scan_layout(params: Any) -> bool | None:
+    """True if the tree holds stacked ``layers``, False for ``layers_i``, None if neither
+    (arrays or orbax metadata leaves)."""
     segs = {s for k in traverse_util.flatten_dict(params) for s in k}
     # stacks win: a scanned PPLLaVA still has unscanned BT-Adapter layers (btadapter_S_layers_0)
     if any(_SCANNED.match(s) for s in segs):
@@ -129,6 +131,23 @@ def _scan_layout(params: Any) -> bool | None:
     return None
 
 
+def checkpoint_layout(ckpt_dir: str | os.PathLike) -> bool | None:
+    """Whether a converted directory stores scanned layers (True), per-layer ones (False), or
+    no repeated layers (None), read from the orbax metadata (no array is loaded). Raises
+    ``saved_tree.TreeMismatchError`` when ``params/`` is not a readable checkpoint."""
+    return scan_layout(dict(saved_metadata(Path(ckpt_dir) / "params")))
+
+
+def converted_config(ckpt_dir: str | os.PathLike, **runtime: Any) -> tuple[registry.Family, Any]:
+    """``(family, model config)`` of a converted directory (``convert_checkpoint``, training's
+    export): its ``config.json`` with ``runtime`` fields set (``dtype='bfloat16'``, ...) and
+    ``scan_layers`` as stored (``checkpoint_layout``). Reads no array."""
+    name, hf = params_io.read_config(ckpt_dir)
+    fam = registry.get_family(name)
+    runtime = {**runtime, "scan_layers": checkpoint_layout(ckpt_dir)}
+    return fam, with_runtime(fam.config_from_hf(hf), **runtime)
+
+
 def load_checkpoint(
     ckpt_dir: str | os.PathLike, *, abstract: Any = None, **runtime: Any
 ) -> tuple[str, Any, Any]:
@@ -136,19 +155,16 @@ def load_checkpoint(
 
     Args:
       ckpt_dir: the converted directory.
-      abstract: optional pytree of ``jax.ShapeDtypeStruct`` with shardings to restore onto a mesh.
+      abstract: optional pytree of ``jax.ShapeDtypeStruct`` with shardings to restore onto a mesh
+        (``sharding.restore_params_onto_mesh`` builds it from the config).
       runtime: runtime config fields to set (``dtype='bfloat16'``, ``attention_impl=...``).
         ``scan_layers`` is taken from the stored layout.
     Returns:
       ``(family name, model config, params)``; params is the nested dict the model's ``apply``
       takes. ``registry.get_family(name)`` gives the family.
     """
-    name, hf = params_io.read_config(ckpt_dir)
-    fam = registry.get_family(name)
-    params = params_io.load_params(ckpt_dir, abstract)
-    scan = _scan_layout(params)
-    cfg = with_runtime(fam.config_from_hf(hf), **{**runtime, "scan_layers": scan})
-    return name, cfg, params
+    fam, cfg = converted_config(ckpt_dir, **runtime)
+    return fam.name, cfg, params_io.load_params(ckpt_dir, abstract)
 
 
 def export_checkpoint(

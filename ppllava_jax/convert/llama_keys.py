@@ -13,9 +13,11 @@ jax_prefix="language_model/")``. Rotary ``inv_freq`` buffers are not parameters 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
+from ppllava_jax.convert.hf_config import llama_from_hf, llama_to_hf
 from ppllava_jax.convert.mapping import KeyMap, Rule
-from ppllava_jax.convert.registry import Family
+from ppllava_jax.convert.registry import detect_type, family
 from ppllava_jax.models.config import LlamaConfig
 
 IGNORE = (r"rotary_emb\.inv_freq$",)
@@ -62,30 +64,26 @@ def llama_rules(
     return rules
 
 
-def _detect(hf: dict) -> bool:
-    archs = hf.get("architectures") or []
-    return hf.get("model_type") == "llama" or any(a.startswith("Llama") for a in archs)
-
-
-def _keymap(cfg: LlamaConfig, keys: Iterable[str] = ()) -> KeyMap:
+def llama_keymap(cfg: LlamaConfig, keys: Iterable[str] = ()) -> KeyMap:
+    """Key map of a ``LlamaForCausalLM`` (or ``Qwen2ForCausalLM``) checkpoint."""
     return KeyMap(llama_rules())
 
 
-def _abstract(cfg: LlamaConfig):
+def llama_abstract_params(cfg: LlamaConfig) -> Any:
+    """``jax.ShapeDtypeStruct`` tree of the decoder's parameters."""
     from ppllava_jax.models.llama import abstract_params
 
     return abstract_params(cfg)
 
 
 FAMILIES = [
-    Family(
-        name="llama",
-        detect=_detect,
-        config_from_hf=LlamaConfig.from_hf,
-        config_to_hf=lambda cfg: cfg.to_hf(),
-        abstract_params=_abstract,
-        keymap=_keymap,
-        export_keymap=lambda cfg: KeyMap(llama_rules()),
-        ignore=IGNORE,
+    family(
+        "llama",
+        detect_type("llama", "Llama"),
+        llama_from_hf,
+        llama_to_hf,
+        llama_abstract_params,
+        llama_keymap,
+        IGNORE,
     )
 ]

@@ -51,6 +51,23 @@ class Rule:
     transform: str = "none"
 
 
+def ln_rules(torch: str, jax_: str) -> list[Rule]:
+    """A LayerNorm: ``{torch}.weight`` / ``.bias`` <-> ``{jax_}/scale`` / ``/bias``."""
+    return [Rule(f"{torch}.weight", f"{jax_}/scale"), Rule(f"{torch}.bias", f"{jax_}/bias")]
+
+
+def linear_rules(torch: str, jax_: str, bias: bool = True) -> list[Rule]:
+    """A Linear: ``{torch}.weight`` (out, in) <-> ``{jax_}/kernel`` (in, out), and the bias."""
+    rules = [Rule(f"{torch}.weight", f"{jax_}/kernel", "linear")]
+    return rules + [Rule(f"{torch}.bias", f"{jax_}/bias")] if bias else rules
+
+
+def layout_prefix(keys: Iterable[str], prefix: str) -> str:
+    """``prefix`` when a checkpoint's keys lie under it (e.g. the transformers 4 layout's
+    ``vision_model.``), else ''."""
+    return prefix if any(k.startswith(prefix) for k in keys) else ""
+
+
 def _compile(pattern: str, sep: str) -> re.Pattern:
     parts = re.split(r"(\{\w+\})", pattern)
     rx = "".join(
@@ -75,25 +92,27 @@ class KeyMap:
         return KeyMap(self.rules + other.rules)
 
     def to_jax(self, torch_key: str) -> tuple[str, str] | None:
-        for rx, r in self._fwd:
-            m = rx.match(torch_key)
-            if m:
-                return r.jax.format(**m.groupdict()), r.transform
-        return None
+        """``(jax path, transform)`` of a checkpoint key, or None when no rule matches."""
+        return _lookup(self._fwd, torch_key, "jax")
 
     def to_torch(self, jax_path: str) -> tuple[str, str] | None:
-        for rx, r in self._bwd:
-            m = rx.match(jax_path)
-            if m:
-                return r.torch.format(**m.groupdict()), r.transform
-        return None
+        """``(torch key, transform)`` of a parameter path, or None when no rule matches."""
+        return _lookup(self._bwd, jax_path, "torch")
 
 
-def _flat_expected(expected: Any) -> dict[str, Any]:
+def _lookup(table: list[tuple[re.Pattern, Rule]], key: str, side: str) -> tuple[str, str] | None:
+    for rx, r in table:
+        m = rx.match(key)
+        if m:
+            return getattr(r, side).format(**m.groupdict()), r.transform
+    return None
+
+
+def flat_params(tree: Any) -> dict[str, Any]:
+    """``{"a/b/c": leaf}`` of a (possibly boxed) nested parameter dict."""
     from flax.core import meta
 
-    tree = meta.unbox(expected)
-    return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+    return {"/".join(k): v for k, v in traverse_util.flatten_dict(meta.unbox(tree)).items()}
 
 
 def _locate(path: str, expected: Mapping[str, Any]) -> tuple[str, int | None] | None:
@@ -153,7 +172,7 @@ def convert_state_dict(
     Returns:
       nested dict of numpy arrays in the layout of ``expected``.
     """
-    exp = _flat_expected(expected)
+    exp = flat_params(expected)
     ignore_rx = [re.compile(p) for p in ignore]
     out: dict[str, np.ndarray] = {}
     rows: dict[str, set[int]] = {}

@@ -1,30 +1,30 @@
-"""Key tables of PPLLaVA's own parts: the BT-Adapter vision tower and the projector.
+"""Key tables of the whole PPLLaVA model, both variants (CLIP + Vicuna, SigLIP + Qwen2).
 
-``ppllava_vision_rules`` covers ``vision_tower.vision_model.*`` (CLIP trunk + BT-Adapter) and
-``projector_rules`` covers ``multi_modal_projector.*`` (CLIP text tower, CLIP projections, the
-LLaVA MLP, ``logit_scale``), each under movable prefixes. The CLIP parts reuse ``clip_keys``.
+``ppllava_vision_rules`` covers ``vision_tower.vision_model.*`` (CLIP trunk + BT-Adapter),
+``projector_rules`` ``multi_modal_projector.*`` (the CLIP or SigLIP prompt encoder, the LLaVA
+MLP, ``logit_scale``), each under movable prefixes; ``ppllava_rules`` the whole model under the
+prefixes ``detect_layout`` finds in a checkpoint (transformers 4 or 5 layouts). The towers'
+parts reuse ``clip_keys`` / ``siglip_keys``, the LLM ``llama_keys``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any
-
-import jax
-import jax.numpy as jnp
+from collections.abc import Iterable
 
 from ppllava_jax.convert.clip_keys import encoder_rules, text_rules, vision_rules
-from ppllava_jax.convert.mapping import KeyMap, Rule, convert_state_dict
-from ppllava_jax.models.config import PPLLaVAConfig
+from ppllava_jax.convert.llama_keys import llama_rules
+from ppllava_jax.convert.mapping import Rule, linear_rules, ln_rules
+from ppllava_jax.convert.siglip_keys import head_rules, siglip_text_rules, siglip_vision_rules
+from ppllava_jax.models.config import PPLLaVAConfig, SiglipVisionConfig
 
-
-def _ln(torch: str, jax_: str) -> list[Rule]:
-    return [Rule(f"{torch}.weight", f"{jax_}/scale"), Rule(f"{torch}.bias", f"{jax_}/bias")]
-
-
-def _linear(torch: str, jax_: str, bias: bool = True) -> list[Rule]:
-    rules = [Rule(f"{torch}.weight", f"{jax_}/kernel", "linear")]
-    return rules + [Rule(f"{torch}.bias", f"{jax_}/bias")] if bias else rules
+# torch prefixes of the parts in the original (transformers 4.45) layout, which export writes
+V4_LAYOUT = dict(
+    vision="vision_tower.vision_model.",
+    projector="multi_modal_projector.",
+    llm="language_model.model.",
+    head="language_model.lm_head.",
+    newline="image_newline",
+)
 
 
 def btadapter_rules(torch_prefix: str = "", jax_prefix: str = "") -> list[Rule]:
@@ -41,10 +41,10 @@ def btadapter_rules(torch_prefix: str = "", jax_prefix: str = "") -> list[Rule]:
         for r in encoder_rules(t, j)
     ]
     tt, tj = f"{t}btadapter_T_layers.{{i}}", f"{j}btadapter_T_layers_{{i}}"
-    temporal = _ln(f"{tt}.layer_norm1", f"{tj}/layer_norm1")
+    temporal = ln_rules(f"{tt}.layer_norm1", f"{tj}/layer_norm1")
     for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        temporal += _linear(f"{tt}.self_attn.{p}", f"{tj}/self_attn/{p}")
-    temporal += _linear(f"{tt}.temporal_fc", f"{tj}/temporal_fc")
+        temporal += linear_rules(f"{tt}.self_attn.{p}", f"{tj}/self_attn/{p}")
+    temporal += linear_rules(f"{tt}.temporal_fc", f"{tj}/temporal_fc")
     return [
         *spatial,
         *temporal,
@@ -70,100 +70,77 @@ def projector_rules(
     jax_prefix: str = "multi_modal_projector/",
     pooling: str = "ppllava",
     extended: bool = True,
+    qwen: bool = False,
 ) -> list[Rule]:
-    """``PPLLaVAProjector``: ``linear_1``/``linear_2`` and, for ``pooling='ppllava'``, the CLIP
-    text tower (``extended``: Long-CLIP position tables), projections, ``clip_visual_ln`` and
-    ``logit_scale``."""
+    """``PPLLaVAProjector``: ``linear_1``/``linear_2`` and, for ``pooling='ppllava'``, the prompt
+    encoder: the CLIP text tower (``extended``: Long-CLIP position tables), projections,
+    ``clip_visual_ln`` and ``logit_scale``; for ``qwen`` the SigLIP text tower, the vision head
+    (``clip_visual_head``), ``clip_visual_ln``, ``logit_scale`` and ``logit_bias``."""
     t, j = torch_prefix, jax_prefix
-    rules = _linear(f"{t}linear_1", f"{j}linear_1") + _linear(f"{t}linear_2", f"{j}linear_2")
-    if pooling == "ppllava":
-        rules += [
-            *text_rules(f"{t}clip_text_model.", f"{j}clip_text_model/", extended),
-            *_linear(f"{t}clip_text_projection", f"{j}clip_text_projection", bias=False),
-            *_linear(f"{t}clip_visual_projection", f"{j}clip_visual_projection", bias=False),
-            *_ln(f"{t}clip_visual_ln", f"{j}clip_visual_ln"),
-            Rule(f"{t}logit_scale", f"{j}logit_scale"),
-        ]
+    rules = linear_rules(f"{t}linear_1", f"{j}linear_1") + linear_rules(
+        f"{t}linear_2", f"{j}linear_2"
+    )
+    if pooling != "ppllava":
+        return rules
+    text = siglip_text_rules if qwen else text_rules
+    rules += text(f"{t}clip_text_model.", f"{j}clip_text_model/", extended)
+    if qwen:
+        rules += head_rules(f"{t}clip_visual_head.", f"{j}clip_visual_head/")
+    else:
+        for p in ("clip_text_projection", "clip_visual_projection"):
+            rules += linear_rules(f"{t}{p}", f"{j}{p}", bias=False)
+    rules += [
+        *ln_rules(f"{t}clip_visual_ln", f"{j}clip_visual_ln"),
+        Rule(f"{t}logit_scale", f"{j}logit_scale"),
+    ]
+    if qwen:
+        rules.append(Rule(f"{t}logit_bias", f"{j}logit_bias"))
     return rules
 
 
-IGNORE = (r"(^|\.)position_ids$",)
+def detect_layout(keys: Iterable[str]) -> dict[str, str]:
+    """Torch prefixes of the model's parts in a checkpoint, from its keys: transformers 4
+    (``V4_LAYOUT``) or 5 (``model.vision_tower.``, ``model.language_model.`` + ``lm_head.``)."""
+    keys = list(keys)
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    out = dict(V4_LAYOUT)
+    for cand in (
+        "vision_tower.vision_model.",
+        "model.vision_tower.vision_model.",
+        "model.vision_tower.",
+        "vision_tower.",
+    ):
+        if has(cand):
+            out["vision"] = cand
+            break
+    if has("model.multi_modal_projector."):
+        out["projector"] = "model.multi_modal_projector."
+    if has("model.language_model."):
+        out["llm"], out["head"] = "model.language_model.", "lm_head."
+    if "model.image_newline" in keys:
+        out["newline"] = "model.image_newline"
+    return out
 
 
-def vision_keymap(
-    cfg: PPLLaVAConfig, torch_prefix: str = "vision_tower.vision_model.", jax_prefix: str = ""
-) -> KeyMap:
-    """Key map of a ``PPLLaVAVisionModel`` whose tree starts at ``jax_prefix``."""
-    return KeyMap(ppllava_vision_rules(torch_prefix, jax_prefix, cfg.btadapter))
-
-
-def projector_keymap(
-    cfg: PPLLaVAConfig, torch_prefix: str = "multi_modal_projector.", jax_prefix: str = ""
-) -> KeyMap:
-    """Key map of a ``PPLLaVAProjector`` whose tree starts at ``jax_prefix``."""
-    return KeyMap(projector_rules(torch_prefix, jax_prefix, cfg.pooling, cfg.clip_text.extended))
-
-
-def vision_abstract_params(cfg: PPLLaVAConfig) -> Any:
-    """``jax.ShapeDtypeStruct`` tree of ``PPLLaVAVisionModel(cfg)``'s parameters."""
-    from ppllava_jax.models.btadapter import PPLLaVAVisionModel
-
-    s = cfg.vision.image_size
-    x = jax.ShapeDtypeStruct((1, 1, s, s, cfg.vision.num_channels), jnp.float32)
-    return jax.eval_shape(
-        lambda a: PPLLaVAVisionModel(cfg).init(jax.random.PRNGKey(0), a)["params"], x
+def ppllava_rules(cfg: PPLLaVAConfig, layout: dict[str, str] | None = None) -> list[Rule]:
+    """Every parameter of ``PPLLaVA(cfg)`` under the torch prefixes of ``layout`` (default
+    ``V4_LAYOUT``): CLIP + BT-Adapter or (``cfg.qwen``) SigLIP vision, the projector, the LLM
+    (LLaMA / Qwen2 names) and ``image_newline``."""
+    lay = layout or V4_LAYOUT
+    vm = "vision_tower/vision_model/"
+    if cfg.qwen:
+        use_head = isinstance(cfg.vision, SiglipVisionConfig) and cfg.vision.vision_use_head
+        rules = siglip_vision_rules(lay["vision"], vm, use_head)
+    else:
+        rules = ppllava_vision_rules(lay["vision"], vm, cfg.btadapter)
+    rules += projector_rules(
+        lay["projector"], "multi_modal_projector/", cfg.pooling, cfg.clip_text.extended, cfg.qwen
     )
-
-
-def projector_abstract_params(cfg: PPLLaVAConfig) -> Any:
-    """``jax.ShapeDtypeStruct`` tree of ``PPLLaVAProjector(cfg)``'s parameters."""
-    from ppllava_jax.models.projector import PPLLaVAProjector
-
-    p = cfg.frame_shape[0] * cfg.frame_shape[1]
-    f = jax.ShapeDtypeStruct((1, 1, p, cfg.vision.hidden_size), jnp.float32)
-    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-
-    def init(f: Any, ids: Any) -> Any:
-        one = (1, 1, 1)
-        m = PPLLaVAProjector(cfg)
-        return m.init(jax.random.PRNGKey(0), f, None, ids, ids, kernel=one, stride=one)["params"]
-
-    return jax.eval_shape(init, f, ids)
-
-
-class _Prefixed(Mapping):
-    """The keys of a checkpoint under one prefix (read lazily)."""
-
-    def __init__(self, checkpoint: Mapping[str, Any], prefix: str):
-        self._ck, self._keys = checkpoint, [k for k in checkpoint if k.startswith(prefix)]
-
-    def __getitem__(self, key: str) -> Any:
-        return self._ck[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
-def convert_vision_and_projector(
-    checkpoint: Mapping[str, Any], cfg: PPLLaVAConfig
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Parameters of ``PPLLaVAVisionModel`` and ``PPLLaVAProjector`` from a PPLLaVA state dict
-    (``vision_tower.vision_model.*``, ``multi_modal_projector.*``; other keys are left alone)."""
-    vision = convert_state_dict(
-        _Prefixed(checkpoint, "vision_tower."),
-        vision_keymap(cfg),
-        vision_abstract_params(cfg),
-        ignore=IGNORE,
-        source="vision_tower",
+    rules += llama_rules(
+        torch_model=lay["llm"], torch_head=lay["head"], jax_prefix="language_model/"
     )
-    projector = convert_state_dict(
-        _Prefixed(checkpoint, "multi_modal_projector."),
-        projector_keymap(cfg),
-        projector_abstract_params(cfg),
-        ignore=IGNORE,
-        source="multi_modal_projector",
-    )
-    return vision, projector
+    rules.append(Rule(lay["newline"], "image_newline"))
+    return rules

@@ -9,26 +9,18 @@ the family differs in its config (``Qwen2Config``: GQA, ``qkv_bias``, ``rope_the
 
 from __future__ import annotations
 
-from ppllava_jax.convert.llama_keys import IGNORE, _abstract, _keymap, llama_rules
-from ppllava_jax.convert.mapping import KeyMap
-from ppllava_jax.convert.registry import Family
-from ppllava_jax.models.config import Qwen2Config
-
-
-def _detect(hf: dict) -> bool:
-    archs = hf.get("architectures") or []
-    return hf.get("model_type") == "qwen2" or any(a.startswith("Qwen2For") for a in archs)
-
+from ppllava_jax.convert.hf_config import llama_to_hf, qwen2_from_hf
+from ppllava_jax.convert.llama_keys import IGNORE, llama_abstract_params, llama_keymap
+from ppllava_jax.convert.registry import detect_type, family
 
 FAMILIES = [
-    Family(
-        name="qwen2",
-        detect=_detect,
-        config_from_hf=Qwen2Config.from_hf,
-        config_to_hf=lambda cfg: cfg.to_hf(),
-        abstract_params=_abstract,
-        keymap=_keymap,
-        export_keymap=lambda cfg: KeyMap(llama_rules()),
-        ignore=IGNORE,
+    family(
+        "qwen2",
+        detect_type("qwen2", "Qwen2For"),
+        qwen2_from_hf,
+        llama_to_hf,
+        llama_abstract_params,
+        llama_keymap,
+        IGNORE,
     )
 ]

@@ -1,7 +1,8 @@
 """Model families the converter knows, each described once by a ``Family``.
 
-Family modules (``llama_keys``, ``clip_keys``, ``ppllava_keys``) each expose ``FAMILIES``; the
-converter detects which one a Hugging Face ``config.json`` belongs to with ``Family.detect``.
+Family modules (``ppllava_family``, ``llama_keys``, ``qwen2_keys``, ``clip_keys``,
+``siglip_keys``) each expose ``FAMILIES``; the converter detects which one a Hugging Face
+``config.json`` belongs to with ``Family.detect``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from ppllava_jax.convert.mapping import KeyMap
 
 FAMILY_MODULES = (
     "ppllava_jax.convert.ppllava_family",
-    "ppllava_jax.convert.qwen_ppllava_keys",
     "ppllava_jax.convert.llama_keys",
     "ppllava_jax.convert.qwen2_keys",
     "ppllava_jax.convert.clip_keys",
@@ -36,7 +36,8 @@ class Family:
 
     name: short name written to the converted directory ('llama', 'clip', ...).
     detect: ``hf_config_dict -> bool``; True when a transformers config.json is this family.
-    config_from_hf: ``hf_config_dict -> model config`` (a dataclass from models/config.py).
+    config_from_hf: ``hf_config_dict -> model config`` (a dataclass from models/config.py;
+      the translations are ``hf_config`` / ``ppllava_config``).
     config_to_hf: ``model config -> hf_config_dict`` that transformers loads back.
     abstract_params: ``model config -> pytree of jax.ShapeDtypeStruct`` (eval_shape of init).
     keymap: ``(model config, checkpoint keys) -> KeyMap``; the keys let it pick between the
@@ -58,6 +59,43 @@ class Family:
     ignore: tuple[str, ...] = ()
     read_hf_config: Callable[[Path], dict] = read_json_config
     write_hf_extras: Callable[[Any, Path], None] | None = None
+
+
+def detect_type(model_type: str, arch_prefix: str | None = None) -> Callable[[dict], bool]:
+    """``Family.detect`` of a config.json with ``model_type`` or an architecture starting with
+    ``arch_prefix``."""
+
+    def detect(d: dict) -> bool:
+        archs = d.get("architectures") or ()
+        by_arch = arch_prefix is not None and any(a.startswith(arch_prefix) for a in archs)
+        return d.get("model_type") == model_type or by_arch
+
+    return detect
+
+
+def family(
+    name: str,
+    detect: Callable[[dict], bool],
+    config_from_hf: Callable[..., Any],
+    config_to_hf: Callable[[Any], dict],
+    abstract_params: Callable[[Any], Any],
+    keymap: Callable[..., KeyMap],
+    ignore: tuple[str, ...] = (),
+    **extra: Any,
+) -> Family:
+    """A ``Family`` whose export key map is its import key map given no checkpoint keys (the
+    layout export writes). extra: ``read_hf_config``, ``write_hf_extras``."""
+    return Family(
+        name=name,
+        detect=detect,
+        config_from_hf=config_from_hf,
+        config_to_hf=config_to_hf,
+        abstract_params=abstract_params,
+        keymap=keymap,
+        export_keymap=lambda cfg: keymap(cfg, ()),
+        ignore=ignore,
+        **extra,
+    )
 
 
 def families() -> list[Family]:

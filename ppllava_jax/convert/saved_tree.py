@@ -4,6 +4,9 @@ parameter name before any restore is attempted (orbax's own error names no param
 
     saved = saved_shapes("ckpt/ppllava/params")   # {"language_model/lm_head/kernel": (4096, 32064)}
     diffs = tree_differences(saved, shapes_of(abstract))  # ["...: checkpoint (1, 2), model (1, 3)"]
+
+``mismatch_report`` words the differences for an error message (``eval.py``'s checkpoint check,
+training's resume check).
 """
 
 from __future__ import annotations
@@ -112,3 +115,20 @@ def tree_differences(
         ],
     )
     return out
+
+
+def mismatch_report(
+    saved: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    saved_name: str,
+    expected_name: str,
+    versus: str,
+) -> str:
+    """'' when two ``shapes_of`` maps agree, else ``(N differences; VERSUS):`` and one indented
+    line per ``tree_differences`` entry, to follow a sentence saying which checkpoint and model
+    (``versus`` names the two sides, e.g. "checkpoint shapes vs this config's model")."""
+    diffs = tree_differences(saved, expected, saved_name=saved_name, expected_name=expected_name)
+    if not diffs:
+        return ""
+    return f"({len(diffs)} differences; {versus}):\n  " + "\n  ".join(diffs)

@@ -14,21 +14,21 @@ pooling head keeps PyTorch's packed ``attention.in_proj_weight`` / ``in_proj_bia
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
-from ppllava_jax.convert.clip_keys import (
-    _IDS,
-    _abstract,
-    _layout_prefix,
-    _linear,
-    _ln,
-    _pixels,
+from ppllava_jax.convert.clip_keys import (  # SigLIP's buffers (IGNORE) are CLIP's
+    IDS_SPEC,
+    IGNORE,
+    abstract_of,
     encoder_rules,
+    model_families,
+    pixels_spec,
     text_rules,
 )
-from ppllava_jax.convert.mapping import KeyMap, Rule
-from ppllava_jax.convert.registry import Family
+from ppllava_jax.convert.hf_config import siglip_from_hf, siglip_to_hf, tower_from_hf
+from ppllava_jax.convert.mapping import KeyMap, Rule, layout_prefix, linear_rules, ln_rules
 from ppllava_jax.models.config import SiglipTextConfig, SiglipVisionConfig
 from ppllava_jax.models.siglip import (
     SiglipConfig,
@@ -36,8 +36,6 @@ from ppllava_jax.models.siglip import (
     SiglipTextTransformer,
     SiglipVisionTransformer,
 )
-
-IGNORE = (r"(^|\.)position_ids$",)
 
 
 def head_rules(torch_prefix: str = "head.", jax_prefix: str = "head/") -> list[Rule]:
@@ -48,10 +46,10 @@ def head_rules(torch_prefix: str = "head.", jax_prefix: str = "head/") -> list[R
         Rule(f"{t}probe", f"{j}probe"),
         Rule(f"{t}attention.in_proj_weight", f"{j}attention/in_proj_kernel", "linear"),
         Rule(f"{t}attention.in_proj_bias", f"{j}attention/in_proj_bias"),
-        *_linear(f"{t}attention.out_proj", f"{j}attention/out_proj"),
-        *_ln(f"{t}layernorm", f"{j}layernorm"),
-        *_linear(f"{t}mlp.fc1", f"{j}mlp/fc1"),
-        *_linear(f"{t}mlp.fc2", f"{j}mlp/fc2"),
+        *linear_rules(f"{t}attention.out_proj", f"{j}attention/out_proj"),
+        *ln_rules(f"{t}layernorm", f"{j}layernorm"),
+        *linear_rules(f"{t}mlp.fc1", f"{j}mlp/fc1"),
+        *linear_rules(f"{t}mlp.fc2", f"{j}mlp/fc2"),
     ]
 
 
@@ -73,7 +71,7 @@ def siglip_vision_rules(
             f"{j}embeddings/position_embedding/embedding",
         ),
         *encoder_rules(t, j),
-        *_ln(f"{t}post_layernorm", f"{j}post_layernorm"),
+        *ln_rules(f"{t}post_layernorm", f"{j}post_layernorm"),
     ]
     if use_head:
         rules += head_rules(f"{t}head.", f"{j}head/")
@@ -88,7 +86,7 @@ def siglip_text_rules(
     context extension)."""
     t, j = torch_prefix, jax_prefix
     # CLIP's text tower (token + position embeddings, encoder, final LayerNorm) plus the head
-    return [*text_rules(t, j, extended), *_linear(f"{t}head", f"{j}head")]
+    return [*text_rules(t, j, extended), *linear_rules(f"{t}head", f"{j}head")]
 
 
 def siglip_model_rules(
@@ -104,46 +102,25 @@ def siglip_model_rules(
     ]
 
 
-# ---- configs ---------------------------------------------------------------------------------
+# ---- configs (omitted fields: transformers' class defaults = the dataclasses') ------------
 
-
-def vision_config_from_hf(d: dict, **runtime: Any) -> SiglipVisionConfig:
-    return SiglipVisionConfig.from_hf(d, **runtime)
-
-
-def text_config_from_hf(d: dict, **runtime: Any) -> SiglipTextConfig:
-    return SiglipTextConfig.from_hf(d, **runtime)
-
-
-def siglip_config_from_hf(d: dict, **runtime: Any) -> SiglipConfig:
-    """From a transformers ``SiglipModel`` config.json (omitted fields: transformers' defaults)."""
-    return SiglipConfig(
-        vision=SiglipVisionConfig.from_hf(d.get("vision_config") or {}, **runtime),
-        text=SiglipTextConfig.from_hf(d.get("text_config") or {}, **runtime),
-    )
-
-
-def vision_config_to_hf(cfg: SiglipVisionConfig) -> dict:
-    return {**cfg.to_hf(), "architectures": ["SiglipVisionModel"]}
-
-
-def text_config_to_hf(cfg: SiglipTextConfig) -> dict:
-    return {**cfg.to_hf(), "architectures": ["SiglipTextModel"]}
+vision_config_from_hf = functools.partial(tower_from_hf, SiglipVisionConfig)
+text_config_from_hf = functools.partial(tower_from_hf, SiglipTextConfig)
 
 
 # ---- abstract parameters ---------------------------------------------------------------------
 
 
 def vision_abstract_params(cfg: SiglipVisionConfig) -> Any:
-    return _abstract(SiglipVisionTransformer(cfg), _pixels(cfg))
+    return abstract_of(SiglipVisionTransformer(cfg), pixels_spec(cfg))
 
 
 def text_abstract_params(cfg: SiglipTextConfig) -> Any:
-    return _abstract(SiglipTextTransformer(cfg), _IDS)
+    return abstract_of(SiglipTextTransformer(cfg), IDS_SPEC)
 
 
 def siglip_abstract_params(cfg: SiglipConfig) -> Any:
-    return _abstract(SiglipModel(cfg.vision, cfg.text), _pixels(cfg.vision), _IDS)
+    return abstract_of(SiglipModel(cfg.vision, cfg.text), pixels_spec(cfg.vision), IDS_SPEC)
 
 
 # ---- key maps --------------------------------------------------------------------------------
@@ -151,49 +128,23 @@ def siglip_abstract_params(cfg: SiglipConfig) -> Any:
 
 def vision_keymap(cfg: SiglipVisionConfig, keys: Iterable[str] = ()) -> KeyMap:
     return KeyMap(
-        siglip_vision_rules(_layout_prefix(keys, "vision_model."), use_head=cfg.vision_use_head)
+        siglip_vision_rules(layout_prefix(keys, "vision_model."), use_head=cfg.vision_use_head)
     )
 
 
 def text_keymap(cfg: SiglipTextConfig, keys: Iterable[str] = ()) -> KeyMap:
-    return KeyMap(siglip_text_rules(_layout_prefix(keys, "text_model."), extended=cfg.extended))
+    return KeyMap(siglip_text_rules(layout_prefix(keys, "text_model."), extended=cfg.extended))
 
 
 def siglip_keymap(cfg: SiglipConfig, keys: Iterable[str] = ()) -> KeyMap:
     return KeyMap(siglip_model_rules(use_head=cfg.vision.vision_use_head))
 
 
-FAMILIES = [
-    Family(
-        name="siglip",
-        detect=lambda d: (
-            d.get("model_type") == "siglip" or "SiglipModel" in (d.get("architectures") or ())
-        ),
-        config_from_hf=siglip_config_from_hf,
-        config_to_hf=lambda cfg: cfg.to_hf(),
-        abstract_params=siglip_abstract_params,
-        keymap=siglip_keymap,
-        export_keymap=siglip_keymap,
-        ignore=IGNORE,
-    ),
-    Family(
-        name="siglip_vision",
-        detect=lambda d: d.get("model_type") == "siglip_vision_model",
-        config_from_hf=vision_config_from_hf,
-        config_to_hf=vision_config_to_hf,
-        abstract_params=vision_abstract_params,
-        keymap=vision_keymap,
-        export_keymap=vision_keymap,
-        ignore=IGNORE,
-    ),
-    Family(
-        name="siglip_text",
-        detect=lambda d: d.get("model_type") == "siglip_text_model",
-        config_from_hf=text_config_from_hf,
-        config_to_hf=text_config_to_hf,
-        abstract_params=text_abstract_params,
-        keymap=text_keymap,
-        export_keymap=text_keymap,
-        ignore=IGNORE,
-    ),
-]
+FAMILIES = model_families(
+    "siglip",
+    "SiglipModel",
+    IGNORE,
+    model=(siglip_from_hf, siglip_to_hf, siglip_abstract_params, siglip_keymap),
+    vision=(vision_config_from_hf, vision_abstract_params, vision_keymap),
+    text=(text_config_from_hf, text_abstract_params, text_keymap),
+)

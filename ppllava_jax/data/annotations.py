@@ -1,4 +1,4 @@
-"""The original annotation format, validated, and weighted mixtures of annotation files.
+"""The original annotation format, validated; the sources of a mixture; exact evaluation samples.
 
 An annotation file is a JSON list of samples::
 
@@ -20,12 +20,11 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from ppllava_jax.data.errors import AnnotationError
+from ppllava_jax.data.frame_index import FrameRule
 from ppllava_jax.data.templates import Turn
 
 log = logging.getLogger(__name__)
@@ -213,7 +212,7 @@ class AnnotationSource:
         the working directory).
       media_type: default media type of its samples (None: inferred per sample).
       weight: how many times each sample is used per epoch on average (1.0 = once, 0.5 = a
-        random half, 2.0 = twice); also the relative probability of :attr:`Mixture.probabilities`.
+        random half, 2.0 = twice).
       name: a short name for logs (default: the file name).
     """
 
@@ -252,73 +251,23 @@ class AnnotationSource:
             raise ValueError(f"{self.path}: media_type {self.media_type!r} not in {MEDIA_TYPES}")
 
 
-@dataclasses.dataclass
-class Mixture:
-    """Validated samples of several annotation files with their weights."""
-
-    sources: list[AnnotationSource]
-    samples: list[list[Sample]]
-    skipped: SkipCounter
-
-    @property
-    def sizes(self) -> list[int]:
-        return [len(s) for s in self.samples]
-
-    @property
-    def probabilities(self) -> np.ndarray:
-        """float64[num_sources]: weight x size, normalized (probability that a draw comes
-        from each source when sampling by weight)."""
-        w = np.array([s.weight * n for s, n in zip(self.sources, self.sizes)], np.float64)
-        if w.sum() <= 0:
-            raise ValueError("the mixture has no samples with positive weight")
-        return w / w.sum()
-
-    def __len__(self) -> int:
-        return sum(self.sizes)
-
-    def get(self, source: int, index: int) -> Sample:
-        return self.samples[source][index]
-
-    def epoch_order(self, seed: int, epoch: int = 0, shuffle: bool = True) -> np.ndarray:
-        """int64[N, 2] (source, index) pairs of one epoch, deterministic in (seed, epoch).
-
-        Each source contributes ``floor(weight * size)`` samples plus one more with
-        probability ``frac(weight * size)``: whole repetitions first, then a random subset.
-        """
-        rng = np.random.default_rng([seed, epoch])
-        parts = []
-        for k, (src, n) in enumerate(zip(self.sources, self.sizes)):
-            if n == 0:
-                continue
-            want = src.weight * n
-            count = int(want) + int(rng.random() < want - int(want))
-            reps, rest = divmod(count, n)
-            idx = np.concatenate([np.tile(np.arange(n), reps), rng.permutation(n)[:rest]])
-            parts.append(np.stack([np.full(len(idx), k), idx], axis=1))
-        if not parts:
-            return np.zeros((0, 2), np.int64)
-        order = np.concatenate(parts).astype(np.int64)
-        if shuffle:
-            order = order[rng.permutation(len(order))]
-        return order
+# exact evaluation samples: the keys of Sample.extra that hold the prompt, CLIP text and frames
+EVAL_PROMPT, EVAL_CLIP, EVAL_FRAMES = "eval_prompt_text", "eval_clip_text", "eval_frame_rule"
 
 
-def load_mixture(
-    sources: Iterable[AnnotationSource | Mapping[str, Any] | Sequence[Any] | str],
-    on_error: str = "skip",
-) -> Mixture:
-    """Load and validate every source; bad samples skipped and counted (or raised)."""
-    srcs = [
-        s if isinstance(s, AnnotationSource) else AnnotationSource.from_config(s) for s in sources
-    ]
-    if not srcs:
-        raise ValueError("no annotation sources given")
-    skipped = SkipCounter()
-    samples = [
-        load_annotation_file(s.path, s.data_root, s.media_type, on_error, skipped) for s in srcs
-    ]
-    for s, lst in zip(srcs, samples):
-        log.info(
-            "%s: %d samples (weight %g)", s.name or os.path.basename(s.path), len(lst), s.weight
-        )
-    return Mixture(srcs, samples, skipped)
+def eval_sample(
+    video: str,
+    prompt_text: str,
+    clip_text: str,
+    frame_rule: FrameRule,
+    *,
+    source: str = "eval",
+    index: int = 0,
+    extra: Mapping[str, Any] | None = None,
+) -> Sample:
+    """An evaluation sample given exactly (no template): the full prompt text (no BOS),
+    the CLIP text and the frame rule (kept in ``Sample.extra`` under ``EVAL_PROMPT``,
+    ``EVAL_CLIP``, ``EVAL_FRAMES``), fed to ``Pipeline(..., samples=[[...]])``. ``extra``
+    (e.g. the question id) is kept in ``Sample.extra`` too."""
+    ex = {**(extra or {}), EVAL_PROMPT: prompt_text, EVAL_CLIP: clip_text, EVAL_FRAMES: frame_rule}
+    return Sample("video", (video,), (), None, frame_rule.bound, source, index, ex)

@@ -38,7 +38,6 @@ from ppllava_jax.layout import (
     GROUPS,
     IGNORE_INDEX,
     NEWLINE,
-    anyres_grid_shape,
     anyres_token_order,
     num_pooled,
 )
@@ -81,15 +80,11 @@ class Sample:
     media_from: int | None = None
 
 
-anyres_grid = anyres_grid_shape
-
-
 class Planner:
     """Computes token layouts from a ``PPLLaVAConfig`` (everything static comes from it)."""
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
-        self.grid = cfg.vision.image_size // cfg.vision.patch_size
 
     def item_grid(self, kind: str, num_frames: int) -> tuple[int, int, int]:
         """(t, h, w) of the projector's output for one item of a group with ``num_frames``
@@ -125,14 +120,6 @@ class Planner:
             size, cfg.image_grid_pinpoints, cfg.vision.image_size, (h, w), views
         )
         return order  # -1 (NEWLINE) marks image_newline
-
-
-def _pad_to(a: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
-    if a.shape[axis] == n:
-        return a
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (0, n - a.shape[axis])
-    return np.pad(a, pad)
 
 
 def _padding(pad_id: int) -> dict[str, int]:

@@ -55,7 +55,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise MediaError(path, f"cannot read image ({type(e).__name__}: {e})") from e
 
 
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bicubic resize of uint8[H, W, 3] with Pillow (as transformers' PIL backend does)."""
     from PIL import Image
 
@@ -75,6 +75,12 @@ def normalize(
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def resize_frames(frames: np.ndarray | Sequence[np.ndarray], size: int) -> np.ndarray:
+    """uint8 frames (an array, or a list of differently sized images) squashed (no crop) to the
+    tower size: uint8[T, S, S, 3], before normalization."""
+    return np.stack([resize(np.asarray(f, np.uint8), size, size) for f in frames])
+
+
 def preprocess_frames(
     frames: np.ndarray | Sequence[np.ndarray],
     size: int = 336,
@@ -90,11 +96,10 @@ def preprocess_frames(
     Returns:
       float32[T, S, S, 3].
     """
-    resized = np.stack([_resize(np.asarray(f, np.uint8), size, size) for f in frames])
-    return normalize(resized, mean, std)
+    return normalize(resize_frames(frames, size), mean, std)
 
 
-def _fit_size(original_size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+def fit_size(original_size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
     """Size after resizing into ``target`` keeping the aspect ratio (transformers' rounding)."""
     oh, ow = original_size
     th, tw = target
@@ -119,14 +124,14 @@ class AnyResImage:
     image_size: tuple[int, int]
 
 
-def preprocess_anyres(
-    image: np.ndarray,
-    size: int = 336,
-    pinpoints: Sequence[Sequence[int]] = DEFAULT_PINPOINTS,
-    mean: Sequence[float] = CLIP_MEAN,
-    std: Sequence[float] = CLIP_STD,
-) -> AnyResImage:
-    """LLaVA-NeXT any-resolution preprocessing of uint8[H, W, 3] (see module docstring)."""
+def anyres_views_uint8(
+    image: np.ndarray, size: int = 336, pinpoints: Sequence[Sequence[int]] = DEFAULT_PINPOINTS
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """The any-resolution views of uint8[H, W, 3] before normalization (module docstring).
+
+    Returns (uint8[1 + rows * cols, S, S, 3]: the base view, then the crops row-major;
+    the grid (rows, cols); the original (height, width)).
+    """
     image = np.asarray(image, np.uint8)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected uint8[H, W, 3], got {image.shape}")
@@ -134,8 +139,8 @@ def preprocess_anyres(
     th, tw = select_best_resolution((oh, ow), pinpoints)
     if th % size or tw % size:
         raise ValueError(f"pinpoint {(th, tw)} is not a multiple of the tower size {size}")
-    nh, nw = _fit_size((oh, ow), (th, tw))
-    resized = _resize(image, nh, nw)
+    nh, nw = fit_size((oh, ow), (th, tw))
+    resized = resize(image, nh, nw)
     py, ry = divmod(th - nh, 2)
     px, rx = divmod(tw - nw, 2)
     padded = np.pad(resized, ((py, py + ry), (px, px + rx), (0, 0)))
@@ -145,16 +150,18 @@ def preprocess_anyres(
         .transpose(0, 2, 1, 3, 4)
         .reshape(-1, size, size, 3)
     )
-    base = _resize(image, size, size)[None]
-    views = np.concatenate([base, crops], axis=0)
-    return AnyResImage(normalize(views, mean, std), (rows, cols), (int(oh), int(ow)))
+    base = resize(image, size, size)[None]
+    return np.concatenate([base, crops], axis=0), (rows, cols), (int(oh), int(ow))
 
 
-def anyres_num_views(
-    image_size: tuple[int, int],
+def preprocess_anyres(
+    image: np.ndarray,
     size: int = 336,
     pinpoints: Sequence[Sequence[int]] = DEFAULT_PINPOINTS,
-) -> int:
-    """1 + rows * cols for an image of (height, width), without touching pixels."""
-    th, tw = select_best_resolution(image_size, pinpoints)
-    return 1 + (th // size) * (tw // size)
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> AnyResImage:
+    """LLaVA-NeXT any-resolution preprocessing of uint8[H, W, 3] (see module docstring):
+    :func:`anyres_views_uint8`, normalized."""
+    views, grid, hw = anyres_views_uint8(image, size, pinpoints)
+    return AnyResImage(normalize(views, mean, std), grid, hw)

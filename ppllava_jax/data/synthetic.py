@@ -6,7 +6,8 @@
 writes, in the original annotation format (see ``annotations.py``)::
 
     DIR/videos/{train,eval}_NNNNN.mp4   short clips (PyAV, h264 or mpeg4)
-    DIR/train.json  DIR/eval.json        multiple-choice QA, one turn per clip
+    DIR/train.json  DIR/eval.json        QA, one turn per clip: multiple choice (and, in
+                                         train.json, a share of plain questions)
     DIR/tokenizer/                       LLaMA-style SentencePiece tokenizer (+ <image>)
     DIR/clip_tokenizer/                  CLIP-style BPE tokenizer
     DIR/dataset_info.json                sizes, image token id, question types
@@ -33,8 +34,12 @@ equally often, and the options are shuffled. The answer is the correct option's 
 (``"left"``), as an answer extractor matches it to its letter; a model trained from scratch
 also has to learn a text look-up (the letter in front of the option) before it can answer with
 letters, which a 10-minute CPU run does not reach.
-``extra`` fields hold the bare question, the candidates, the answer and its letter.
-Deterministic given the seed (encoding is single-threaded).
+``extra`` fields hold the bare question, the candidates, the answer and its letter, and the
+``form`` of the turn: ``mc``, or ``plain`` for the :data:`PLAIN_FRACTION` of training clips
+asked one of their question's phrasings (``shapes.PHRASINGS``, e.g. "What is the colour of the
+square?") without options, so the model also answers questions as a person types them (the
+chat); the held-out split stays multiple choice. Deterministic given the seed (encoding is
+single-threaded).
 """
 
 from __future__ import annotations
@@ -50,147 +55,28 @@ from collections.abc import Sequence
 import numpy as np
 
 from ppllava_jax.data import templates as tpl
+from ppllava_jax.data.shapes import (
+    COLOURS,
+    DIRECTIONS,
+    LETTERS,
+    SHAPES,
+    format_question,
+    make_clip,
+    num_values,
+)
 from ppllava_jax.data.tokenizers import train_clip_tokenizer, train_llama_tokenizer
 from ppllava_jax.data.video import write_video
 
-COLOURS = {
-    "red": (230, 40, 40),
-    "green": (40, 200, 60),
-    "blue": (50, 90, 245),
-    "yellow": (240, 220, 40),
-    "purple": (170, 60, 210),
-    "cyan": (40, 220, 230),
-}
-SHAPES = ("circle", "square", "triangle", "diamond")
-DIRECTIONS = ("left", "right", "up", "down")
 QTYPES = ("colour", "first_colour", "last_colour", "direction", "shape")  # every known type
 DEFAULT_QTYPES = ("colour", "first_colour", "last_colour")
-LETTERS = "ABCD"
-MC_SUFFIX = "Only give the best option."
 MARKER = "COMPLETE"
-VERSION = 3  # 3: answers are the option text ('left'), larger objects
-RADIUS = (0.22, 0.26)  # object radius range, as a fraction of the clip size
-
-
-def _mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float):
-    dy, dx = yy - cy, xx - cx
-    if shape == "circle":
-        return dy * dy + dx * dx <= r * r
-    if shape == "square":
-        return (np.abs(dy) <= 0.85 * r) & (np.abs(dx) <= 0.85 * r)
-    if shape == "diamond":
-        return np.abs(dy) + np.abs(dx) <= 1.15 * r
-    if shape == "triangle":  # apex up
-        return (dy >= -r) & (dy <= 0.8 * r) & (np.abs(dx) <= (dy + r) * 0.62)
-    raise ValueError(shape)
+VERSION = 4  # 3: answers are the option text ('left'), larger objects; 4: plain questions
+PLAIN_FRACTION = 0.25  # training clips asked a plain phrasing instead of multiple choice
 
 
 def _balanced(rng: np.random.Generator, values: int, n: int) -> np.ndarray:
     """n draws of range(values), each value equally often (+-1), in random order."""
     return rng.permutation(np.tile(np.arange(values), -(-n // values))[:n])
-
-
-def _path(rng, size: int, r: float, direction: str | None, frames: int):
-    """Per-frame centres (y, x) of a shape moving in ``direction`` (None: small drift)."""
-    lo, hi = r + 1, size - r - 2
-    travel = min(0.45 * size, hi - lo)
-    t = np.linspace(0.0, 1.0, frames)
-    if direction is None:
-        y0, x0 = rng.uniform(lo, hi, 2)
-        return np.full(frames, y0), np.full(frames, x0)
-    across = rng.uniform(lo, hi)
-    start = rng.uniform(lo, max(lo, hi - travel))
-    along = start + travel * t
-    if direction in ("left", "up"):
-        along = along[::-1]
-    if direction in ("left", "right"):
-        return np.full(frames, across), along
-    return along, np.full(frames, across)
-
-
-def _options(rng, correct: str, pool: list[str], letter: int) -> list[str]:
-    """4 options: ``correct`` at position ``letter``, the rest drawn from ``pool``."""
-    others = [p for p in pool if p != correct]
-    others = [others[i] for i in rng.permutation(len(others))[:3]]
-    others.insert(letter, correct)
-    return others
-
-
-def make_clip(
-    rng: np.random.Generator,
-    qtype: str,
-    answer: int,
-    letter: int,
-    frames: int,
-    size: int,
-    radius: tuple[float, float] = RADIUS,
-):
-    """One clip and its question. Returns (uint8[F, S, S, 3], question, candidates, answer)."""
-    colours = list(COLOURS)
-    bg = np.array(rng.integers(15, 70, 3), np.uint8)
-    video = np.broadcast_to(bg, (frames, size, size, 3)).copy()
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    r = size * rng.uniform(*radius)
-
-    def draw(shape, colour, ys, xs, visible):
-        for f in np.flatnonzero(visible):
-            video[f][_mask(shape, yy, xx, ys[f], xs[f], r)] = COLOURS[colour]
-
-    everywhere = np.ones(frames, bool)
-    if qtype == "direction":
-        d = DIRECTIONS[answer]
-        shape, colour = SHAPES[rng.integers(4)], colours[rng.integers(len(colours))]
-        draw(shape, colour, *_path(rng, size, r, d, frames), everywhere)
-        question = f"Which way does the {colour} {shape} move?"
-        cands = _options(rng, d, list(DIRECTIONS), letter)
-        correct = d
-    elif qtype in ("first_colour", "last_colour"):
-        correct = colours[answer]
-        other = [c for c in colours if c != correct][rng.integers(len(colours) - 1)]
-        first, second = (correct, other) if qtype == "first_colour" else (other, correct)
-        early = np.arange(frames) < frames // 2
-        for colour, vis in ((first, early), (second, ~early)):
-            shape = SHAPES[rng.integers(4)]
-            draw(shape, colour, *_path(rng, size, r, None, frames), vis)
-        question = f"Which colour appears {qtype.split('_')[0]}?"
-        # both colours shown are always options, so only the order tells them apart
-        rest = [c for c in colours if c not in (first, second)]
-        rest = [rest[i] for i in rng.permutation(len(rest))[:2]]
-        wrong = [other] + rest
-        wrong = [wrong[i] for i in rng.permutation(3)]
-        wrong.insert(letter, correct)
-        cands = wrong
-    elif qtype == "colour":
-        colour, shape = colours[answer], SHAPES[rng.integers(4)]
-        d = DIRECTIONS[rng.integers(4)] if rng.random() < 0.5 else None
-        draw(shape, colour, *_path(rng, size, r, d, frames), everywhere)
-        question = f"What colour is the {shape}?"
-        cands, correct = _options(rng, colour, colours, letter), colour
-    elif qtype == "shape":
-        shape, colour = SHAPES[answer], colours[rng.integers(len(colours))]
-        d = DIRECTIONS[rng.integers(4)] if rng.random() < 0.5 else None
-        draw(shape, colour, *_path(rng, size, r, d, frames), everywhere)
-        question = f"What shape is the {colour} object?"
-        cands, correct = _options(rng, shape, list(SHAPES), letter), shape
-    else:
-        raise ValueError(f"unknown question type {qtype!r}")
-    return video, question, cands, correct
-
-
-def format_question(question: str, candidates: list[str]) -> str:
-    """MVBench-style multiple-choice text (SPEC §8) without the role markers."""
-    opts = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(candidates))
-    return f"Question: {question}\nOptions:\n{opts}\n{MC_SUFFIX}"
-
-
-def _num_values(qtype: str) -> int:
-    return (
-        len(DIRECTIONS)
-        if qtype == "direction"
-        else len(SHAPES)
-        if qtype == "shape"
-        else len(COLOURS)
-    )
 
 
 def check_qtypes(qtypes: Sequence[str]) -> tuple[str, ...]:
@@ -222,26 +108,32 @@ def generate_split(
     letters = np.zeros(num, np.int64)
     for k, q in enumerate(qtypes):
         sel = np.flatnonzero(types == k)
-        answers[sel] = _balanced(rng, _num_values(q), len(sel))
+        answers[sel] = _balanced(rng, num_values(q), len(sel))
         letters[sel] = _balanced(rng, 4, len(sel))
+    # which training clips get a plain phrasing (a stream of its own: the clips are unchanged)
+    form_rng = np.random.default_rng([seed, {"train": 0, "eval": 1}[split], 2])
+    plain = (form_rng.random(num) < PLAIN_FRACTION) & (split == "train")
+    phrasing = form_rng.integers(0, 1 << 16, num)
     os.makedirs(os.path.join(out, "videos"), exist_ok=True)
     anns = []
     for i in range(num):
         qtype = qtypes[types[i]]
-        video, question, cands, correct = make_clip(
+        video, questions, cands, correct = make_clip(
             rng, qtype, int(answers[i]), int(letters[i]), frames, size
         )
         rel = f"videos/{split}_{i:05d}.mp4"
         write_video(os.path.join(out, rel), video, fps=fps, codec=codec)
         letter = LETTERS[int(letters[i])]
         assert cands[int(letters[i])] == correct
+        q = questions[phrasing[i] % len(questions)] if plain[i] else None
         anns.append(
             {
                 "video": rel,
                 "media_type": "video",
-                "QA": [{"q": format_question(question, cands), "a": correct}],
+                "QA": [{"q": q or format_question(questions[0], cands), "a": correct}],
+                "form": "plain" if plain[i] else "mc",
                 "qtype": qtype,
-                "question": question,
+                "question": questions[0],
                 "candidates": cands,
                 "answer": correct,
                 "answer_letter": letter,

@@ -1,14 +1,10 @@
-"""Video decoding and frame sampling (host side, numpy).
+"""Video decoding (host side, numpy): video files, animated GIFs and frame folders.
 
 Sources: video files through PyAV (mp4, webm, avi, mkv, mov, ...), animated GIFs through
-Pillow, and folders of frame images. Frames are sampled over T equal segments of the
-(optionally bounded) video, as in the original (SPEC §1):
-
-- ``middle`` (evaluation): the centre frame of each segment;
-- ``rand`` (training): a uniformly random frame of each segment but its last one, from a
-  seeded ``numpy.random.Generator``; when a segment has one frame (videos shorter than 2T),
-  a sorted random subset of min(T, n) frames instead (the original's ``get_frame_indices``);
-- when the video has fewer than T frames, the last sampled frame is repeated up to T.
+Pillow, and folders of frame images. Which frames are read is the original's rule
+(:mod:`ppllava_jax.data.frame_index`): :func:`load_video` samples T frames over T equal
+segments (``middle`` / seeded ``rand``), :func:`load_frames_by_rule` reads exactly the frames
+of an evaluation question's :class:`~ppllava_jax.data.frame_index.FrameRule`.
 
 Only the sampled frames are converted to RGB and kept; the decoder seeks over long gaps and
 otherwise decodes and drops, so a long video never sits in memory. Any problem with a file
@@ -20,17 +16,27 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from ppllava_jax.data.errors import MediaError
+from ppllava_jax.data.frame_index import (
+    FrameRule,
+    bound_to_range,
+    frame_rule_indices,
+    sample_indices,
+)
+from ppllava_jax.data.image import load_image
 
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-SAMPLING_MODES = ("middle", "rand")
+FOLDER_ORDERS = ("natural", "name")
 # Seek instead of decoding through a gap longer than this many frames.
 SEEK_GAP_FRAMES = 300
+GIF_RULE_FPS = 25.0  # the frame rate the original's read_gif assumes (FrameRule reads)
+
+# (frame count, fps) -> int64[T] frame indices to read
+Chooser = Callable[[int, float], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +49,7 @@ class Clip:
       timestamps: float64[T] seconds of each sampled frame (index / fps).
       fps: frames per second used to convert between seconds and indices.
       num_frames: number of frames of the whole video.
+      files: frame folders: the file name of each frame read.
     """
 
     frames: np.ndarray
@@ -50,147 +57,16 @@ class Clip:
     timestamps: np.ndarray
     fps: float
     num_frames: int
-    files: tuple[str, ...] = ()  # frame folders read by a FrameRule: the file names read
+    files: tuple[str, ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
-class FrameRule:
-    """The frames an evaluation question reads, as the original's benchmark drivers pick them
-    (``EvalDataset.get_index`` and its readers; :func:`load_frames_by_rule`).
-
-    Attributes:
-      num_segments: T, the frames read (``frame_index.segment_indices``).
-      bound: (start_s, end_s) of the question, or None for the whole video.
-      folder_fps: frame rate of a frame folder (3 for MVBench tvqa and ActivityNet QA);
-        a video file uses its container's average rate.
-      file_pattern: file name of frame ``i`` of a folder, ``file_pattern.format(i)``
-        (``'{:0>5}.jpg'`` MVBench, ``'{:0>6}.jpg'`` ActivityNet QA).
-      first_idx: the first frame index (None: 0 for video files, 1 for frame folders).
-
-    Video files: ``max_frame = frames - 1``; frame folders: ``max_frame`` = the number of
-    entries in the folder (``len(os.listdir)``), files numbered from ``first_idx``.
-    """
-
-    num_segments: int
-    bound: tuple[float, float] | None = None
-    folder_fps: float = 3.0
-    file_pattern: str = "{:0>5}.jpg"
-    first_idx: int | None = None
-
-
-def bound_to_range(
-    num_frames: int, fps: float, bound: tuple[float, float] | None
-) -> tuple[int, int]:
-    """Frame range [first, last] (inclusive) for an optional (start_s, end_s) bound."""
-    if num_frames <= 0:
-        raise ValueError("num_frames must be positive")
-    if bound is None:
-        return 0, num_frames - 1
-    start_s, end_s = bound
-    first = max(0, int(round(start_s * fps)))
-    last = min(num_frames - 1, int(round(end_s * fps)))
-    if last < first:  # a bound past the end or inverted: keep the nearest frame
-        first = last = min(first, num_frames - 1)
-    return first, last
-
-
-def segment_ranges(num_segments: int, num_frames: int) -> list[tuple[int, int]]:
-    """The ranges ``[lo, hi)`` the original's ``rand`` draws from (``get_frame_indices``).
-
-    ``acc = min(num_segments, num_frames)``, ``b = linspace(0, num_frames, acc + 1)
-    .astype(int)``; segment i is ``range(b[i], b[i+1] - 1)``: a segment's last frame is never
-    drawn, a 2-frame segment always gives its first frame, a 1-frame segment is empty (the
-    original's ``random.choice`` raises there and it falls back to a random permutation).
-    """
-    acc = min(int(num_segments), int(num_frames))
-    b = np.linspace(0, int(num_frames), acc + 1).astype(int)
-    return [(int(b[i]), int(b[i + 1]) - 1) for i in range(acc)]
-
-
-def frame_indices(
-    num_segments: int,
-    num_frames: int,
-    sample: str = "rand",
-    rng: np.random.Generator | int | None = None,
-    fix_start: int | None = None,
-    input_fps: float = 1.0,
-    max_num_frames: int = -1,
-) -> np.ndarray:
-    """The original's ``get_frame_indices(num_frames=num_segments, vlen=num_frames, ...)``.
-
-    ``rand`` / ``middle``: ``acc = min(T, n)`` segments with integer bounds
-    ``b = linspace(0, n, acc + 1).astype(int)`` and inclusive ranges ``(b[i], b[i+1] - 1)``;
-    ``fix_start`` (any mode but ``rand``) takes ``b[i] + fix_start``, ``middle`` takes
-    ``(lo + hi) // 2``, ``rand`` draws uniformly from each of :func:`segment_ranges` (never a
-    segment's last frame) and, when any of them is empty, takes
-    ``sorted(permutation(n)[:acc])`` instead; with fewer than T indices the last one is
-    repeated up to T. ``fpsX`` (e.g. ``fps0.5``): one frame every 1/X s from the middle of the
-    first interval at ``input_fps``, cut to ``max_num_frames`` (> 0); its length varies.
-    Randomness comes from the seeded NumPy ``rng`` (Generator or seed), not Python's
-    ``random``, so a pipeline sample is reproducible from its seed.
-
-    Returns int64[T] (``fpsX``: int64[k]).
-    """
-    t, n = int(num_segments), int(num_frames)
-    if sample in ("rand", "middle"):
-        ranges = segment_ranges(t, n)
-        if sample == "rand":
-            if not isinstance(rng, np.random.Generator):
-                rng = np.random.default_rng(rng)
-            lo = np.array([r[0] for r in ranges], np.int64)
-            hi = np.array([r[1] for r in ranges], np.int64)
-            if (hi > lo).all():
-                idx = rng.integers(lo, hi)
-            else:
-                idx = np.sort(rng.permutation(n)[: len(ranges)])
-        elif fix_start is not None:
-            idx = np.array([r[0] + int(fix_start) for r in ranges], np.int64)
-        else:
-            idx = np.array([(r[0] + r[1]) // 2 for r in ranges], np.int64)
-        idx = np.asarray(idx, np.int64)
-        if len(idx) < t:  # padded with the last frame
-            idx = np.concatenate([idx, np.full(t - len(idx), idx[-1], np.int64)])
-        return idx
-    if sample.startswith("fps"):
-        output_fps = float(sample[3:])
-        duration = float(n) / float(input_fps)
-        delta = 1 / output_fps
-        seconds = np.arange(0 + delta / 2, duration + delta / 2, delta)
-        idx = np.around(seconds * float(input_fps)).astype(np.int64)
-        idx = idx[idx < n]
-        if max_num_frames > 0 and len(idx) > max_num_frames:
-            idx = idx[:max_num_frames]
-        return idx
-    raise ValueError(f"unknown sampling mode {sample!r}; use rand, middle or fpsX")
-
-
-def sample_indices(
-    num_frames: int,
-    num_segments: int,
-    mode: str = "middle",
-    rng: np.random.Generator | int | None = None,
-    first: int = 0,
-    last: int | None = None,
-    fix_start: int | None = None,
-) -> np.ndarray:
-    """Frame indices of T = ``num_segments`` samples over frames [first, last] (inclusive).
-
-    :func:`frame_indices` (the original's ``get_frame_indices``) over the n = last - first + 1
-    frames of the range, shifted by ``first``: ``middle`` the centre ``(lo + hi) // 2`` of
-    each of min(T, n) segments, ``rand`` a uniform frame of each segment but its last (the
-    fallback for short videos: a sorted random subset), shorter videos repeat the last
-    index. Returns int64[T].
-    """
-    if mode not in SAMPLING_MODES:
-        raise ValueError(f"unknown sampling mode {mode!r}; use one of {SAMPLING_MODES}")
-    if num_segments <= 0:
-        raise ValueError("num_segments must be positive")
-    last = num_frames - 1 if last is None else last
-    if num_frames <= 0 or last < first:
-        raise ValueError(f"empty frame range [{first}, {last}] of {num_frames} frames")
-    n = last - first + 1
-    idx = frame_indices(num_segments, n, mode, rng, fix_start=fix_start)
-    return (idx + first).astype(np.int64)
+def _stack(path: str, decoded: dict, keys: Sequence) -> np.ndarray:
+    """uint8[T, H, W, 3] of ``decoded[k]`` for each k (repeats included); frames of different
+    sizes are a MediaError naming ``path``."""
+    shapes = {a.shape for a in decoded.values()}
+    if len(shapes) > 1:
+        raise MediaError(path, f"frames of different sizes {sorted(shapes)}")
+    return np.stack([decoded[k] for k in keys])
 
 
 # --------------------------------------------------------------------------------------
@@ -305,6 +181,40 @@ def _decode_selected(path: str, wanted: np.ndarray, fps: float) -> dict[int, np.
     return out
 
 
+def _video_clip(path: str, choose: Chooser) -> Clip:
+    """The frames ``choose(frame count, fps)`` picks from a video file (PyAV)."""
+    n, fps = video_info(path)
+    idx = np.asarray(choose(n, fps), np.int64)
+    if idx.min() < 0 or idx.max() > n - 1:
+        raise MediaError(path, f"frame indices {idx.tolist()} outside the {n} frames")
+    decoded = _decode_selected(path, np.unique(idx), fps)
+    return Clip(_stack(path, decoded, idx.tolist()), idx, idx / fps, fps, n)
+
+
+def _gif_clip(path: str, choose: Chooser, fps: float | None = None) -> Clip:
+    """The frames ``choose(frame count, fps)`` picks from an animated GIF (Pillow composes
+    each frame); ``fps`` None: the GIF's own frame duration (100 ms when it has none)."""
+    from PIL import Image
+
+    if not os.path.exists(path):
+        raise MediaError(path, "file not found")
+    try:
+        with Image.open(path) as im:
+            n = int(getattr(im, "n_frames", 1))
+            if fps is None:
+                fps = 1000.0 / float(im.info.get("duration") or 100)
+            idx = np.asarray(choose(n, fps), np.int64)
+            decoded = {}
+            for i in np.unique(idx):
+                im.seek(int(i))
+                decoded[int(i)] = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except MediaError:
+        raise
+    except Exception as e:
+        raise MediaError(path, f"cannot read GIF ({type(e).__name__}: {e})") from e
+    return Clip(_stack(path, decoded, idx.tolist()), idx, idx / fps, fps, n)
+
+
 def load_video(
     path: str | os.PathLike,
     num_frames: int,
@@ -314,7 +224,8 @@ def load_video(
     fps: float | None = None,
     folder_order: str = "natural",
 ) -> Clip:
-    """Decode T sampled frames from a video file, GIF or folder of frames.
+    """Decode T sampled frames (``frame_index.sample_indices``) from a video file, GIF or
+    folder of frames.
 
     Args:
       path: a video file (PyAV), a ``.gif`` (Pillow), or a directory of frame images
@@ -333,61 +244,24 @@ def load_video(
       MediaError: missing, unreadable, empty or truncated input (the message names it).
     """
     path = os.fspath(path)
+
+    def choose(n: int, rate: float) -> np.ndarray:
+        return sample_indices(n, num_frames, sample, rng, *bound_to_range(n, rate, bound))
+
     if os.path.isdir(path):
-        return load_frame_folder(
-            path, num_frames, sample, rng, bound, fps=fps or 1.0, order=folder_order
-        )
+        files = list_frame_files(path, folder_order)
+        idx = choose(len(files), fps or 1.0)
+        decoded = {int(i): load_image(files[int(i)]) for i in np.unique(idx)}
+        names = tuple(os.path.basename(files[int(i)]) for i in idx)
+        frames = _stack(path, decoded, idx.tolist())
+        return Clip(frames, idx, idx / (fps or 1.0), fps or 1.0, len(files), names)
     if path.lower().endswith(".gif"):
-        return load_gif(path, num_frames, sample, rng, bound)
-    n, vfps = video_info(path)
-    first, last = bound_to_range(n, vfps, bound)
-    idx = sample_indices(n, num_frames, sample, rng, first, last)
-    decoded = _decode_selected(path, np.unique(idx), vfps)
-    frames = np.stack([decoded[int(i)] for i in idx])
-    return Clip(frames, idx, idx / vfps, vfps, n)
-
-
-# --------------------------------------------------------------------------------------
-# GIFs and frame folders
-
-
-def load_gif(
-    path: str | os.PathLike,
-    num_frames: int,
-    sample: str = "middle",
-    rng: np.random.Generator | int | None = None,
-    bound: tuple[float, float] | None = None,
-) -> Clip:
-    """Sample T frames of an animated GIF (Pillow composes each frame). See :func:`load_video`."""
-    from PIL import Image
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise MediaError(path, "file not found")
-    try:
-        with Image.open(path) as im:
-            n = int(getattr(im, "n_frames", 1))
-            duration_ms = im.info.get("duration") or 100
-            fps = 1000.0 / float(duration_ms)
-            first, last = bound_to_range(n, fps, bound)
-            idx = sample_indices(n, num_frames, sample, rng, first, last)
-            decoded = {}
-            for i in np.unique(idx):
-                im.seek(int(i))
-                decoded[int(i)] = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except MediaError:
-        raise
-    except Exception as e:
-        raise MediaError(path, f"cannot read GIF ({type(e).__name__}: {e})") from e
-    frames = np.stack([decoded[int(i)] for i in idx])
-    return Clip(frames, idx, idx / fps, fps, n)
+        return _gif_clip(path, choose)
+    return _video_clip(path, choose)
 
 
 def _natural_key(name: str):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
-
-
-FOLDER_ORDERS = ("natural", "name")
 
 
 def list_frame_files(path: str | os.PathLike, order: str = "natural") -> list[str]:
@@ -405,60 +279,6 @@ def list_frame_files(path: str | os.PathLike, order: str = "natural") -> list[st
     return [os.path.join(path, n) for n in names]
 
 
-def load_frame_folder(
-    path: str | os.PathLike,
-    num_frames: int,
-    sample: str = "middle",
-    rng: np.random.Generator | int | None = None,
-    bound: tuple[float, float] | None = None,
-    fps: float = 1.0,
-    order: str = "natural",
-) -> Clip:
-    """Sample T frames from a folder of images (only those are read), listed in ``order``
-    (:func:`list_frame_files`); ``Clip.files`` names the file of each frame. See
-    :func:`load_video`."""
-    from ppllava_jax.data.image import load_image
-
-    files = list_frame_files(path, order)
-    n = len(files)
-    first, last = bound_to_range(n, fps, bound)
-    idx = sample_indices(n, num_frames, sample, rng, first, last)
-    decoded = {int(i): load_image(files[int(i)]) for i in np.unique(idx)}
-    shapes = {a.shape for a in decoded.values()}
-    if len(shapes) > 1:
-        raise MediaError(os.fspath(path), f"frames of different sizes {sorted(shapes)}")
-    frames = np.stack([decoded[int(i)] for i in idx])
-    names = tuple(os.path.basename(files[int(i)]) for i in idx)
-    return Clip(frames, idx, idx / fps, fps, n, names)
-
-
-def frame_rule_indices(
-    rule: FrameRule, count: int, fps: float | None = None, folder: bool = False
-) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The frame indices (int64[T]) a :class:`FrameRule` reads, and for a frame folder the
-    file names, from the media's size alone.
-
-    Args:
-      count: frames in the video file, or entries in the frame folder.
-      fps: the video's average frame rate (ignored for folders: ``rule.folder_fps``).
-      folder: True for a frame folder (``max_frame = count``, ``first_idx`` 1 by default),
-        False for a video file (``max_frame = count - 1``, ``first_idx`` 0 by default).
-    """
-    from ppllava_jax.data.frame_index import segment_indices
-
-    if folder:
-        first = 1 if rule.first_idx is None else int(rule.first_idx)
-        idx = segment_indices(
-            int(count), float(rule.folder_fps), rule.num_segments, rule.bound, first
-        )
-        return idx, tuple(rule.file_pattern.format(int(i)) for i in idx)
-    if fps is None:
-        raise ValueError("frame_rule_indices: a video file needs its fps")
-    first = 0 if rule.first_idx is None else int(rule.first_idx)
-    idx = segment_indices(int(count) - 1, float(fps), rule.num_segments, rule.bound, first)
-    return idx, ()
-
-
 def load_frames_by_rule(path: str | os.PathLike, rule: FrameRule) -> Clip:
     """Read exactly the frames of ``rule`` (see :class:`FrameRule`) from a video file (PyAV),
     an animated GIF (Pillow, 25 fps as the original's ``read_gif``) or a frame folder.
@@ -468,8 +288,6 @@ def load_frames_by_rule(path: str | os.PathLike, rule: FrameRule) -> Clip:
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        from ppllava_jax.data.image import load_image
-
         n = len(os.listdir(path))
         if n == 0:
             raise MediaError(path, "frame folder holds no files")
@@ -485,34 +303,14 @@ def load_frames_by_rule(path: str | os.PathLike, rule: FrameRule) -> Clip:
                     f"{rule.file_pattern!r}, first index {idx.min()})",
                 )
             decoded[name] = load_image(f)
-        shapes = {a.shape for a in decoded.values()}
-        if len(shapes) > 1:
-            raise MediaError(path, f"frames of different sizes {sorted(shapes)}")
-        frames = np.stack([decoded[name] for name in files])
-        return Clip(frames, idx, idx / fps, fps, n, files)
-    if path.lower().endswith(".gif"):
-        from PIL import Image
+        return Clip(_stack(path, decoded, files), idx, idx / fps, fps, n, files)
 
-        if not os.path.exists(path):
-            raise MediaError(path, "file not found")
-        try:
-            with Image.open(path) as im:
-                n, fps = int(getattr(im, "n_frames", 1)), 25.0
-                idx, _ = frame_rule_indices(rule, n, fps)
-                got = {}
-                for i in np.unique(idx):
-                    im.seek(int(i))
-                    got[int(i)] = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except Exception as e:
-            raise MediaError(path, f"cannot read GIF ({type(e).__name__}: {e})") from e
-    else:
-        n, fps = video_info(path)
-        idx, _ = frame_rule_indices(rule, n, fps)
-        if idx.min() < 0 or idx.max() > n - 1:
-            raise MediaError(path, f"frame indices {idx.tolist()} outside the {n} frames")
-        got = _decode_selected(path, np.unique(idx), fps)
-    frames = np.stack([got[int(i)] for i in idx])
-    return Clip(frames, idx, idx / fps, fps, n)
+    def choose(n: int, fps: float) -> np.ndarray:
+        return frame_rule_indices(rule, n, fps)[0]
+
+    if path.lower().endswith(".gif"):
+        return _gif_clip(path, choose, GIF_RULE_FPS)
+    return _video_clip(path, choose)
 
 
 # --------------------------------------------------------------------------------------

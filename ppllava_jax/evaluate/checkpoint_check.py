@@ -11,9 +11,9 @@ from typing import Any
 
 from ppllava_jax.convert.saved_tree import (
     TreeMismatchError,
+    mismatch_report,
     saved_metadata,
     shapes_of,
-    tree_differences,
 )
 
 USAGE = (
@@ -60,9 +60,8 @@ def check_checkpoint(checkpoint: str | os.PathLike, runtime: dict[str, Any] | No
     only. runtime: runtime config fields as ``load_setup`` passes them (``dtype``)."""
     import flax.linen as nn
 
-    from ppllava_jax import sharding
-    from ppllava_jax.convert import params_io, registry
-    from ppllava_jax.convert.api import with_runtime
+    from ppllava_jax.convert import params_io
+    from ppllava_jax.convert.api import converted_config
 
     path = os.fspath(checkpoint)
     if not os.path.isdir(path):
@@ -72,7 +71,7 @@ def check_checkpoint(checkpoint: str | os.PathLike, runtime: dict[str, Any] | No
         raise CheckpointMismatchError(hint)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json: not a checkpoint directory; {USAGE}")
-    family, hf = params_io.read_config(path)
+    family, _ = params_io.read_config(path)
     if family != "ppllava":
         raise CheckpointMismatchError(
             f"{path} holds a {family!r} checkpoint (config.json: family {family!r}); eval.py and "
@@ -83,18 +82,18 @@ def check_checkpoint(checkpoint: str | os.PathLike, runtime: dict[str, Any] | No
     params_dir = os.path.join(path, "params")
     try:
         saved = shapes_of(dict(saved_metadata(params_dir)))
-        scan = sharding.checkpoint_layout(path)
+        fam, cfg = converted_config(path, **(runtime or {}))  # scan_layers as stored
     except TreeMismatchError as e:
         raise CheckpointMismatchError(f"{path}: {e}; convert the checkpoint again") from None
-    fam = registry.get_family(family)
-    cfg = with_runtime(fam.config_from_hf(hf), **{**(runtime or {}), "scan_layers": scan})
     expected = shapes_of(nn.unbox(fam.abstract_params(cfg)))
-    diffs = tree_differences(saved, expected, saved_name="saved", expected_name="config.json")
-    if diffs:
+    versus = "saved shapes vs the shapes config.json gives"
+    report = mismatch_report(
+        saved, expected, saved_name="saved", expected_name="config.json", versus=versus
+    )
+    if report:
         raise CheckpointMismatchError(
             f"{params_dir} does not hold the parameters of the model its config.json describes "
-            f"({len(diffs)} differences; saved shapes vs the shapes config.json gives):\n  "
-            + "\n  ".join(diffs)
+            + report
             + "\nThe config.json and params/ come from different models: convert the checkpoint "
             "again, or put back the config.json written with these parameters."
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ppllava_jax.evaluate.base import Benchmark
+from ppllava_jax.evaluate.model_setup import FROM_CHECKPOINT, load_setup
 
 BENCHMARKS = ("mvbench", "videomme", "openqa", "vcgbench", "synthetic")
 
@@ -59,8 +60,6 @@ def parse_legacy(value: str | bool | None) -> bool | None | str:
         return value
     v = str(value).strip().lower()
     if v in ("", "checkpoint"):
-        from ppllava_jax.evaluate.runner import FROM_CHECKPOINT
-
         return FROM_CHECKPOINT
     if v in ("true", "1", "yes", "legacy"):
         return True
@@ -94,7 +93,7 @@ def main(
         num_frames = num_frames or (d.get("num_frames", 0) if benchmark == "synthetic" else 0)
         if mesh is None and config.get("mesh") is not None:
             mesh = dict(config.mesh)
-    setup = runner.load_setup(
+    setup = load_setup(
         checkpoint,
         tokenizer=kw.get("tokenizer", ""),
         clip_tokenizer=kw.get("clip_tokenizer", ""),

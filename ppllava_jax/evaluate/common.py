@@ -9,9 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ppllava_jax.data.video import FrameRule
-from ppllava_jax.evaluate.extract import LETTERS, extract_letter
-
-MC_PREFIX = "Best option:("  # SPEC §8: the answer is the first letter after it
+from ppllava_jax.evaluate.extract import extract_letter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,33 +99,6 @@ class Question:
         return int(self.frames.num_segments) if self.frames is not None else int(self.num_frames)
 
 
-def eval_num_segments(
-    num_segments: int,
-    max_frame: int,
-    fps: float,
-    bound: tuple[float, float] | None = None,
-    assigned_frame: int = 16,
-) -> int:
-    """T of the original's ``EvalDataset.get_index`` for a driver's ``num_segments``: itself
-    when > 0; ``assigned_frame`` when 0; when < 0, 32 if the clip's length (``end - start``
-    of the bound, else ``max_frame / fps`` seconds) divided by ``|num_segments|`` is at most
-    32, else 64."""
-    if num_segments > 0:
-        return int(num_segments)
-    if num_segments == 0:
-        return int(assigned_frame)
-    length = (bound[1] - bound[0]) if bound else max_frame / fps
-    return 32 if length / abs(num_segments) <= 32 else 64
-
-
-def mc_prompt(question: str, candidates: Sequence[str]) -> str:
-    """SPEC §8: ``Question: {q}\\nOptions:\\n(A) {a}\\n...\\nOnly give the best option.``"""
-    if len(candidates) > len(LETTERS):
-        raise ValueError(f"{len(candidates)} options; at most {len(LETTERS)}")
-    opts = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(candidates))
-    return f"Question: {question}\nOptions:\n{opts}\nOnly give the best option."
-
-
 def mc_record(q: Question, prediction: str) -> dict[str, Any]:
     """The answer record of a multiple-choice question (what the JSONL keeps)."""
     letter = extract_letter(prediction, list(q.candidates) or None)
@@ -172,6 +143,30 @@ def mc_summary(records: Sequence[dict], key: str | None, num_questions: int) -> 
     return out
 
 
+def scalar_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a summary for TensorBoard / ``metrics.jsonl``: the overall accuracies
+    (``accuracy``; exact benchmarks ``accuracy_original`` and ``accuracy_strict``), each
+    group's as ``<accuracy name>/<group>``, and the counts ``answered``, ``num_questions``,
+    ``num_missing``, ``unparsed`` (those present)."""
+    counts = ("answered", "num_questions", "num_missing", "unparsed")
+    out: dict[str, float] = {}
+    for k, v in summary.items():
+        if (k.startswith("accuracy") or k in counts) and isinstance(v, (int, float)):
+            out[k] = float(v)
+        elif k.startswith("by_") and isinstance(v, dict):
+            for group, row in v.items():
+                for m, x in row.items():
+                    if m.startswith("accuracy") and isinstance(x, (int, float)):
+                        out[f"{m}/{group}"] = float(x)
+    return out
+
+
+def results_path(workdir: str | os.PathLike, split: str) -> str:
+    """The results file of a split scored in a training run: ``<workdir>/results_<split>.json``
+    (its answers beside it, ``results_<split>.answers.jsonl``)."""
+    return os.path.join(os.fspath(workdir), f"results_{split}.json")
+
+
 def format_table(summary: dict[str, Any], title: str) -> str:
     """A printable table of a summary (per-group accuracies, then the overall line); a
     two-verdict summary (``accuracy_original`` / ``accuracy_strict``) prints both."""
@@ -210,18 +205,6 @@ def format_table(summary: dict[str, Any], title: str) -> str:
         if k.endswith("_file"):
             lines.append(f"{k}: {v}")
     return "\n".join(lines)
-
-
-def find_video(root: str, name: str, exts: Sequence[str] = ()) -> str:
-    """``root/name``, or with one of ``exts`` appended, or a frame folder of that name; the
-    first that exists (else ``root/name`` so the pipeline reports it missing)."""
-    base = os.path.join(root, name) if root else name
-    if os.path.exists(base):
-        return base
-    for e in exts:
-        if os.path.exists(base + e):
-            return base + e
-    return base
 
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".gif")

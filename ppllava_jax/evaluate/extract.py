@@ -30,7 +30,9 @@ _PAREN = re.compile(r"\(\s*([A-Za-z])\s*\)")
 _CAPITAL = re.compile(r"\b([A-Z])\b")
 
 
-def _norm(s: str) -> str:
+def normalize_text(s: str) -> str:
+    """Lower case, a leading option letter (``(b) ``, ``b) ``) dropped, punctuation as spaces,
+    whitespace collapsed: what option texts are compared by."""
     s = s.lower()
     s = re.sub(r"^\s*\(?[a-z]\)\s*", "", s)  # a leading "(b) " or "b) "
     s = "".join(c if c.isalnum() else " " for c in s)
@@ -46,10 +48,10 @@ def strip_option_letter(option: str) -> str:
 def match_candidate(text: str, candidates: Sequence[str]) -> int | None:
     """Index of the candidate whose (normalised) text the output equals or contains; the
     longest contained candidate wins; None if none or if two equally long ones match."""
-    t = _norm(text)
+    t = normalize_text(text)
     if not t:
         return None
-    cands = [_norm(strip_option_letter(c)) for c in candidates]
+    cands = [normalize_text(strip_option_letter(c)) for c in candidates]
     for i, c in enumerate(cands):
         if c and t == c:
             return i
@@ -115,17 +117,3 @@ def extract_letter(
         if ok(m.group(1)) and m.group(1) not in "AI":
             return m.group(1)
     return None
-
-
-def letter_of_answer(answer: str, candidates: Sequence[str]) -> str:
-    """The letter of a reference answer given as a letter ("C"), "(C) text" or option text."""
-    a = answer.strip()
-    if len(a) == 1 and a.upper() in LETTERS[: len(candidates)]:
-        return a.upper()
-    m = re.match(r"^\(([A-Za-z])\)", a)
-    if m:
-        return m.group(1).upper()
-    norm = [_norm(strip_option_letter(c)) for c in candidates]
-    if _norm(a) in norm:
-        return LETTERS[norm.index(_norm(a))]
-    raise ValueError(f"answer {answer!r} is none of the candidates {list(candidates)}")

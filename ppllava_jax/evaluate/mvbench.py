@@ -45,39 +45,41 @@ from ppllava_jax.evaluate.base import Benchmark
 from ppllava_jax.evaluate.common import Question
 from ppllava_jax.evaluate.conversation import MVBENCH_SYSTEM, one_turn_prompt, reply_after
 
-# task -> (json file, video folder under DIR/video, data type, uses the bound); the original's
-# ``data_list`` of ppllava/test/mvbench/utils.py
+# task -> (video folder under DIR/video, data type, uses the bound): the original's ``data_list``
+# of ppllava/test/mvbench/utils.py, whose JSON file is the task's name in snake case
+# (:func:`task_file`); TASKS below adds the file name
+_TASK_TABLE: dict[str, tuple[str, str, bool]] = {
+    "Action Sequence": ("star/Charades_v1_480", "video", True),
+    "Action Prediction": ("star/Charades_v1_480", "video", True),
+    "Action Antonym": ("ssv2_video", "video", False),
+    "Fine-grained Action": ("Moments_in_Time_Raw/videos", "video", False),
+    "Unexpected Action": ("FunQA_test/test", "video", False),
+    "Object Existence": ("clevrer/video_validation", "video", False),
+    "Object Interaction": ("star/Charades_v1_480", "video", True),
+    "Object Shuffle": ("perception/videos", "video", False),
+    "Moving Direction": ("clevrer/video_validation", "video", False),
+    "Action Localization": ("sta/sta_video", "video", True),
+    "Scene Transition": ("scene_qa/video", "video", False),
+    "Action Count": ("perception/videos", "video", False),
+    "Moving Count": ("clevrer/video_validation", "video", False),
+    "Moving Attribute": ("clevrer/video_validation", "video", False),
+    "State Change": ("perception/videos", "video", False),
+    "Fine-grained Pose": ("nturgbd", "video", False),
+    "Character Order": ("perception/videos", "video", False),
+    "Egocentric Navigation": ("vlnqa", "video", False),
+    "Episodic Reasoning": ("tvqa/frames_fps3_hq", "frame", True),
+    "Counterfactual Inference": ("clevrer/video_validation", "video", False),
+}
+
+
+def task_file(task: str) -> str:
+    """The JSON file of a task: ``"Fine-grained Action"`` -> ``fine_grained_action.json``."""
+    return task.lower().replace("-", "_").replace(" ", "_") + ".json"
+
+
+# task -> (json file, video folder under DIR/video, data type, uses the bound)
 TASKS: dict[str, tuple[str, str, str, bool]] = {
-    "Action Sequence": ("action_sequence.json", "star/Charades_v1_480", "video", True),
-    "Action Prediction": ("action_prediction.json", "star/Charades_v1_480", "video", True),
-    "Action Antonym": ("action_antonym.json", "ssv2_video", "video", False),
-    "Fine-grained Action": (
-        "fine_grained_action.json",
-        "Moments_in_Time_Raw/videos",
-        "video",
-        False,
-    ),
-    "Unexpected Action": ("unexpected_action.json", "FunQA_test/test", "video", False),
-    "Object Existence": ("object_existence.json", "clevrer/video_validation", "video", False),
-    "Object Interaction": ("object_interaction.json", "star/Charades_v1_480", "video", True),
-    "Object Shuffle": ("object_shuffle.json", "perception/videos", "video", False),
-    "Moving Direction": ("moving_direction.json", "clevrer/video_validation", "video", False),
-    "Action Localization": ("action_localization.json", "sta/sta_video", "video", True),
-    "Scene Transition": ("scene_transition.json", "scene_qa/video", "video", False),
-    "Action Count": ("action_count.json", "perception/videos", "video", False),
-    "Moving Count": ("moving_count.json", "clevrer/video_validation", "video", False),
-    "Moving Attribute": ("moving_attribute.json", "clevrer/video_validation", "video", False),
-    "State Change": ("state_change.json", "perception/videos", "video", False),
-    "Fine-grained Pose": ("fine_grained_pose.json", "nturgbd", "video", False),
-    "Character Order": ("character_order.json", "perception/videos", "video", False),
-    "Egocentric Navigation": ("egocentric_navigation.json", "vlnqa", "video", False),
-    "Episodic Reasoning": ("episodic_reasoning.json", "tvqa/frames_fps3_hq", "frame", True),
-    "Counterfactual Inference": (
-        "counterfactual_inference.json",
-        "clevrer/video_validation",
-        "video",
-        False,
-    ),
+    task: (task_file(task), *row) for task, row in _TASK_TABLE.items()
 }
 NUM_SEGMENTS = 32
 FRAME_FOLDER_FPS = 3.0  # EvalDataset.read_frame's default

@@ -55,7 +55,6 @@ from ppllava_jax.evaluate.base import Benchmark
 from ppllava_jax.evaluate.common import Question
 from ppllava_jax.evaluate.conversation import decoded_text, one_turn_prompt, reply_after
 
-DURATIONS = ("short", "medium", "long")
 SYSTEM = (
     "Select the best answer to the following multiple-choice question based on the video and "
     "the subtitles. Respond with only the letter (A, B, C, or D) of the correct option."

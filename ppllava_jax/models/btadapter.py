@@ -45,14 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppllava_jax.models import layers
-from ppllava_jax.models.clip import (
-    CLIPMLP,
-    CLIPAttention,
-    CLIPEncoder,
-    CLIPVisionEmbeddings,
-    normalize_taps,
-)
+from ppllava_jax.models.clip import CLIPVisionEmbeddings
 from ppllava_jax.models.config import CLIPVisionConfig, PPLLaVAConfig
+from ppllava_jax.models.encoder import CLIPMLP, CLIPAttention, CLIPEncoder, normalize_taps
 
 Array = jax.Array
 
@@ -97,16 +92,7 @@ def _drop_path(module: nn.Module, x: Array, rate: float, deterministic: bool) ->
 
 
 def _ln(cfg: CLIPVisionConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=_ADAPTER_LN_EPS,
-        dtype=layers.dtype_of(cfg.dtype),
-        param_dtype=layers.dtype_of(cfg.param_dtype),
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-        use_fast_variance=False,
-        force_float32_reductions=True,
-        name=name,
-    )
+    return layers.layer_norm(cfg, _ADAPTER_LN_EPS, name=name)
 
 
 class BTAdapterTemporalLayer(nn.Module):
@@ -189,15 +175,7 @@ class PPLLaVAVisionModel(nn.Module):
                 (1, 1, c),
                 layers.dtype_of(vcfg.param_dtype),
             )
-            self.btadapter_time_embed = nn.Embed(
-                cfg.max_T,
-                c,
-                dtype=layers.dtype_of(vcfg.dtype),
-                param_dtype=layers.dtype_of(vcfg.param_dtype),
-                embedding_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(stddev=0.02), ("time", "embed")
-                ),
-            )
+            self.btadapter_time_embed = layers.embed(cfg.max_T, c, vcfg, ("time", "embed"))
 
     def feature_layer(self) -> int:
         """The non-negative hidden-state index the LLM uses (``vision_feature_layer``)."""
@@ -227,9 +205,7 @@ class PPLLaVAVisionModel(nn.Module):
                 f"{t} frames per sample, but the BT-Adapter has max_T={cfg.max_T} time "
                 f"embeddings; sample at most {cfg.max_T} frames"
             )
-        if frame_mask is None:
-            frame_mask = jnp.ones((n, t), bool)
-        frame_mask = frame_mask.astype(bool)
+        frame_mask = layers.valid_frames(frame_mask, n, t)
         total = vcfg.num_hidden_layers
         k = self.feature_layer()
         depth = cfg.btadapter_depth if cfg.btadapter else 0

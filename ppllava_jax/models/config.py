@@ -1,17 +1,17 @@
 """Model configurations: frozen, hashable dataclasses (usable as static jit arguments).
 
-Each config reads and writes the transformers ``config.json`` fields of its family
-(``from_hf`` / ``to_hf``) and carries the runtime fields of ``Runtime`` (dtypes, scan, remat,
-attention kernel). Defaults are the 7B PPLLaVA sizes (CLIP ViT-L/14-336, Vicuna-7B).
+Field names are the transformers ``config.json`` names of each family; reading and writing
+``config.json`` is ``convert/hf_config.py`` / ``convert/ppllava_config.py``. Every config carries
+the runtime fields of ``Runtime`` (dtypes, scan, remat, attention kernel). Defaults are the 7B
+PPLLaVA sizes (CLIP ViT-L/14-336, Vicuna-7B).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,35 +34,30 @@ class Runtime:
     attention_impl: str = "xla"
 
     def runtime(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in _RUNTIME_FIELDS}
+        return {f: getattr(self, f) for f in RUNTIME_FIELDS}
 
     def replace(self, **kw: Any) -> Any:
         return dataclasses.replace(self, **kw)
 
 
-def _pick(cls: type, d: dict[str, Any], **overrides: Any) -> Any:
-    """Build ``cls`` from the keys of ``d`` it knows; unknown keys are ignored (HF configs carry
-    dozens of generation fields), ``None`` values keep the default."""
-    names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
-    # runtime fields come only from ``overrides``: HF configs carry "dtype" (the storage dtype)
-    kw = {k: v for k, v in d.items() if k in names and v is not None}
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    for k, v in list(kw.items()):
-        if isinstance(v, list):
-            kw[k] = _tuplify(v)
-    return cls(**kw)
+class PatchGrid:
+    """Patch-grid facts of a vision tower config (fields ``image_size``, ``patch_size``)."""
 
+    image_size: int
+    patch_size: int
 
-def _tuplify(v: Any) -> Any:
-    return tuple(_tuplify(x) for x in v) if isinstance(v, (list, tuple)) else v
+    @property
+    def grid(self) -> int:
+        """Patches per side: ``image_size // patch_size`` (pixels past it are not seen)."""
+        return self.image_size // self.patch_size
 
-
-def _listify(v: Any) -> Any:
-    return [_listify(x) for x in v] if isinstance(v, (list, tuple)) else v
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CLIPVisionConfig(Runtime):
+class CLIPVisionConfig(Runtime, PatchGrid):
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_hidden_layers: int = 24
@@ -73,27 +68,6 @@ class CLIPVisionConfig(Runtime):
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
     projection_dim: int = 768
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @classmethod
-    def from_hf(cls, d: dict[str, Any], **runtime: Any) -> CLIPVisionConfig:
-        if "vision_config" in d:  # a CLIPModel config
-            d = {**d["vision_config"], "projection_dim": d.get("projection_dim")}
-        return _pick(cls, d, **runtime)
-
-    def to_hf(self) -> dict[str, Any]:
-        d = {f.name: _listify(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        for f in _RUNTIME_FIELDS:
-            d.pop(f)
-        d["model_type"] = "clip_vision_model"
-        return d
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -117,22 +91,9 @@ class CLIPTextConfig(Runtime):
     extended: bool = False
     position_keep: int = 20
 
-    @classmethod
-    def from_hf(cls, d: dict[str, Any], **runtime: Any) -> CLIPTextConfig:
-        if "text_config" in d:  # a CLIPModel config
-            d = {**d["text_config"], "projection_dim": d.get("projection_dim")}
-        return _pick(cls, d, **runtime)
-
-    def to_hf(self) -> dict[str, Any]:
-        d = {f.name: _listify(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        for f in (*_RUNTIME_FIELDS, "extended", "position_keep"):
-            d.pop(f)
-        d["model_type"] = "clip_text_model"
-        return d
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SiglipVisionConfig(Runtime):
+class SiglipVisionConfig(Runtime, PatchGrid):
     """SigLIP vision tower (``SiglipVisionModel``). Defaults are transformers' class defaults,
     which its config.json files omit. No class token; the patch conv has a bias and "valid"
     padding (pixels past ``grid * patch_size`` are ignored); ``vision_use_head``: the
@@ -148,27 +109,6 @@ class SiglipVisionConfig(Runtime):
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
     vision_use_head: bool = True
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @classmethod
-    def from_hf(cls, d: dict[str, Any], **runtime: Any) -> SiglipVisionConfig:
-        if "vision_config" in d:  # a SiglipModel config
-            d = d["vision_config"]
-        return _pick(cls, d, **runtime)
-
-    def to_hf(self) -> dict[str, Any]:
-        d = {f.name: _listify(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        for f in _RUNTIME_FIELDS:
-            d.pop(f)
-        d["model_type"] = "siglip_vision_model"
-        return d
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -202,22 +142,6 @@ class SiglipTextConfig(Runtime):
         """Width of the pooled output (the ``head``), as CLIP's ``projection_dim``."""
         return self.projection_size
 
-    @classmethod
-    def from_hf(cls, d: dict[str, Any], **runtime: Any) -> SiglipTextConfig:
-        if "text_config" in d:  # a SiglipModel config
-            d = d["text_config"]
-        d = dict(d)
-        if isinstance(d.get("eos_token_id"), list):
-            d["eos_token_id"] = d["eos_token_id"][0]
-        return _pick(cls, d, **runtime)
-
-    def to_hf(self) -> dict[str, Any]:
-        d = {f.name: _listify(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        for f in (*_RUNTIME_FIELDS, "extended", "position_keep"):
-            d.pop(f)
-        d["model_type"] = "siglip_text_model"
-        return d
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig(Runtime):
@@ -249,29 +173,6 @@ class LlamaConfig(Runtime):
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
 
-    @classmethod
-    def from_hf(cls, d: dict[str, Any], **runtime: Any) -> LlamaConfig:
-        d = dict(d)
-        if d.get("rope_scaling") not in (None, {}) and d["rope_scaling"].get(
-            "rope_type", d["rope_scaling"].get("type")
-        ) not in (None, "default"):
-            raise NotImplementedError(f"rope_scaling={d['rope_scaling']} is not supported")
-        rp = d.get("rope_parameters")  # transformers 5 moves rope_theta here
-        if isinstance(rp, dict) and "rope_theta" in rp and "rope_theta" not in d:
-            d["rope_theta"] = rp["rope_theta"]
-        if isinstance(d.get("eos_token_id"), list):
-            d["eos_token_id"] = d["eos_token_id"][0]
-        if d.get("num_key_value_heads") is None:
-            d["num_key_value_heads"] = d.get("num_attention_heads", cls.num_attention_heads)
-        return _pick(cls, d, **runtime)
-
-    def to_hf(self) -> dict[str, Any]:
-        d = {f.name: _listify(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        for f in (*_RUNTIME_FIELDS, "qkv_bias"):
-            d.pop(f)
-        d.update(model_type="llama", architectures=["LlamaForCausalLM"])
-        return d
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Qwen2Config(LlamaConfig):
@@ -294,28 +195,8 @@ class Qwen2Config(LlamaConfig):
     eos_token_id: int = 151645
     pad_token_id: int = 151643
 
-    @classmethod
-    def from_hf(cls, d: dict[str, Any], **runtime: Any) -> Qwen2Config:
-        if d.get("use_sliding_window"):
-            raise NotImplementedError(
-                "use_sliding_window=true in the Qwen2 config.json: sliding-window attention is "
-                "not supported (set it false if the model never attends past sliding_window)"
-            )
-        return super().from_hf(d, **runtime)  # type: ignore[return-value]
 
-    def to_hf(self) -> dict[str, Any]:
-        d = super().to_hf()
-        for f in ("attention_bias", "mlp_bias"):
-            d.pop(f)
-        if self.head_dim == self.hidden_size // self.num_attention_heads:
-            d.pop("head_dim")
-        d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False)
-        return d
-
-
-LN_100 = math.log(100.0)
-
-_SIGLIP_SO400M_TEXT = dict(  # text tower of google/siglip-so400m-patch14-384
+SIGLIP_SO400M_TEXT = dict(  # text tower of google/siglip-so400m-patch14-384
     vocab_size=32000,
     hidden_size=1152,
     intermediate_size=4304,
@@ -330,7 +211,7 @@ _SIGLIP_SO400M_TEXT = dict(  # text tower of google/siglip-so400m-patch14-384
 )
 
 
-_OPENAI_CLIP_L336_TEXT = dict(  # text tower of openai/clip-vit-large-patch14-336
+OPENAI_CLIP_L336_TEXT = dict(  # text tower of openai/clip-vit-large-patch14-336
     vocab_size=49408,
     hidden_size=768,
     intermediate_size=3072,
@@ -343,45 +224,6 @@ _OPENAI_CLIP_L336_TEXT = dict(  # text tower of openai/clip-vit-large-patch14-33
     bos_token_id=0,  # the legacy ids of that config.json: pooling at argmax(ids)
     eos_token_id=2,
     pad_token_id=1,
-)
-
-# PPLLaVA fields of the original's config.json, with the original's class defaults where the
-# 7B model does not differ (pooling/btadapter/extend_clip are the 7B model's values).
-_PPLLAVA_FIELDS = (
-    "image_token_index",
-    "vision_feature_layer",
-    "vision_feature_select_strategy",
-    "image_grid_pinpoints",
-    "projector_hidden_act",
-    "pooling",
-    "pooling_kernel",
-    "pooling_stride",
-    "image_pooling_kernel",
-    "image_pooling_stride",
-    "pllava_pooling_shape",
-    "frame_shape",
-    "pooling_temp",
-    "btadapter",
-    "btadapter_depth",
-    "max_T",
-    "extend_clip",
-    "clip_weight",
-    "clip_post_pretrain",
-    "ignore_index",
-    "pad_token_id",
-    "qwen",
-)
-
-# an explicit null in config.json means "not set" for these (the image kernel then falls back to
-# the video one, as in the original)
-_NULLABLE_FIELDS = (
-    "pooling_kernel",
-    "pooling_stride",
-    "image_pooling_kernel",
-    "image_pooling_stride",
-    "pllava_pooling_shape",
-    "clip_weight",
-    "clip_post_pretrain",
 )
 
 
@@ -408,7 +250,7 @@ class PPLLaVAConfig(Runtime):
     )
     clip_text: CLIPTextConfig | SiglipTextConfig = dataclasses.field(
         default_factory=lambda: CLIPTextConfig(
-            **{**_OPENAI_CLIP_L336_TEXT, "max_position_embeddings": 248}, extended=True
+            **{**OPENAI_CLIP_L336_TEXT, "max_position_embeddings": 248}, extended=True
         )
     )
     llm: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
@@ -503,126 +345,6 @@ class PPLLaVAConfig(Runtime):
             )
         return tuple(k), tuple(s)
 
-    @classmethod
-    def from_hf(
-        cls, d: dict[str, Any], clip_config: dict[str, Any] | None = None, **runtime: Any
-    ) -> PPLLaVAConfig:
-        """From the original's config.json ``d`` and the ``clip/config.json`` its
-        ``clip_weight`` points to (None: OpenAI clip-vit-large-patch14-336's text tower)."""
-        rt = {k: v for k, v in runtime.items() if v is not None}
-        if d.get("qwen"):
-            vision = SiglipVisionConfig.from_hf(d.get("vision_config", {}), **rt)
-            llm = Qwen2Config.from_hf(d.get("text_config", {}), **rt)
-            text = (
-                SiglipTextConfig.from_hf(clip_config, **rt)
-                if clip_config is not None
-                else SiglipTextConfig(**_SIGLIP_SO400M_TEXT, **rt)
-            )
-            d = {"btadapter": False, **d}
-        else:
-            vision = CLIPVisionConfig.from_hf(d.get("vision_config", {}), **rt)
-            llm = LlamaConfig.from_hf(d.get("text_config", {}), **rt)
-            text = (
-                CLIPTextConfig.from_hf(clip_config, **rt)
-                if clip_config is not None
-                else CLIPTextConfig(**_OPENAI_CLIP_L336_TEXT, **rt)
-            )
-        extend = bool(d.get("extend_clip", cls.extend_clip))
-        if extend:
-            base = (
-                text.max_position_embeddings if not text.extended else (64 if d.get("qwen") else 77)
-            )
-            text = text.replace(
-                extended=True,
-                max_position_embeddings=4 * base - 3 * text.position_keep,
-            )
-        kw = {
-            k: d[k]
-            for k in _PPLLAVA_FIELDS
-            if k in d and (d[k] is not None or k in _NULLABLE_FIELDS)
-        }
-        for k, v in list(kw.items()):
-            if isinstance(v, list):
-                kw[k] = _tuplify(v)
-        return cls(vision=vision, clip_text=text, llm=llm, **kw, **rt)
-
-    def to_hf(self) -> dict[str, Any]:
-        """The original's config.json (LLaVA-NeXT layout plus the PPLLaVA fields; LLaVA-OneVision
-        for the Qwen variant)."""
-        d: dict[str, Any] = {k: _listify(getattr(self, k)) for k in _PPLLAVA_FIELDS}
-        if self.qwen:
-            d.update(
-                model_type="llava_onevision",
-                vision_config=self.vision.to_hf(),
-                text_config=self.llm.to_hf(),
-                hidden_size=self.llm.hidden_size,
-                video_token_index=self.image_token_index + 1,  # unused: videos use <image>
-                vision_aspect_ratio="anyres_max_9",  # unused by PPLLaVA
-                tie_word_embeddings=self.llm.tie_word_embeddings,
-            )
-            return d
-        vision = self.vision.to_hf()
-        vision.update(depth=self.btadapter_depth, max_T=self.max_T)
-        d.update(
-            model_type="llava_next",
-            vision_config=vision,
-            text_config=self.llm.to_hf(),
-            hidden_size=self.llm.hidden_size,
-            qwen=False,
-        )
-        return d
-
-    def clip_to_hf(self) -> dict[str, Any]:
-        """``clip/config.json`` for the projector's CLIP (text tower as in the checkpoint, 77
-        positions before the extension; vision tower = the LLaVA vision config). The Qwen
-        variant writes a ``SiglipModel`` config (64 positions, the vision tower with its head)."""
-        text = self.clip_text.to_hf()
-        if self.clip_text.extended:
-            k = self.clip_text.position_keep
-            text["max_position_embeddings"] = (self.clip_text.max_position_embeddings + 3 * k) // 4
-        if self.qwen:
-            return {
-                "model_type": "siglip",
-                "architectures": ["SiglipModel"],
-                "text_config": text,
-                "vision_config": {**self.vision.to_hf(), "vision_use_head": True},
-            }
-        return {
-            "model_type": "clip",
-            "architectures": ["CLIPModel"],
-            "projection_dim": self.clip_text.projection_dim,
-            "text_config": text,
-            "vision_config": self.vision.to_hf(),
-        }
-
-
-def ppllava_config_from_dict(d: dict[str, Any]) -> PPLLaVAConfig:
-    """``PPLLaVAConfig`` from a plain dict (an ml_collections ``model`` section): ``vision``,
-    ``clip_text`` and ``llm`` are dicts of their dataclass fields, the rest PPLLaVA fields.
-    Unknown keys are an error naming them."""
-    d = dict(d)
-    subs: dict[str, type] = {
-        "vision": CLIPVisionConfig,
-        "clip_text": CLIPTextConfig,
-        "llm": LlamaConfig,
-    }
-    if d.get("qwen"):
-        subs = {"vision": SiglipVisionConfig, "clip_text": SiglipTextConfig, "llm": Qwen2Config}
-    kw: dict[str, Any] = {}
-    for name, cls in subs.items():
-        sub = dict(d.pop(name, {}) or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(sub) - names)
-        if bad:
-            raise ValueError(f"model.{name}: unknown fields {bad}; known: {sorted(names)}")
-        kw[name] = cls(**{k: _tuplify(v) for k, v in sub.items()})
-    names = {f.name for f in dataclasses.fields(PPLLaVAConfig)}
-    bad = sorted(set(d) - names)
-    if bad:
-        raise ValueError(f"model: unknown fields {bad}; known: {sorted(names - set(subs))}")
-    kw.update({k: _tuplify(v) for k, v in d.items()})
-    return PPLLaVAConfig(**kw)
-
 
 def ppllava_qwen7b_config(llm_layers: int = 28, **kw: Any) -> PPLLaVAConfig:
     """The 7B PPLLaVA-Qwen of the original's ``config/qwen/ppllava_qwen7b_videoonly.yaml``:
@@ -642,7 +364,7 @@ def ppllava_qwen7b_config(llm_layers: int = 28, **kw: Any) -> PPLLaVAConfig:
             vision_use_head=False,
         ),
         clip_text=SiglipTextConfig(
-            **{**_SIGLIP_SO400M_TEXT, "max_position_embeddings": 4 * 64 - 3 * 20}, extended=True
+            **{**SIGLIP_SO400M_TEXT, "max_position_embeddings": 4 * 64 - 3 * 20}, extended=True
         ),
         llm=Qwen2Config(vocab_size=152128, num_hidden_layers=llm_layers),
         image_token_index=151646,

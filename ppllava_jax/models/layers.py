@@ -1,4 +1,5 @@
-"""Building blocks shared by every tower: dense layers with logical axes, norms, attention.
+"""Building blocks shared by every tower: dense layers with logical axes, norms, activations,
+layer stacking (scan / remat) and rotary positions. Attention is ``models/attention.py``.
 
 Conventions (read before adding a module):
 - Parameters are float32 unless ``cfg.param_dtype`` says otherwise; activations are computed in
@@ -10,7 +11,6 @@ Conventions (read before adding a module):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,15 +18,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ppllava_jax.models.attention import dot_product_attention
-
 Array = jax.Array
 Dtype = Any
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 # Logical axis names used by parameters (P) and activations (A). The rules that map them to mesh
-# axes live in ppllava_jax/sharding.py; keep this list and that table in step.
+# axes live in ppllava_jax/sharding/mesh.py; keep this list and that table in step.
 #   P: vocab, embed, mlp, heads, kv_heads, norm, layers, patch, conv_in, time, pos
 #   A: act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab, act_head_dim
 ACT_BLE = ("act_batch", "act_length", "act_embed")
@@ -72,6 +70,56 @@ def dense(
     )
 
 
+def embed(
+    num: int,
+    features: int,
+    cfg: Any,
+    axes: tuple[str | None, str | None],
+    *,
+    stddev: float = 0.02,
+    name: str | None = None,
+) -> nn.Embed:
+    """``nn.Embed`` of ``num`` rows ``(num, features)`` on logical ``axes``, normal(``stddev``)
+    init, looked up in ``cfg.dtype``."""
+    return nn.Embed(
+        num,
+        features,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=stddev), axes),
+        name=name,
+    )
+
+
+def embed_patches(pixel_values: Array, cfg: Any, *, use_bias: bool) -> Array:
+    """The ViT patch conv ``patch_embedding``: ``patch_size`` windows at stride ``patch_size``,
+    "valid" padding, kernel HWIO ``(p, p, 3, C)`` (bias on ``embed`` when ``use_bias``).
+
+    pixel_values: channels-last ``float[B, H, W, 3]`` with ``H = W = cfg.image_size``. Returns
+    ``cfg.dtype[B, P, C]``, patches row-major (torch's ``flatten(2)`` order)."""
+    b, hh, ww, _ = pixel_values.shape
+    if hh != cfg.image_size or ww != cfg.image_size:
+        raise ValueError(
+            f"pixel_values are {hh}x{ww}; the vision tower takes {cfg.image_size}x{cfg.image_size}"
+        )
+    p, dtype = cfg.patch_size, dtype_of(cfg.dtype)
+    conv = nn.Conv(
+        cfg.hidden_size,
+        kernel_size=(p, p),
+        strides=(p, p),
+        padding="VALID",
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=dtype_of(cfg.param_dtype),
+        kernel_init=nn.with_logical_partitioning(
+            default_kernel_init, (None, None, "conv_in", "embed")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name="patch_embedding",
+    )
+    return conv(pixel_values.astype(dtype)).reshape(b, -1, cfg.hidden_size)
+
+
 def layer_norm(cfg: Any, eps: float, name: str | None = None) -> nn.LayerNorm:
     """LayerNorm with ``scale``/``bias`` on the ``norm`` axis; statistics in float32."""
     return nn.LayerNorm(
@@ -107,6 +155,17 @@ class RMSNorm(nn.Module):
         return (weight.astype(self.dtype) * xf.astype(x.dtype)).astype(self.dtype)
 
 
+def l2_normalize(x: Array) -> Array:
+    """``x / |x|`` over the last axis, computed in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    return (xf / jnp.linalg.norm(xf, axis=-1, keepdims=True)).astype(x.dtype)
+
+
+def valid_frames(frame_mask: Array | None, n: int, t: int) -> Array:
+    """``bool[N, T]`` frame mask: ``frame_mask`` as bool, or all True when None."""
+    return jnp.ones((n, t), bool) if frame_mask is None else frame_mask.astype(bool)
+
+
 def quick_gelu(x: Array) -> Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
@@ -128,36 +187,6 @@ def activation(name: str) -> Callable[[Array], Array]:
         raise ValueError(
             f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
         ) from None
-
-
-def attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    mask: Array | None = None,
-    key_mask: Array | None = None,
-    is_causal: bool = False,
-    impl: str = "xla",
-) -> Array:
-    """Scaled dot-product attention (scale ``H ** -0.5``); every tower calls this.
-
-    Args:
-      q: ``[B, T, N, H]``; k, v: ``[B, S, K, H]`` with ``N % K == 0`` (grouped-query attention).
-      mask: bool, broadcastable to ``[B, N, T, S]``; True = may attend.
-      key_mask: bool/int ``[B, S]`` key padding (nonzero = real key), the structured form the TPU
-        kernel takes; combined with ``mask``.
-      is_causal: also apply the causal (top-left aligned lower-triangle) mask.
-      impl: ``cfg.attention_impl``: ``"xla"`` (the reference, any backend), ``"blockwise"``
-        (memory-efficient online softmax in pure JAX, any backend), ``"cudnn"`` (NVIDIA flash
-        attention, bf16/fp16), ``"splash"`` (Pallas TPU kernel) or ``"auto"`` (per backend and
-        shape); see ``ppllava_jax.models.attention``.
-    Returns:
-      ``[B, T, N, H]`` in q's dtype. Scores and softmax are float32 on every path.
-    """
-    return dot_product_attention(
-        q, k, v, mask=mask, key_mask=key_mask, is_causal=is_causal, impl=impl
-    )
 
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -235,7 +264,3 @@ def rope_cos_sin(
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     """Rotate ``x[B, S, N, H]`` by ``cos/sin[B, S, H]`` (rotate-half layout)."""
     return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
-
-
-def xavier_like(fan_in: int) -> Callable:
-    return nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))

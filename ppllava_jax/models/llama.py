@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ppllava_jax.models import layers
+from ppllava_jax.models.attention import dot_product_attention
 from ppllava_jax.models.config import LlamaConfig
 
 Array = jax.Array
@@ -46,11 +47,6 @@ def init_cache(
     shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
     dtype = layers.dtype_of(dtype)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-
-def cache_logical_axes() -> dict[str, tuple[str, ...]]:
-    """Logical axis names of ``init_cache``'s arrays, for ``nn.logical_to_mesh_sharding``."""
-    return {"k": CACHE_AXES, "v": CACHE_AXES}
 
 
 class LlamaAttention(nn.Module):
@@ -97,7 +93,7 @@ class LlamaAttention(nn.Module):
             cv = jax.lax.dynamic_update_slice(cv, vv.astype(cv.dtype), idx)
             new_kv = (ck, cv)
             kk, vv = ck.astype(dtype), cv.astype(dtype)
-        out = layers.attention(q, kk, vv, mask=mask, impl=cfg.attention_impl)
+        out = dot_product_attention(q, kk, vv, mask=mask, impl=cfg.attention_impl)
         out = out.reshape(b, s, n * h)
         out = layers.dense(cfg.hidden_size, ("heads", "embed"), cfg, use_bias=bias, name="o_proj")(
             out
@@ -156,15 +152,7 @@ class LlamaModel(nn.Module):
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.embed_tokens = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=layers.dtype_of(cfg.dtype),
-            param_dtype=layers.dtype_of(cfg.param_dtype),
-            embedding_init=nn.with_logical_partitioning(
-                layers.default_kernel_init, ("vocab", "embed")
-            ),
-        )
+        self.embed_tokens = layers.embed(cfg.vocab_size, cfg.hidden_size, cfg, ("vocab", "embed"))
         block = layers.stack_layers(
             LlamaDecoderLayer,
             cfg,

@@ -28,7 +28,6 @@ from ppllava_jax.models.config import PPLLaVAConfig
 from ppllava_jax.models.llama import LlamaForCausalLM, init_cache
 from ppllava_jax.models.projector import PPLLaVAProjector
 from ppllava_jax.models.siglip import SiglipVisionTransformer
-from ppllava_jax.train.losses import next_token_loss
 
 Array = jax.Array
 
@@ -90,8 +89,7 @@ class PPLLaVA(nn.Module):
         """
         px = batch[f"{group}_pixels"]
         n, t = px.shape[:2]
-        mask = batch.get(FRAME_MASK[group])
-        mask = jnp.ones((n, t), bool) if mask is None else mask.astype(bool)
+        mask = layers.valid_frames(batch.get(FRAME_MASK[group]), n, t)
         if group == "image":
             feats = self.vision_tower(
                 px.reshape(n * t, 1, *px.shape[2:]), mask.reshape(n * t, 1), deterministic
@@ -152,13 +150,12 @@ class PPLLaVA(nn.Module):
     ) -> dict[str, Any]:
         """Forward pass over a collated batch.
 
-        Returns dict: ``logits float32[B, L, V]``, ``attention_mask int32[B, L]`` (merged),
-        ``loss`` (mean next-token cross entropy over supervised tokens) with ``num_tokens`` when
-        ``labels`` are in the batch, and ``visual_attention`` (per group, raw cosine
-        ``[N_g, T, h, w]``) on request. ``return_logits=False`` skips the LM head: no ``logits``
-        and no ``loss``, but ``hidden`` (final-norm states ``llm.dtype[B, L, D]``) and
-        ``lm_head`` (kernel ``[D, V]``) for a loss that applies the head chunk by chunk
-        (``train.losses.chunked_token_logps``).
+        Returns dict: ``logits float32[B, L, V]``, ``attention_mask int32[B, L]`` (merged) and
+        ``visual_attention`` (per group, raw cosine ``[N_g, T, h, w]``) on request. The losses
+        live in ``train.losses`` (``labels`` in the batch are not read here).
+        ``return_logits=False`` skips the LM head: no ``logits``, but ``hidden`` (final-norm
+        states ``llm.dtype[B, L, D]``) and ``lm_head`` (kernel ``[D, V]``) for a loss that
+        applies the head chunk by chunk (``train.losses.chunked_token_logps``).
         """
         x, maps = self.embed_inputs(batch, deterministic)
         out = self.language_model(
@@ -167,17 +164,11 @@ class PPLLaVA(nn.Module):
             attention_mask=batch["attention_mask"],
             return_logits=return_logits,
         )
-        result: dict[str, Any] = {
-            "logits": out["logits"],
-            "attention_mask": batch["attention_mask"],
-        }
+        result: dict[str, Any] = {"attention_mask": batch["attention_mask"]}
         if out["logits"] is None:
-            del result["logits"]
             result.update(hidden=out["hidden"], lm_head=out["lm_head"])
-        elif "labels" in batch:
-            total, count = next_token_loss(out["logits"], batch["labels"], batch["attention_mask"])
-            result["loss"] = total / jnp.maximum(count, 1)
-            result["num_tokens"] = count
+        else:
+            result["logits"] = out["logits"]
         if return_visual_attention:
             result["visual_attention"] = maps
         return result
@@ -213,7 +204,7 @@ class PPLLaVA(nn.Module):
         return out["logits"][:, -1], out["cache"]
 
 
-def dummy_batch(cfg: PPLLaVAConfig, batch_size: int = 1, length: int = 8) -> dict[str, Any]:
+def _init_batch(cfg: PPLLaVAConfig, batch_size: int = 1, length: int = 8) -> dict[str, Any]:
     """A tiny batch with one item of every group, for ``init`` / ``eval_shape``."""
     import numpy as np
 
@@ -235,7 +226,7 @@ def dummy_batch(cfg: PPLLaVAConfig, batch_size: int = 1, length: int = 8) -> dic
 
 def init_params(cfg: PPLLaVAConfig, rng: Array) -> Any:
     """Random parameters (boxed with logical names; ``nn.unbox`` for plain arrays)."""
-    return PPLLaVA(cfg).init(rng, dummy_batch(cfg))["params"]
+    return PPLLaVA(cfg).init(rng, _init_batch(cfg))["params"]
 
 
 def abstract_params(cfg: PPLLaVAConfig) -> Any:

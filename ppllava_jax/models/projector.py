@@ -32,7 +32,7 @@ tests/models/test_btadapter.py). This is the contract for the visual-token merge
   ``select_best_resolution(image_size, image_grid_pinpoints)`` / vision ``image_size``), with
   ``image_newline`` appended after every row; row-major. A single-view image (no crops) gives its
   ``h'*w'`` tokens followed by one ``image_newline``. ``anyres_token_order`` plans this on the
-  host; ``gather_tokens`` applies it.
+  host and ``collate`` writes it into ``visual_index``.
 - **multi-image** (N images): the vision tower runs the N images as *one* BT-Adapter sequence of
   N frames (temporal attention across images, time embeddings 0..N-1); the projector uses the
   *image* kernel with one softmax over all ``N*P`` patches; image ``i``'s ``h'*w'`` tokens replace
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -65,10 +64,6 @@ from ppllava_jax.models.siglip import (
 )
 
 Array = jax.Array
-
-
-def _normalize(x: Array) -> Array:
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 class PPLLaVAProjector(nn.Module):
@@ -147,7 +142,10 @@ class PPLLaVAProjector(nn.Module):
             e = self.clip_visual_projection(self.clip_visual_ln(features)).astype(jnp.float32)
         c = self.text_embeds(clip_ids, clip_mask).astype(jnp.float32)
         return jnp.einsum(
-            "nd,ntpd->ntp", _normalize(c), _normalize(e), precision=jax.lax.Precision.HIGHEST
+            "nd,ntpd->ntp",
+            layers.l2_normalize(c),
+            layers.l2_normalize(e),
+            precision=jax.lax.Precision.HIGHEST,
         )
 
     def __call__(
@@ -184,9 +182,7 @@ class PPLLaVAProjector(nn.Module):
                 f"features have {p} patches per frame; frame_shape {cfg.frame_shape} needs "
                 f"{fh * fw} (drop the class token: vision_feature_select_strategy='default')"
             )
-        if frame_mask is None:
-            frame_mask = jnp.ones((n, t), bool)
-        frame_mask = frame_mask.astype(bool)
+        frame_mask = layers.valid_frames(frame_mask, n, t)
         n_valid = frame_mask.sum(-1)
         out: dict[str, Array] = {}
 
@@ -232,16 +228,3 @@ class PPLLaVAProjector(nn.Module):
         else:  # pragma: no cover - PPLLaVAConfig validates
             raise ValueError(f"unknown pooling {cfg.pooling!r}")
         return out
-
-
-def gather_tokens(tokens: Array, order: Array, newline: Array) -> Array:
-    """``tokens float[M, D]``, ``order int32[L]`` (-1 = newline), ``newline float[D]`` ->
-    ``float[L, D]``."""
-    picked = jnp.take(tokens, jnp.maximum(order, 0), axis=0)
-    return jnp.where((order < 0)[:, None], newline.astype(tokens.dtype)[None], picked)
-
-
-__all__: Any = [
-    "PPLLaVAProjector",
-    "gather_tokens",
-]

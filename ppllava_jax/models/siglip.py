@@ -3,7 +3,7 @@
 
 The encoder layer of SigLIP is CLIP's (pre-LN, ``layer_norm1`` / ``self_attn`` with biased
 ``q,k,v,out_proj`` / ``layer_norm2`` / ``mlp.fc1,fc2``), so both towers run
-``clip.CLIPEncoder`` (scan, remat, taps, logical axes shared). What differs from CLIP:
+``encoder.CLIPEncoder`` (scan, remat, taps, logical axes shared). What differs from CLIP:
 
 - vision: no class token, no pre-LayerNorm, the patch conv has a bias; ``post_layernorm`` on every
   token; optional attention-pooling ``head`` (a probe attending to the patches, then
@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ppllava_jax.models import layers
-from ppllava_jax.models.clip import CLIPMLP, CLIPEncoder, CLIPTextEmbeddings, normalize_taps
+from ppllava_jax.models.attention import dot_product_attention
+from ppllava_jax.models.clip import at_positions, text_states
 from ppllava_jax.models.config import SiglipTextConfig, SiglipVisionConfig
+from ppllava_jax.models.encoder import CLIPMLP, CLIPEncoder, normalize_taps
 
 Array = jax.Array
 
@@ -42,17 +43,6 @@ class SiglipConfig:
 
     vision: SiglipVisionConfig = dataclasses.field(default_factory=SiglipVisionConfig)
     text: SiglipTextConfig = dataclasses.field(default_factory=SiglipTextConfig)
-
-    def to_hf(self) -> dict[str, Any]:
-        return {
-            "model_type": "siglip",
-            "architectures": ["SiglipModel"],
-            "vision_config": self.vision.to_hf(),
-            "text_config": self.text.to_hf(),
-        }
-
-    def replace(self, **kw: Any) -> SiglipConfig:
-        return dataclasses.replace(self, **kw)
 
 
 class SiglipVisionEmbeddings(nn.Module):
@@ -65,39 +55,9 @@ class SiglipVisionEmbeddings(nn.Module):
         """pixel_values: ``float[B, H, W, 3]`` with ``H = W = image_size``. Returns
         ``float[B, P, C]``, ``P = (image_size // patch_size) ** 2``, patches row-major."""
         cfg = self.cfg
-        c, p = cfg.hidden_size, cfg.patch_size
-        b, hh, ww, _ = pixel_values.shape
-        if hh != cfg.image_size or ww != cfg.image_size:
-            raise ValueError(
-                f"pixel_values are {hh}x{ww}; the SigLIP tower takes "
-                f"{cfg.image_size}x{cfg.image_size}"
-            )
-        dtype = layers.dtype_of(cfg.dtype)
-        pdt = layers.dtype_of(cfg.param_dtype)
-        patches = nn.Conv(
-            c,
-            kernel_size=(p, p),
-            strides=(p, p),
-            padding="VALID",  # pixels past grid * patch_size are ignored, as torch's "valid"
-            use_bias=True,
-            dtype=dtype,
-            param_dtype=pdt,
-            kernel_init=nn.with_logical_partitioning(
-                layers.default_kernel_init, (None, None, "conv_in", "embed")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-            name="patch_embedding",
-        )(pixel_values.astype(dtype))
-        patches = patches.reshape(b, -1, c)
-        pos = nn.Embed(
-            cfg.num_patches,
-            c,
-            dtype=dtype,
-            param_dtype=pdt,
-            embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(stddev=0.02), ("pos", "embed")
-            ),
-            name="position_embedding",
+        patches = layers.embed_patches(pixel_values, cfg, use_bias=True)
+        pos = layers.embed(
+            cfg.num_patches, cfg.hidden_size, cfg, ("pos", "embed"), name="position_embedding"
         )(jnp.arange(cfg.num_patches))
         return layers.constrain(patches + pos[None], layers.ACT_BLE)
 
@@ -143,7 +103,7 @@ class MultiheadAttentionPooling(nn.Module):
         q = self.project(query, 0).reshape(b, q_len, n, c // n)
         k = self.project(kv, 1).reshape(b, s, n, c // n)
         v = self.project(kv, 2).reshape(b, s, n, c // n)
-        o = layers.attention(q, k, v, impl=cfg.attention_impl).reshape(b, q_len, c)
+        o = dot_product_attention(q, k, v, impl=cfg.attention_impl).reshape(b, q_len, c)
         return self.out_proj(o)
 
 
@@ -233,26 +193,14 @@ class SiglipTextTransformer(nn.Module):
         float[B, projection_size]`` (after ``head``).
         """
         cfg = self.cfg
-        x = CLIPTextEmbeddings(cfg, name="embeddings")(input_ids, position_ids)
-        mask = None
+        keys = None
         if attention_mask is not None:
             keys = attention_mask.astype(bool)
             keys = keys | ~keys.any(-1, keepdims=True)  # an all-padding row: no -inf row
-            mask = keys[:, None, None, :]
-        x, _ = CLIPEncoder(cfg, name="encoder")(x, mask, False)
-        x = layers.layer_norm(cfg, cfg.layer_norm_eps, name="final_layer_norm")(x)
-        if pool_index is None:
-            pooled = x[:, -1]
-        else:
-            idx = pool_index.astype(jnp.int32)[:, None, None]
-            pooled = jnp.take_along_axis(x, idx, axis=1)[:, 0]
+        x = text_states(cfg, input_ids, keys, position_ids, causal=False)
+        pooled = x[:, -1] if pool_index is None else at_positions(x, pool_index)
         pooled = layers.dense(cfg.projection_size, ("embed", None), cfg, name="head")(pooled)
         return {"last_hidden_state": x, "pooler_output": pooled}
-
-
-def l2_normalize(x: Array) -> Array:
-    xf = x.astype(jnp.float32)
-    return (xf / jnp.linalg.norm(xf, axis=-1, keepdims=True)).astype(x.dtype)
 
 
 class SiglipModel(nn.Module):
@@ -282,8 +230,9 @@ class SiglipModel(nn.Module):
         """Returns normalised ``image_embeds float[Bi, D]``, ``text_embeds float[Bt, D]``,
         ``logits_per_text float32[Bt, Bi] = exp(logit_scale) * cos + logit_bias`` and
         ``logits_per_image`` (its transpose)."""
-        img = l2_normalize(self.get_image_features(pixel_values)).astype(jnp.float32)
-        txt = l2_normalize(self.get_text_features(input_ids, attention_mask)).astype(jnp.float32)
+        img = layers.l2_normalize(self.get_image_features(pixel_values)).astype(jnp.float32)
+        txt = self.get_text_features(input_ids, attention_mask)
+        txt = layers.l2_normalize(txt).astype(jnp.float32)
         cos = jnp.matmul(txt, img.T, precision=jax.lax.Precision.HIGHEST)
         logits_per_text = cos * jnp.exp(self.logit_scale) + self.logit_bias
         return {

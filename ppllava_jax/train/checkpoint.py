@@ -11,11 +11,6 @@ may be donated to the next step right away). Restoring takes an abstract target 
 ``jax.ShapeDtypeStruct`` leaves carry the *new* shardings, so a checkpoint written on one
 mesh restores onto another.
 
-Preemption: ``PreemptionWatcher`` installs a SIGTERM handler that only sets a flag; the loop
-asks ``watcher.should_stop(step)`` each step, saves, and returns cleanly. On several
-processes the decision is taken at a step all processes agree on (the flag is all-gathered
-each step), so a signal to any one process makes every process save the same step.
-
 Several processes: orbax writes each checkpoint once, together (each process its own array
 shards, process 0 the metadata and the commit marker); a step directory without its commit
 (a process killed mid-save) is ignored by ``latest_step``. The data state is one file per
@@ -29,8 +24,6 @@ import base64
 import dataclasses
 import json
 import re
-import signal
-import threading
 from typing import Any
 
 import jax
@@ -337,49 +330,3 @@ def _as_abstract(x):
     if isinstance(x, jax.Array):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     return x
-
-
-# ----------------------------------------------------------------------------- preemption
-
-
-class PreemptionWatcher:
-    """SIGTERM sets a flag; ``should_stop(step)`` tells the loop to save and leave.
-
-    Use as a context manager (the previous handler comes back on exit). Signal handlers can
-    only be installed from the main thread; elsewhere the watcher only uses JAX's sync point.
-    """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
-        self.signals = signals
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, frame):
-        del frame
-        self.requested = True
-        print(f"[train] received signal {signum}: saving a checkpoint and stopping", flush=True)
-
-    def __enter__(self) -> PreemptionWatcher:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.signals:
-                self._previous[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous.clear()
-
-    def should_stop(self, step: int) -> bool:
-        """Whether to save and stop before ``step``: on one process the local flag; on several,
-        whether *any* process got the signal (a host-side all-gather of one flag per step,
-        so every process stops at the same step and saves the same checkpoint). Every process
-        must call it once per step. (JAX's own preemption sync point is not used: this
-        handler replaces its SIGTERM handler, and the all-gather also covers a signal sent to
-        one process only.)"""
-        del step
-        if jax.process_count() > 1:
-            from ppllava_jax.sharding import max_over_processes
-
-            return bool(max_over_processes(int(self.requested)))
-        return self.requested

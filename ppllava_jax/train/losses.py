@@ -1,7 +1,7 @@
 """Training losses: next-token cross entropy (SFT) and sigmoid DPO.
 
 Conventions: logits at position ``l`` predict the label at ``l + 1``; a label of
-``IGNORE_INDEX`` (-100) is not supervised; a target whose ``attention_mask`` is 0 is not
+``IGNORE_INDEX`` is not supervised; a target whose ``attention_mask`` is 0 is not
 supervised either. Everything is computed in float32 whatever the logits' dtype.
 
 The SFT loss is normalised one of two ways (``train.loss_normalization``, see
@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from ppllava_jax.layout import IGNORE_INDEX
 
 Array = jax.Array
-
 
 
 def _shifted_targets(labels: Array, attention_mask: Array) -> tuple[Array, Array]:
@@ -50,22 +49,6 @@ def token_logps(logits: Array, labels: Array, attention_mask: Array) -> tuple[Ar
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.where(mask, picked - lse, 0.0), mask
-
-
-def next_token_loss(logits: Array, labels: Array, attention_mask: Array) -> tuple[Array, Array]:
-    """Summed next-token cross entropy and the number of supervised tokens.
-
-    Args:
-      logits: float[B, L, V].
-      labels: int32[B, L] (-100 = not supervised).
-      attention_mask: int[B, L].
-
-    Returns:
-      ``(sum_loss float32[], num_tokens int32[])``; the mean loss is ``sum_loss / num_tokens``
-      taken over the global batch.
-    """
-    logp, mask = token_logps(logits, labels, attention_mask)
-    return -jnp.sum(logp), jnp.sum(mask, dtype=jnp.int32)
 
 
 LOSS_NORMALIZATIONS = ("global_token_mean", "per_device_mean")
@@ -165,12 +148,6 @@ def chunked_token_logps(
     return jnp.where(mask, logp, 0.0), mask
 
 
-def sequence_logps(logits: Array, labels: Array, attention_mask: Array) -> Array:
-    """Summed log-probabilities of the supervised tokens of each row: float32[B]."""
-    logp, _ = token_logps(logits, labels, attention_mask)
-    return jnp.sum(logp, axis=-1)
-
-
 def dpo_terms(
     policy_chosen: Array,
     policy_rejected: Array,
@@ -190,25 +167,3 @@ def dpo_terms(
         "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
         "rewards/margins": margins,
     }
-
-
-def dpo_loss(
-    policy_chosen: Array,
-    policy_rejected: Array,
-    ref_chosen: Array,
-    ref_rejected: Array,
-    beta: float,
-) -> tuple[Array, dict[str, Array]]:
-    """Sigmoid DPO (Rafailov et al. 2023), as TRL's ``loss_type="sigmoid"``.
-
-    ``loss = mean(-log sigmoid(beta * ((pc - rc) - (pr - rr))))`` with ``pc``/``pr`` the policy's
-    summed log-probabilities of the chosen/rejected answers and ``rc``/``rr`` the reference's
-    (all float[B]).
-
-    Returns:
-      ``(loss float32[], metrics)`` with the means of ``rewards/chosen``, ``rewards/rejected``,
-      ``rewards/accuracies`` (chosen reward > rejected reward) and ``rewards/margins``.
-    """
-    terms = dpo_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
-    means = {k: jnp.mean(v) for k, v in terms.items()}
-    return means.pop("loss"), means

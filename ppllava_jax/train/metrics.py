@@ -71,28 +71,72 @@ def _scalar(v: Any) -> Any:
     return a.tolist()
 
 
+def cut_back(path: str, step: int) -> int:
+    """Drop the records of ``metrics.jsonl`` at ``path`` after ``step`` (a run resumed from the
+    checkpoint of ``step`` logs them again); the file is replaced atomically. Returns how many
+    records were dropped (0 if the file does not exist)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = [x for x in f.read().splitlines() if x.strip()]
+    keep = [x for x in lines if json.loads(x).get("step", 0) <= step]
+    if len(keep) < len(lines):
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write("".join(x + "\n" for x in keep))
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 class MetricsWriter:
     """Writes one JSON line per logging step (and TensorBoard scalars), prints a progress line.
 
     Only process 0 writes files and prints (others are no-ops).
+
+    Args:
+      workdir: ``workdir/metrics.jsonl`` (appended to) and ``workdir/tensorboard``.
+      total_steps: the run's length, for ``step N/total`` and the ETA on the console.
+      start_step: the step the run starts from (0, or the checkpoint it resumes): records
+        after it are cut from ``metrics.jsonl`` and hidden in TensorBoard (they are logged
+        again). None: keep everything (a writer that only adds, e.g. evaluation results).
     """
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, console: bool = True):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        tensorboard: bool = True,
+        console: bool = True,
+        total_steps: int | None = None,
+        start_step: int | None = None,
+    ):
         self.workdir = workdir
         self.active = jax.process_index() == 0
         self.console = console
+        self.total_steps = total_steps
+        self.started = time.perf_counter()
         self._tb = None
         self._file = None
         if self.active:
             os.makedirs(workdir, exist_ok=True)
-            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            path = os.path.join(workdir, "metrics.jsonl")
+            if start_step is not None:
+                dropped = cut_back(path, start_step)
+                if dropped and console:
+                    print(f"[train] metrics.jsonl: {dropped} records after step {start_step} cut")
+            self._file = open(path, "a")  # noqa: SIM115
             if tensorboard:
                 try:
                     from tensorboardX import SummaryWriter
 
-                    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                    purge = None if start_step is None else start_step + 1
+                    self._tb = SummaryWriter(self.tensorboard_dir, purge_step=purge)
                 except ImportError:  # pragma: no cover
                     print("[train] tensorboardX not installed: no TensorBoard events")
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return os.path.join(self.workdir, "tensorboard")
 
     def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "") -> dict:
         """Write ``metrics`` (scalars; arrays are fetched) for ``step``; returns the record."""
@@ -108,7 +152,8 @@ class MetricsWriter:
                     self._tb.add_scalar(k, v, int(step))
             self._tb.flush()
         if self.console:
-            print(format_progress(rec), flush=True)
+            elapsed = time.perf_counter() - self.started
+            print(format_progress(rec, self.total_steps, elapsed), flush=True)
         return rec
 
     def close(self) -> None:
@@ -120,20 +165,32 @@ class MetricsWriter:
             self._tb = None
 
 
-def format_progress(rec: Mapping[str, Any]) -> str:
+def format_duration(seconds: float) -> str:
+    """``3725.2 -> '1:02:05'`` (hours:minutes:seconds, rounded to the second)."""
+    s = int(round(max(seconds, 0.0)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def format_progress(
+    rec: Mapping[str, Any], total_steps: int | None = None, elapsed: float | None = None
+) -> str:
     """One console line.
 
-    ``step 100 | loss 2.34 | lr 2.0e-05 | 1,234 tok/s | 3.20 samples/s | 0.512 s/step | MFU 41%``
+    ``step 100/400 | loss 2.34 | lr 2.0e-05 | 1,234 tok/s | 3.20 samples/s | 0.512 s/step |
+    MFU 41% | elapsed 0:00:52 | ETA 0:02:34``; the ETA is the remaining steps at this
+    record's ``step_time``.
     """
 
     def f(key, fmt):
         v = rec.get(key)
         return None if v is None else fmt.format(v)
 
-    parts = [f"step {rec['step']}"]
+    step = rec["step"]
+    parts = [f"step {step}" + (f"/{total_steps}" if total_steps else "")]
     for key, label, fmt in (
         ("loss", "loss", "{:.4f}"),
         ("eval/loss", "eval loss", "{:.4f}"),
+        ("eval/accuracy", "eval accuracy", "{:.3f}"),
         ("lr", "lr", "{:.2e}"),
         ("grad_norm", "gnorm", "{:.3f}"),
         ("tokens_per_sec", None, "{:,.0f} tok/s"),
@@ -147,7 +204,51 @@ def format_progress(rec: Mapping[str, Any]) -> str:
         parts.append(f"MFU {100 * rec['mfu']:.1f}%")
     elif rec.get("flops_per_sec_per_device") is not None:
         parts.append(f"{rec['flops_per_sec_per_device'] / 1e9:.2f} GFLOP/s/device")
+    if elapsed is not None:
+        parts.append(f"elapsed {format_duration(elapsed)}")
+    if total_steps and rec.get("step_time") is not None:
+        parts.append(f"ETA {format_duration(max(total_steps - step, 0) * rec['step_time'])}")
     return " | ".join(parts)
+
+
+class LogWindow:
+    """The steps since the last log line: their metrics (device scalars, fetched only when
+    logged) and the wall time they took, compile time excluded (``exclude``)."""
+
+    COUNTS = ("num_tokens", "num_samples", "num_input_tokens")  # summed, not averaged
+
+    def __init__(self) -> None:
+        self.metrics: list[Mapping[str, Any]] = []
+        self.start = time.perf_counter()
+
+    def add(self, metrics: Mapping[str, Any]) -> None:
+        self.metrics.append(metrics)
+
+    def exclude(self, seconds: float) -> None:
+        """Do not count ``seconds`` (spent compiling or evaluating) as step time."""
+        self.start += seconds
+
+    def record(self, flops_per_step: float | None, peak: float | None) -> dict[str, Any]:
+        """The logged record of the window, then a new window starts: the mean of each metric
+        (``lr`` the last step's), the sums of the counts, and ``throughput``."""
+        got = jax.device_get(self.metrics)
+        seconds = time.perf_counter() - self.start
+        rec = {k: float(np.mean([m[k] for m in got])) for k in got[-1] if not k.startswith("num_")}
+        rec["lr"] = float(got[-1].get("lr", np.nan))
+        for k in self.COUNTS:
+            rec[k] = int(sum(int(m[k]) for m in got))
+        rec.update(
+            throughput(
+                steps=len(got),
+                seconds=seconds,
+                tokens=rec["num_input_tokens"],
+                samples=rec["num_samples"],
+                flops_per_step=flops_per_step,
+                peak=peak,
+            )
+        )
+        self.metrics, self.start = [], time.perf_counter()
+        return rec
 
 
 def throughput(

@@ -11,9 +11,9 @@ from typing import Any
 
 from ppllava_jax.convert.saved_tree import (
     TreeMismatchError,
+    mismatch_report,
     saved_metadata,
     shapes_of,
-    tree_differences,
 )
 
 
@@ -71,12 +71,14 @@ def check_resume(directory: str | os.PathLike, params: Any, config: Any) -> None
     if "frozen" not in tree and set(saved_all) < set(model):
         # frozen parameters not saved (checkpoint.save_frozen=False): compare the saved ones
         expected = {k: v for k, v in model.items() if k in saved_all}
-    diffs = tree_differences(saved_all, expected, saved_name="checkpoint", expected_name="model")
-    if diffs:
+    versus = "checkpoint shapes vs this config's model"
+    report = mismatch_report(
+        saved_all, expected, saved_name="checkpoint", expected_name="model", versus=versus
+    )
+    if report:
         raise ResumeMismatchError(
             f"cannot resume from {step_dir}: its parameters are not those of this run's model "
-            f"({len(diffs)} differences; checkpoint shapes vs this config's model):\n  "
-            + "\n  ".join(diffs)
+            + report
             + "\nThe model config changed since the checkpoint was saved. "
             + ways
         )

@@ -16,7 +16,6 @@ Steps, each failing early with a message that says what to change:
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -24,16 +23,25 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from ppllava_jax import sharding
 from ppllava_jax.convert import params_io
-from ppllava_jax.convert.ppllava_family import ppllava_config_to_hf
+from ppllava_jax.convert.ppllava_config import ppllava_config_to_hf
 from ppllava_jax.data import collate
 from ppllava_jax.data import pipeline as pl
-from ppllava_jax.models.config import PPLLaVAConfig, ppllava_config_from_dict
+from ppllava_jax.models.config import PPLLaVAConfig
 from ppllava_jax.models.ppllava import PPLLaVA, init_params
 from ppllava_jax.train import resume_check, trainer
+from ppllava_jax.train.batches import TrainBatches, common_length
+from ppllava_jax.train.checkpoint import config_to_dict
+from ppllava_jax.train.checks import check_batch, check_mode, check_multihost, check_tokenizers
+from ppllava_jax.train.metrics import MetricsWriter
+from ppllava_jax.train.model_config import model_config
+from ppllava_jax.train.preemption import requeue_message
+
+# the synthetic task's answers are a colour word or an option letter (a few tokens): chat and the
+# web demo stop a confused model after this many tokens instead of 200
+SYNTHETIC_MAX_NEW_TOKENS = 16
 
 
 def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> None:
@@ -48,8 +56,14 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     kw = {k: syn[k] for k in names if k in syn}
     # several processes: process 0 writes the set, the others wait and then only check it
     if jax.process_index() == 0:
+        if not os.path.exists(os.path.join(out, synthetic.MARKER)):
+            print(
+                f"[train] generating the demo dataset in {out}: {kw.get('num_train')} training "
+                f"and {kw.get('num_eval')} held-out clips ...",
+                flush=True,
+            )
         synthetic.ensure_dataset(out, **kw)
-    barrier("synthetic_dataset")
+    sharding.process_barrier("synthetic_dataset")
     if jax.process_index() != 0:
         synthetic.ensure_dataset(out, **kw)
     with cfg.unlocked():
@@ -61,190 +75,6 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> None:
 
             cfg.data.tokenizer = ensure_qwen_tokenizer(out, int(syn.qwen_vocab_size))
         cfg.data.clip_tokenizer = cfg.data.clip_tokenizer or os.path.join(out, "clip_tokenizer")
-
-
-def barrier(name: str) -> None:
-    """Wait until every process gets here (no-op on one process)."""
-    sharding.process_barrier(name)
-
-
-def model_config(cfg: ml_collections.ConfigDict) -> PPLLaVAConfig:
-    """The ``PPLLaVAConfig`` of ``init_from``'s config.json (runtime fields from ``model``), of a
-    ``model.preset`` (the 7B recipes), or of the ``model`` section's fields (the demo)."""
-    if cfg.get("init_from"):
-        from ppllava_jax.convert.api import with_runtime
-        from ppllava_jax.convert.ppllava_family import ppllava_config_from_hf
-
-        family, hf = params_io.read_config(cfg.init_from)
-        if family != "ppllava":
-            raise ValueError(
-                f"init_from={cfg.init_from} holds a {family!r} checkpoint; train.py needs a "
-                "'ppllava' one (convert a released PPLLaVA, or build the start point with "
-                "convert_torch_weights.py --source LLAVA_NEXT --clip CLIP)"
-            )
-        rt = {
-            k: cfg.model[k]
-            for k in ("dtype", "scan_layers", "remat_policy", "attention_impl")
-            if k in cfg.model
-        }
-        return with_runtime(ppllava_config_from_hf(hf), **rt)
-    if cfg.model.get("preset"):  # the 7B recipes: PPLLaVAConfig defaults + a few fields
-        from ppllava_jax.plan import model_config as preset_config
-
-        return preset_config(cfg.model)
-    return ppllava_config_from_dict(cfg.model.to_dict())
-
-
-def check_mode(cfg: ml_collections.ConfigDict) -> None:
-    """``train.mode`` and ``data.dpo`` must agree: DPO steps read chosen/rejected row pairs."""
-    mode = cfg.train.get("mode", "sft")
-    if mode not in ("sft", "dpo"):
-        raise ValueError(f"train.mode={mode!r}; use 'sft' or 'dpo'")
-    if (mode == "dpo") != bool(cfg.data.get("dpo", False)):
-        raise ValueError(
-            f"train.mode={mode!r} but data.dpo={bool(cfg.data.get('dpo', False))}: a DPO run "
-            "needs preference pairs (set both --config.train.mode=dpo and --config.data.dpo=True, "
-            "as configs/ppllava_vicuna7b_dpo.py does), an SFT run plain samples"
-        )
-
-
-def common_length(batch: dict[str, np.ndarray], mcfg: PPLLaVAConfig) -> dict[str, np.ndarray]:
-    """Pad this host's batch to the longest length of all hosts (each host picks its own bucket;
-    the global array needs one). A no-op on one host."""
-    if jax.process_count() == 1:
-        return batch
-    length = sharding.max_over_processes(batch["input_ids"].shape[-1])
-    pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else 0
-    return collate.pad_length(batch, length, pad)
-
-
-def check_multihost(cfg: ml_collections.ConfigDict, process_count: int) -> None:
-    """Every host must feed the same array shapes in a step. Lengths are agreed on per step
-    (``common_length``); the visual groups of every batch have to be fixed by the config."""
-    if process_count <= 1:
-        return
-    d = cfg.data
-    if not list(d.get("fixed_groups", [])):
-        raise ValueError(
-            f"{process_count} processes need the same visual groups in every batch on every host: "
-            "set data.fixed_groups to the media of the mixture, e.g. ['video'] or "
-            "['video', 'image']"
-        )
-
-
-def check_batch(
-    cfg: ml_collections.ConfigDict, mesh: Any, process_count: int = 1, eval_mesh: Any = None
-) -> None:
-    """Before compiling: each micro-batch's rows (``data.batch_size`` x 2 for DPO pairs x
-    hosts / ``train.grad_accum_steps``) must split over ``mesh``'s ``data`` x ``fsdp``, and,
-    when ``eval_mesh`` is given (eval.py's mesh for the scoring at the end of training),
-    ``eval.batch_size`` over that one; a ``sharding.ShardingError`` says what divides."""
-    d = cfg.data
-    k = int(d.get("micro_batches", cfg.train.get("grad_accum_steps", 1)))
-    dpo = bool(d.get("dpo", False))
-    rows = int(d.batch_size) * (2 if dpo else 1) * int(process_count)
-    what = f"data.batch_size={int(d.batch_size)}" + (" pairs (2 rows each)" if dpo else "")
-    what += f" x {process_count} hosts" if process_count > 1 else ""
-    what += f" / train.grad_accum_steps={k} micro-batches" if k > 1 else ""
-    sharding.check_batch_rows(rows // k, mesh, what=what, setting="data.batch_size")
-    split = cfg.get("eval", {}).get("split", "")
-    if eval_mesh is not None and split and cfg.get("synthetic") is not None:
-        n = int(cfg.eval.get("batch_size", 0))
-        if n:  # 0: eval.py's default, a multiple of the devices
-            sharding.check_batch_rows(
-                n,
-                eval_mesh,
-                what=f"eval.batch_size={n} (scoring at the end of training)",
-                setting="eval.batch_size",
-            )
-
-
-def check_tokenizers(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig) -> None:
-    """The tokenizers must fit the model's embedding tables and image token."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
-    if len(tok) > mcfg.llm.vocab_size:
-        raise ValueError(
-            f"tokenizer {cfg.data.tokenizer} has {len(tok)} tokens > model.llm.vocab_size="
-            f"{mcfg.llm.vocab_size}; raise the vocabulary or use the matching tokenizer"
-        )
-    img = tok.convert_tokens_to_ids("<image>")
-    if img != mcfg.image_token_index:
-        raise ValueError(
-            f"<image> is id {img} in {cfg.data.tokenizer} but model.image_token_index="
-            f"{mcfg.image_token_index}; set --config.model.image_token_index={img}"
-        )
-    if mcfg.pooling == "ppllava" and cfg.data.clip_tokenizer:
-        ctok = AutoTokenizer.from_pretrained(cfg.data.clip_tokenizer)
-        if len(ctok) > mcfg.clip_text.vocab_size:
-            raise ValueError(
-                f"CLIP tokenizer {cfg.data.clip_tokenizer} has {len(ctok)} tokens > "
-                f"model.clip_text.vocab_size={mcfg.clip_text.vocab_size}"
-            )
-        if cfg.data.clip_max_length > mcfg.clip_text.max_position_embeddings:
-            raise ValueError(
-                f"data.clip_max_length={cfg.data.clip_max_length} > the CLIP text tower's "
-                f"{mcfg.clip_text.max_position_embeddings} positions"
-            )
-
-
-class TrainBatches:
-    """The pipeline's iterator for the trainer: drops host-only fields, counts skipped samples,
-    and passes ``get_state``/``set_state`` through (so checkpoints hold the data position).
-
-    pipeline: the ``Pipeline`` of ``it``; with it, a checkpoint of another process count
-      resumes (``reshard_state``).
-    trace: a file to which each batch's sample ids and array shapes are appended as one JSON
-      line (``train.data_trace``: what the multi-process tests check).
-    """
-
-    def __init__(self, it: Any, pipeline: pl.Pipeline | None = None, trace: str = ""):
-        self.it = it
-        self.pipeline = pipeline
-        self.trace = trace
-        self.batches = 0  # batches consumed (restored with the state): the step they feed
-        self.skipped: dict[str, int] = {}
-
-    def __iter__(self) -> TrainBatches:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch, meta = pl.split_meta(next(self.it))
-        batch.pop("valid", None)
-        self.skipped = dict(meta.get("skipped", self.skipped))
-        self.batches += 1
-        if self.trace:
-            rec = {
-                "step": self.batches,
-                "process": jax.process_index(),
-                "ids": list(meta.get("ids", [])),
-                "epoch": [int(e) for e in meta.get("epoch", [])],
-                "shapes": {k: list(np.shape(v)) for k, v in sorted(batch.items())},
-            }
-            with open(self.trace, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        return batch
-
-    def metrics(self) -> dict[str, int]:
-        out = {f"data/skipped_{k}": int(v) for k, v in self.skipped.items()}
-        out["data/skipped"] = int(sum(self.skipped.values()))
-        return out
-
-    def get_state(self) -> Any:
-        return self.it.get_state()
-
-    def set_state(self, state: Any) -> None:
-        self.it.set_state(state)
-        if isinstance(state, dict):
-            self.batches = int(state.get("batches", 0))
-
-    def reshard_state(self, states: list[Any], process_index: int, process_count: int) -> Any:
-        """The state to resume from after a change of the process count (``Pipeline
-        .reshard_state``; called by ``Checkpointer.restore``)."""
-        if self.pipeline is None:
-            raise ValueError("TrainBatches without its pipeline cannot resume on a new host count")
-        return self.pipeline.reshard_state(states, process_index, process_count)
 
 
 def make_apply(model: PPLLaVA):
@@ -261,11 +91,8 @@ def build_params(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig, mesh) -> t
     """Parameters on the mesh, sharded by the logical rules: restored from ``init_from`` or
     initialised in place (no host holds the whole model)."""
     abstract = jax.eval_shape(lambda: init_params(mcfg, jax.random.PRNGKey(0)))
-    shardings = sharding.param_shardings(abstract, mesh)
     if cfg.get("init_from"):
-        target = sharding.abstract_with_shardings(abstract, mesh)
-        params = params_io.load_params(cfg.init_from, target)
-        return params, shardings
+        return sharding.restore_onto_mesh(cfg.init_from, abstract, mesh)
     seed = int(cfg.train.get("seed", 0))
     params, shardings = sharding.sharded_init(
         lambda rng: init_params(mcfg, rng), mesh, jax.random.PRNGKey(seed)
@@ -292,7 +119,7 @@ def export_final(workdir: str, params: Any, mcfg: PPLLaVAConfig, cfg) -> str:
     host = jax.device_get(params) if jax.process_count() == 1 else params
     params_io.save_params(out, host, "ppllava", ppllava_config_to_hf(mcfg))
     if jax.process_index() != 0:
-        barrier("export_final")
+        sharding.process_barrier("export_final")
         return out
     for name in ("tokenizer", "clip_tokenizer"):
         src = cfg.data.get(name)
@@ -304,39 +131,83 @@ def export_final(workdir: str, params: Any, mcfg: PPLLaVAConfig, cfg) -> str:
         # the pre-tokenization training used, so evaluation tokenizes prompts the same way
         "tokenizer_legacy": cfg.data.get("tokenizer_legacy"),
     }
-    with open(os.path.join(out, "inference.json"), "w") as f:
-        json.dump(inference, f, indent=1)
-    barrier("export_final")
+    cap = answer_cap(cfg)
+    if cap:
+        inference["max_new_tokens"] = cap
+    write_json(os.path.join(out, "inference.json"), inference)
+    sharding.process_barrier("export_final")
     return out
+
+
+def answer_cap(cfg: ml_collections.ConfigDict) -> int:
+    """``max_new_tokens`` for ``inference.json`` (the default answer length of chat and the web
+    demo): ``inference.max_new_tokens`` of the config, else ``SYNTHETIC_MAX_NEW_TOKENS`` for a
+    model trained on the synthetic task, else 0 (not recorded)."""
+    cap = int(cfg.get("inference", {}).get("max_new_tokens", 0) or 0)
+    if not cap and cfg.get("synthetic") is not None:
+        cap = SYNTHETIC_MAX_NEW_TOKENS
+    return cap
+
+
+def write_json(path: str, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, written to a sibling and renamed into place (a
+    reader never sees half a file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def score_synthetic(final: str, cfg, split: str, workdir: str) -> dict[str, Any]:
     """Score the exported model on a split of the synthetic set with eval.py's own runner
-    (same prompts, extraction and records as ``eval.py --benchmark synthetic``)."""
-    from ppllava_jax.evaluate import runner
+    (same prompts, extraction and records as ``eval.py --benchmark synthetic``) into
+    ``<workdir>/eval_<split>.json``; the runner's answers files (its resume state) are removed
+    before (a new model) and after (scratch once the results are written)."""
+    from ppllava_jax.evaluate import answers, model_setup, runner
     from ppllava_jax.evaluate.synthetic import Synthetic
 
+    def remove_answers() -> None:
+        if jax.process_index() == 0:
+            for path in [*answers.answer_files(out), answers.protocol_path(out)]:
+                if os.path.exists(path):
+                    os.remove(path)
+
     bench = Synthetic(cfg.synthetic.dir, num_frames=int(cfg.data.num_frames), split=split)
-    out = os.path.join(workdir, f"eval_{split}.json")
-    if jax.process_index() == 0:
-        for old in glob.glob(os.path.splitext(out)[0] + ".answers*.jsonl"):
-            os.remove(old)  # a new model: answers of an earlier run do not count
-    barrier("score_synthetic")  # every process answers its share (runner.run)
+    out = results_path(workdir, split)
+    remove_answers()
+    sharding.process_barrier("score_synthetic")  # every process answers its share (runner.run)
     res = runner.run(
         bench,
-        runner.load_setup(final),
+        model_setup.load_setup(final),
         out,
         batch_size=int(cfg.eval.batch_size),
         max_new_tokens=int(cfg.eval.max_new_tokens),
         progress=False,
     )
+    sharding.process_barrier("score_synthetic_done")
+    remove_answers()
     return res["summary"] if res else {}
 
 
-def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    sharding.maybe_initialize_distributed()
+def results_path(workdir: str, split: str) -> str:
+    """Where the scores of ``split`` go: ``<workdir>/eval_<split>.json``."""
+    return os.path.join(workdir, f"eval_{split}.json")
+
+
+def log_scores(workdir: str, step: int, scores: dict[str, Any]) -> None:
+    """The numeric scores (and each question type's accuracy) as ``eval/...`` at ``step`` in
+    ``metrics.jsonl`` and TensorBoard, beside the training curves."""
+    flat = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+    for qtype, s in (scores.get("by_qtype") or {}).items():
+        flat[f"accuracy/{qtype}"] = s["accuracy"]
+    writer = MetricsWriter(workdir, console=False)
+    writer.write(step, flat, prefix="eval/")
+    writer.close()
+
+
+def resolve(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Any, PPLLaVAConfig, Any]:
+    """The run's config filled in (the demo dataset made and pointed at) and checked, its model
+    config and mesh; the resolved config is written to ``<workdir>/config.json``."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy we may fill in
     prepare_data(cfg, workdir)
     cfg.data.micro_batches = int(cfg.train.get("grad_accum_steps", 1))
@@ -345,11 +216,11 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mcfg = model_config(cfg)
     check_tokenizers(cfg, mcfg)
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    from ppllava_jax.evaluate import runner
+    from ppllava_jax.evaluate import model_setup
 
-    check_batch(cfg, mesh, jax.process_count(), runner.local_mesh())
-    pipe = pl.Pipeline(cfg.data, mcfg)
-    model = PPLLaVA(mcfg)
+    check_batch(cfg, mesh, jax.process_count(), model_setup.local_mesh())
+    if jax.process_index() == 0:
+        write_json(os.path.join(workdir, "config.json"), config_to_dict(cfg))
     if jax.process_count() > 1 and jax.process_index() == 0:
         print(
             f"[train] {jax.process_count()} processes, mesh "
@@ -357,38 +228,80 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             + sharding.format_host_layout(sharding.host_layout(mesh, int(cfg.data.batch_size))),
             flush=True,
         )
+    return cfg, mcfg, mesh
+
+
+def fit(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig, mesh: Any, workdir: str):
+    """``trainer.train`` on the grain pipeline with parameters built on ``mesh`` (call inside
+    ``sharding.mesh_context(mesh)``); returns its ``TrainResult``."""
+    pipe = pl.Pipeline(cfg.data, mcfg)
     trace = ""
     if cfg.train.get("data_trace", False):
         os.makedirs(os.path.join(workdir, "data_trace"), exist_ok=True)
         trace = os.path.join(workdir, "data_trace", f"process_{jax.process_index()}.jsonl")
-    with sharding.mesh_context(mesh):
-        params, shardings = build_params(cfg, mcfg, mesh)
-        # a checkpoint of another model / trainable selection: said by name, before restoring
-        resume_check.check_resume(os.path.join(workdir, "checkpoints"), params, cfg)
-        result = trainer.train(
-            cfg,
-            workdir,
-            model_apply=make_apply(model),
-            init_params=params,
-            data_iterator=TrainBatches(pipe.iterator(), pipe, trace),
-            param_shardings=shardings,
-            flops_per_step=step_flops(mcfg, params, cfg.optimizer),
-            place_batch=lambda b: sharding.shard_batch(
-                collate.globalize_visual_index(
-                    common_length(b, mcfg),
-                    mcfg,
-                    jax.process_index(),
-                    jax.process_count(),
-                    cfg.data.micro_batches,
-                ),
-                mesh,
+    params, shardings = build_params(cfg, mcfg, mesh)
+    # a checkpoint of another model / trainable selection: said by name, before restoring
+    resume_check.check_resume(os.path.join(workdir, "checkpoints"), params, cfg)
+    result = trainer.train(
+        cfg,
+        workdir,
+        model_apply=make_apply(PPLLaVA(mcfg)),
+        init_params=params,
+        data_iterator=TrainBatches(pipe.iterator(), pipe, trace),
+        param_shardings=shardings,
+        flops_per_step=step_flops(mcfg, params, cfg.optimizer),
+        place_batch=lambda b: sharding.shard_batch(
+            collate.globalize_visual_index(
+                common_length(b, mcfg),
+                mcfg,
+                jax.process_index(),
+                jax.process_count(),
+                cfg.data.micro_batches,
             ),
+            mesh,
+        ),
+    )
+    pipe.close()
+    return result
+
+
+def outputs_message(workdir: str, summary: dict[str, Any], split: str) -> str:
+    """What a finished run printed last: where its parameters, scores and logs are."""
+    lines = [
+        f"[train] finished at step {summary['step']}. Outputs in {workdir}:",
+        f"  parameters (eval.py / chat / --to_torch read them): {summary['final']}",
+        f"  resolved config: {os.path.join(workdir, 'config.json')}",
+    ]
+    if "eval_accuracy" in summary:
+        lines.append(
+            f"  evaluation ({split} split): {results_path(workdir, split)}, accuracy "
+            f"{100 * summary['eval_accuracy']:.1f}% of {summary.get('eval_num_questions')} "
+            "questions"
         )
-        pipe.close()
-        params = result.state.full_params()
+    lines += [
+        f"  metrics: {os.path.join(workdir, 'metrics.jsonl')}",
+        f"  TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}",
+    ]
+    return "\n".join(lines)
+
+
+def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train the config in ``workdir`` (resuming what is there), export ``final/`` and score
+    the synthetic task's held-out split. Returns a summary: ``step``, ``preempted`` (a signal
+    stopped the run after saving: ``train.py`` exits with ``REQUEUE_EXIT_CODE``), ``final``
+    and the ``eval_*`` scores."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    sharding.maybe_initialize_distributed()
+    cfg, mcfg, mesh = resolve(cfg, workdir)
+    with sharding.mesh_context(mesh):
+        result = fit(cfg, mcfg, mesh, workdir)
         summary: dict[str, Any] = {"step": result.step, "preempted": result.preempted}
         if result.preempted:
+            if jax.process_index() == 0:
+                print(requeue_message(result.step, result.signal_name, result.checkpoints))
             return summary
+        params = result.state.full_params()
         final = export_final(workdir, params, mcfg, cfg)
         summary["final"] = final
         del params, result
@@ -397,22 +310,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if split and cfg.get("synthetic") is not None:
         scores = score_synthetic(final, cfg, split, workdir)
         summary.update({f"eval_{k}": v for k, v in scores.items()})
+        log_scores(workdir, summary["step"], scores)
+    if jax.process_index() == 0:
+        print(outputs_message(workdir, summary, split), flush=True)
     return summary
-
-
-__all__ = [
-    "TrainBatches",
-    "barrier",
-    "build_params",
-    "check_mode",
-    "check_multihost",
-    "common_length",
-    "check_tokenizers",
-    "export_final",
-    "main",
-    "make_apply",
-    "model_config",
-    "prepare_data",
-    "score_synthetic",
-    "step_flops",
-]

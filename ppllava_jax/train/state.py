@@ -42,10 +42,6 @@ class TrainState:
         """The model's whole parameter tree (trainable merged with frozen)."""
         return merge_params(self.params, self.frozen)
 
-    def reference_params(self) -> PyTree:
-        """The DPO reference's whole parameter tree."""
-        return merge_params(self.ref_params, self.frozen)
-
 
 def create_train_state(
     params: PyTree,

@@ -21,42 +21,28 @@ print the parameter table, resume from the latest checkpoint in ``workdir/checkp
 data iterator, checked against the saved config) or create the state, compile the step once
 per batch shape (AOT, for the FLOP count), then per step: fetch a batch, run the jitted and
 donated step with ``rng = fold_in(key(seed), step)`` (so a resumed run sees the randomness a
-straight run would), log every ``log_every`` steps, evaluate every ``eval_every`` steps, save
-every ``checkpoint.save_every`` steps and at the end, and on SIGTERM save and return.
+straight run would), log every ``log_every`` steps (``metrics.jsonl`` cut back to the step the
+run starts from), save every ``checkpoint.save_every`` steps and at the end, and on SIGTERM or
+Ctrl-C save and return (``TrainResult.preempted``; ``preemption.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from ppllava_jax.sharding import process_barrier
-from ppllava_jax.train.checkpoint import Checkpointer, PreemptionWatcher, config_to_dict
-from ppllava_jax.train.metrics import (
-    MetricsWriter,
-    compiled_flops,
-    peak_flops_per_device,
-    throughput,
-)
-from ppllava_jax.train.optimizer import (
-    check_selection,
-    default_optimizer_config,
-    make_optimizer,
-    param_count_table,
-    split_params,
-    trainable_predicate,
-)
-from ppllava_jax.train.state import TrainState, create_train_state, state_shardings, with_shardings
-from ppllava_jax.train.step import make_train_step
+from ppllava_jax.train.checkpoint import Checkpointer
+from ppllava_jax.train.compiled_step import CompiledStep, FlopsPerStep
+from ppllava_jax.train.metrics import LogWindow, MetricsWriter, peak_flops_per_device
+from ppllava_jax.train.optimizer import default_optimizer_config
+from ppllava_jax.train.preemption import PreemptionWatcher
+from ppllava_jax.train.start import create_state, make_checkpointer, make_setup, restore_state
+from ppllava_jax.train.state import TrainState
 
 PyTree = Any
 
@@ -81,7 +67,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.loss_chunk_size = 0
     c.train.seed = 0  # step rng = fold_in(key(seed), step)
     c.train.log_every = 10  # steps between metrics lines
-    c.train.eval_every = 0  # steps between eval_fn calls (0: only at the end, if given)
     c.train.param_table_depth = 1  # path components per row of the parameter table
     # append each batch's sample ids and shapes to workdir/data_trace/process_<i>.jsonl
     c.train.data_trace = False
@@ -101,38 +86,10 @@ def default_config() -> ml_collections.ConfigDict:
 class TrainResult:
     state: TrainState
     step: int  # last completed step
-    preempted: bool  # stopped by SIGTERM (a checkpoint was written)
+    preempted: bool  # stopped by SIGTERM / SIGINT (a checkpoint was written)
     last_metrics: dict  # the last logged record
-
-
-def _abstract(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
-
-
-def _signature(batch: Mapping[str, Any]) -> tuple:
-    return tuple(sorted((k, tuple(np.shape(v)), str(v.dtype)) for k, v in batch.items()))
-
-
-def _place_batch(batch: Mapping[str, Any], sharding: Sharding | PyTree | None) -> dict:
-    if sharding is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
-    if isinstance(sharding, Sharding):
-        sharding = {k: sharding for k in batch}
-    return {
-        k: jax.make_array_from_process_local_data(sharding[k], np.asarray(v))
-        for k, v in batch.items()
-    }
-
-
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k, "<missing>"), new.get(k, "<missing>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
+    signal_name: str = ""  # what stopped it, when preempted
+    checkpoints: str = ""  # the checkpoint directory
 
 
 def train(
@@ -142,12 +99,9 @@ def train(
     model_apply: Callable[..., dict],
     init_params: PyTree | Callable[[], PyTree],
     data_iterator: Iterator[Mapping[str, Any]],
-    mode: str | None = None,
-    eval_fn: Callable[[TrainState, int], Mapping[str, Any]] | None = None,
     param_shardings: PyTree | None = None,
-    batch_sharding: Sharding | PyTree | None = None,
     place_batch: Callable[[Mapping[str, Any]], dict] | None = None,
-    flops_per_step: float | Callable[[Mapping[str, Any]], float] | None = None,
+    flops_per_step: FlopsPerStep = None,
     stop_at_step: int | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
@@ -164,15 +118,12 @@ def train(
         what the checkpoint lacks (frozen parameters / DPO reference, if not saved).
       data_iterator: yields dicts of host (numpy) arrays, the process-local part of the
         global batch ``[B, ...]`` or ``[k, B/k, ...]``; if it has ``get_state``/``set_state``
-        its position is checkpointed and restored.
-      mode: ``sft`` | ``dpo`` (default ``config.train.mode``).
-      eval_fn: ``(state, step) -> {name: scalar}``, called every ``train.eval_every`` steps and
-        at the end; written with an ``eval/`` prefix.
+        its position is checkpointed and restored; if it has ``metrics()`` (e.g. skipped
+        samples) they are logged with each record.
       param_shardings: tree of ``Sharding`` shaped like the parameters; the state (optimizer
         moments included) is laid out from it and restores onto it. None: one device.
-      batch_sharding: the global batch's ``Sharding`` (or a dict of them per key), used to
-        assemble global arrays with ``jax.make_array_from_process_local_data``.
-      place_batch: overrides the batch placement altogether (host dict -> device dict).
+      place_batch: host dict -> device dict (e.g. ``sharding.shard_batch`` onto the mesh);
+        None: ``jnp.asarray`` of each array (one device).
       flops_per_step: per-device FLOPs of one step for MFU, or a function of the host batch
         giving them (e.g. ``ppllava_jax.flops.batch_train_flops``), called once per compiled
         shape. None: XLA's ``cost_analysis()``, which counts a scanned layer body only once.
@@ -180,191 +131,124 @@ def train(
         ``total_steps`` (time-sliced jobs, tests); a later call resumes.
       log: where progress text goes.
     """
-    mode = mode or config.train.get("mode", "sft")
-    total = int(config.train.total_steps)
-    ck_cfg = config.get("checkpoint", default_config().checkpoint)
-    log_every = max(int(config.train.get("log_every", 10)), 1)
-    eval_every = int(config.train.get("eval_every", 0) or 0)
-    accum = int(config.train.get("grad_accum_steps", 1))
-
-    tx, schedule = make_optimizer(config.optimizer, total)
-    predicate = trainable_predicate(config.optimizer)
     params = init_params() if callable(init_params) else init_params
-    check_selection(params, config.optimizer)
-    log(
-        "[train] parameters (optimizer.trainable="
-        f"{config.optimizer.get('trainable')!r}):\n"
-        + param_count_table(params, predicate, int(config.train.get("param_table_depth", 1)))
-    )
-
-    with_ref = mode == "dpo"
-    create = lambda p: create_train_state(p, tx, predicate, with_reference=with_ref)
-    shardings = None
-    if param_shardings is not None:
-        shardings = state_shardings(
-            param_shardings,
-            tx,
-            predicate,
-            with_reference=with_ref,
-            params_abstract=_abstract(params),
-        )
-
-    ckpt = Checkpointer(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
-        save_every=int(ck_cfg.get("save_every", 500)),
-        keep=ck_cfg.get("keep", 3),
-        async_save=bool(ck_cfg.get("async_save", True)),
-        save_frozen=bool(ck_cfg.get("save_frozen", True)),
-        save_reference=bool(ck_cfg.get("save_reference", False)),
-    )
+    setup = make_setup(config, params, param_shardings, log)
+    ckpt = make_checkpointer(config, workdir)
+    saved_iterator = data_iterator if _has_state(data_iterator) else None
+    total = int(config.train.total_steps)
     latest = ckpt.latest_step()
-    has_state = hasattr(data_iterator, "get_state") and hasattr(data_iterator, "set_state")
     if latest is None:
-        # donated: the trainable/frozen leaves alias the initial buffers instead of copying
-        # (no shardings: commit to one device, as a restored state is, so both compile alike)
-        out_sh = shardings or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        state = jax.jit(create, out_shardings=out_sh, donate_argnums=0)(params)
-        log(f"[train] starting from scratch ({mode}), {total} steps")
+        state = create_state(setup, params)
+        log(f"[train] starting from scratch ({setup.mode}), {total} steps")
     else:
-        abstract = with_shardings(jax.eval_shape(create, params), shardings)
-        trainable0, frozen0 = split_params(params, predicate)
-        initial = TrainState(
-            step=None,
-            params=None,
-            frozen=frozen0,
-            opt_state=None,
-            ref_params=trainable0 if with_ref else None,
-        )
-        state = ckpt.restore(
-            abstract,
-            step=latest,
-            data_iterator=data_iterator if has_state else None,
-            initial=initial,
-        )
-        saved_cfg = ckpt.restore_config(latest)
-        if saved_cfg:
-            diff = _config_diff(saved_cfg, config_to_dict(config))
-            if diff:
-                log("[train] config differs from the checkpoint's:\n  " + "\n  ".join(diff))
+        state = restore_state(setup, ckpt, latest, params, saved_iterator, config, log)
         log(f"[train] resumed from step {latest} in {ckpt.directory}")
     del params
-
-    step_fn = make_train_step(
-        model_apply,
-        config,
-        mode,
-        tx=tx,
-        schedule=schedule,
-        param_shardings=None if shardings is None else shardings.params,
-    )
-    if shardings is not None:
-        rep = (
-            NamedSharding(jax.tree.leaves(shardings)[0].mesh, PartitionSpec())
-            if isinstance(jax.tree.leaves(shardings)[0], NamedSharding)
-            else None
-        )
-        jitted = jax.jit(step_fn, out_shardings=(shardings, rep), donate_argnums=(0,))
-    else:
-        jitted = jax.jit(step_fn, donate_argnums=(0,))
-    compiled: dict[tuple, tuple[Any, float | None]] = {}
-    peak = peak_flops_per_device()
-    place = place_batch or (lambda b: _place_batch(b, batch_sharding))
-    base_rng = jax.random.key(int(config.train.get("seed", 0)))
-
-    writer = MetricsWriter(workdir)
     step = int(jax.device_get(state.step))
-    window: list[dict] = []
-    t_window = time.perf_counter()
-    last: dict = {}
-    preempted = False
+    writer = MetricsWriter(workdir, total_steps=total, start_step=step)
+    compiled = CompiledStep(model_apply, config, setup, flops_per_step, log)
+    end = total if stop_at_step is None else min(total, int(stop_at_step))
     try:
         with PreemptionWatcher() as watcher:
-            end = total if stop_at_step is None else min(total, int(stop_at_step))
-            while step < end:
-                if watcher.should_stop(step):
-                    preempted = True
-                    break
-                try:
-                    host_batch = next(data_iterator)
-                except StopIteration:
-                    log(f"[train] the data iterator ended at step {step} (< {total})")
-                    break
-                except Exception:
-                    if watcher.requested:  # e.g. data workers killed by the same SIGTERM
-                        preempted = True
-                        break
-                    raise
-                batch = place(host_batch)
-                rng = jax.random.fold_in(base_rng, step)
-                sig = _signature(batch)
-                if sig not in compiled:
-                    t = time.perf_counter()
-                    exe = jitted.lower(state, batch, rng).compile()
-                    # several processes: start the new program together (gloo's first
-                    # collective on a set of devices fails when they arrive >30 s apart)
-                    process_barrier(f"train_compiled_{step}_{len(compiled)}")
-                    n_micro = batch["labels"].shape[0] if batch["labels"].ndim == 3 else accum
-                    if callable(flops_per_step):
-                        fl = flops_per_step(host_batch)
-                    else:
-                        fl = flops_per_step or ((compiled_flops(exe) or 0.0) * n_micro or None)
-                    compiled[sig] = (exe, fl)
-                    log(
-                        f"[train] compiled the step for {dict((k, s) for k, s, _ in sig)} "
-                        f"in {time.perf_counter() - t:.1f}s"
-                    )
-                    t_window += time.perf_counter() - t  # compile time is not step time
-                exe, fl = compiled[sig]
-                state, metrics = exe(state, batch, rng)
-                step += 1
-                window.append(metrics)
-
-                if step % log_every == 0 or step == end:
-                    got = jax.device_get(window)
-                    now = time.perf_counter()
-                    rec = {
-                        k: float(np.mean([m[k] for m in got]))
-                        for k in got[-1]
-                        if not k.startswith("num_")
-                    }
-                    rec["lr"] = float(got[-1].get("lr", np.nan))
-                    for k in ("num_tokens", "num_samples", "num_input_tokens"):
-                        rec[k] = int(sum(int(m[k]) for m in got))
-                    rec.update(
-                        throughput(
-                            steps=len(got),
-                            seconds=now - t_window,
-                            tokens=rec["num_input_tokens"],
-                            samples=rec["num_samples"],
-                            flops_per_step=fl,
-                            peak=peak,
-                        )
-                    )
-                    if hasattr(data_iterator, "metrics"):  # e.g. skipped-sample counts
-                        rec.update(data_iterator.metrics())
-                    last = writer.write(step, rec)
-                    window, t_window = [], time.perf_counter()
-
-                if eval_fn is not None and eval_every > 0 and step % eval_every == 0:
-                    t = time.perf_counter()
-                    writer.write(step, dict(eval_fn(state, step)), prefix="eval/")
-                    t_window += time.perf_counter() - t
-
-                ckpt.save(
-                    step, state, data_iterator=data_iterator if has_state else None, config=config
-                )
-            if preempted:
-                log(f"[train] preempted: saving step {step} and stopping")
-            if eval_fn is not None and not preempted and (eval_every <= 0 or step % eval_every):
-                writer.write(step, dict(eval_fn(state, step)), prefix="eval/")
-            ckpt.save(
-                step,
+            state, step, last, preempted = _loop(
+                config,
                 state,
-                data_iterator=data_iterator if has_state else None,
-                config=config,
-                force=True,
+                step,
+                end,
+                compiled,
+                data_iterator,
+                place_batch or _on_device,
+                watcher,
+                writer,
+                ckpt,
+                log,
             )
+            if preempted:
+                log(f"[train] {watcher.signal_name}: saving step {step} and stopping")
+            ckpt.save(step, state, data_iterator=saved_iterator, config=config, force=True)
     finally:
         ckpt.close()
         writer.close()
-    return TrainResult(state=state, step=step, preempted=preempted, last_metrics=last)
+    return TrainResult(
+        state=state,
+        step=step,
+        preempted=preempted,
+        last_metrics=last,
+        signal_name=watcher.signal_name,
+        checkpoints=str(ckpt.directory),
+    )
+
+
+def _loop(
+    config: ml_collections.ConfigDict,
+    state: TrainState,
+    step: int,
+    end: int,
+    compiled: CompiledStep,
+    data_iterator: Iterator[Mapping[str, Any]],
+    place: Callable[[Mapping[str, Any]], dict],
+    watcher: PreemptionWatcher,
+    writer: MetricsWriter,
+    ckpt: Checkpointer,
+    log: Callable[[str], None],
+) -> tuple[TrainState, int, dict, bool]:
+    """Steps ``step + 1 .. end``: fetch, place, run, log every ``train.log_every`` steps (and
+    at ``end``), save every ``checkpoint.save_every``; stops early when a signal arrived (the
+    caller saves) or the data ends. Returns the state, the last completed step, the last
+    logged record and whether a signal stopped it before ``end``."""
+    log_every = max(int(config.train.get("log_every", 10)), 1)
+    base_rng = jax.random.key(int(config.train.get("seed", 0)))
+    saved_iterator = data_iterator if _has_state(data_iterator) else None
+    peak = peak_flops_per_device()
+    window = LogWindow()
+    last: dict = {}
+    while step < end:
+        if watcher.should_stop(step):
+            return state, step, last, True
+        host_batch = _next_batch(data_iterator, watcher, step, end, log)
+        if host_batch is None:
+            return state, step, last, watcher.requested
+        batch = place(host_batch)
+        rng = jax.random.fold_in(base_rng, step)
+        program, flops, compile_s = compiled.get(state, batch, rng, host_batch, step)
+        window.exclude(compile_s)  # compile time is not step time
+        state, metrics = program(state, batch, rng)
+        step += 1
+        window.add(metrics)
+        if step % log_every == 0 or step == end:
+            rec = window.record(flops, peak)
+            if hasattr(data_iterator, "metrics"):  # e.g. skipped-sample counts
+                rec.update(data_iterator.metrics())
+            last = writer.write(step, rec)
+        ckpt.save(step, state, data_iterator=saved_iterator, config=config)
+    return state, step, last, False
+
+
+def _next_batch(
+    data_iterator: Iterator[Mapping[str, Any]],
+    watcher: PreemptionWatcher,
+    step: int,
+    end: int,
+    log: Callable[[str], None],
+) -> Mapping[str, Any] | None:
+    """The next host batch; None when the data ended (said) or a signal broke the iterator
+    (e.g. data workers killed by the same SIGTERM: the run stops as preempted)."""
+    try:
+        return next(data_iterator)
+    except StopIteration:
+        log(f"[train] the data iterator ended at step {step} (< {end})")
+        return None
+    except Exception:
+        if watcher.requested:
+            return None
+        raise
+
+
+def _has_state(data_iterator: Any) -> bool:
+    """Whether the iterator's position can be checkpointed (``get_state``/``set_state``)."""
+    return hasattr(data_iterator, "get_state") and hasattr(data_iterator, "set_state")
+
+
+def _on_device(batch: Mapping[str, Any]) -> dict:
+    """The default placement: each host array onto the default device."""
+    return {k: jnp.asarray(v) for k, v in batch.items()}

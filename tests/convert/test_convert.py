@@ -233,6 +233,30 @@ def test_unknown_family_and_missing_directory(hf, tmp_path, capsys):
     assert rc == 1 and "not a directory written by" in capsys.readouterr().err
 
 
+def test_help_shows_the_readme_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        convert_torch_weights.main(["--help"])
+    assert e.value.code == 0
+
+    def joined(text: str) -> str:  # shell continuation lines joined, spaces folded
+        return " ".join(text.replace("\\\n", " ").split())
+
+    help_text = joined(capsys.readouterr().out)
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Converting checkpoints", 1)[1].split("```bash", 1)[1].split("```")[0]
+    lines = block.replace("\\\n", " ").splitlines()
+    commands = [joined(x) for x in lines if x.startswith("python convert_torch_weights.py")]
+    assert len(commands) == 3
+    for command in commands:
+        assert command in help_text, command
+
+
+def test_traceback_on_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPLLAVA_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert_torch_weights.main(["--source", str(tmp_path / "nope"), "--output", "x"])
+
+
 def test_command_line(hf, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -235,11 +236,11 @@ def test_indivisible_batch_is_refused_saying_what_divides():
     with pytest.raises(sharding.ShardingError, match="x 3 hosts"):
         run.check_batch(cfg, mesh, process_count=3)
 
-    from ppllava_jax.evaluate import runner
+    from ppllava_jax.evaluate import model_setup
 
-    assert runner.eval_batch_size(0, mesh) == 8
-    assert runner.eval_batch_size(12, mesh) == 12
+    assert model_setup.eval_batch_size(0, mesh) == 8
+    assert model_setup.eval_batch_size(12, mesh) == 12
     with pytest.raises(sharding.ShardingError, match="--batch_size 6"):
-        runner.eval_batch_size(6, mesh)
-    six = sharding.make_mesh({"data": 1, "fsdp": 6, "tensor": 1}, sharding.jax.devices()[:6])
-    assert runner.eval_batch_size(0, six) == 12
+        model_setup.eval_batch_size(6, mesh)
+    six = sharding.make_mesh({"data": 1, "fsdp": 6, "tensor": 1}, jax.devices()[:6])
+    assert model_setup.eval_batch_size(0, six) == 12

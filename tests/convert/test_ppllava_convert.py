@@ -12,11 +12,12 @@ from transformers import CLIPConfig, CLIPModel, LlavaNextConfig, LlavaNextForCon
 
 from ppllava_jax.convert.api import convert_checkpoint, export_checkpoint, load_checkpoint
 from ppllava_jax.convert.mapping import ConversionError
-from ppllava_jax.convert.ppllava_family import build_start_point
+from ppllava_jax.convert.start_point import build_start_point
 from ppllava_jax.convert.torch_io import TorchCheckpoint
 from ppllava_jax.data.collate import Media, Planner, Sample, collate
 from ppllava_jax.models.longclip import extend_positions
 from ppllava_jax.models.ppllava import PPLLaVA
+from tests.sft_loss import mean_loss
 
 REF = Path(
     os.environ.get(
@@ -78,7 +79,7 @@ def test_llava_next_logits_match_transformers(llava_dir, tmp_path):
     sizes = [(30, 70), (70, 30), (50, 50)]  # 1x2, 2x1 and 2x2 crop grids
     planner = Planner(cfg)
     samples, hf_ids, hf_px = [], [], []
-    from ppllava_jax.data.collate import anyres_grid
+    from ppllava_jax.layout import anyres_grid_shape as anyres_grid
 
     for i, size in enumerate(sizes):
         rows, cols = anyres_grid(size, cfg.image_grid_pinpoints, TOWER)
@@ -207,5 +208,6 @@ def test_start_point_from_llava_next_and_clip(llava_dir, tmp_path):
         clip_ids=np.array([97, 5, 98]),
         clip_mask=np.ones(3, np.int32),
     )
-    out = PPLLaVA(cfg).apply({"params": params}, collate([s], cfg))
-    assert np.isfinite(np.asarray(out["loss"]))
+    batch = collate([s], cfg)
+    out = PPLLaVA(cfg).apply({"params": params}, batch)
+    assert np.isfinite(np.asarray(mean_loss(out["logits"], batch)))

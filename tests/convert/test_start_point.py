@@ -37,7 +37,7 @@ from transformers import (
 from transformers.models.clip.modeling_clip import CLIPAttention
 
 from ppllava_jax.convert.api import export_checkpoint, load_checkpoint
-from ppllava_jax.convert.ppllava_family import build_start_point
+from ppllava_jax.convert.start_point import build_start_point
 from ppllava_jax.convert.torch_io import TorchCheckpoint
 from ppllava_jax.models.btadapter import PPLLaVAVisionModel
 from ppllava_jax.models.config import CLIPVisionConfig as JaxVisionConfig

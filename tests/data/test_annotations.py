@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from ppllava_jax.data import annotations as A
@@ -73,25 +72,32 @@ def test_bad_samples_skipped_counted_or_raised(tmp_path):
         A.load_annotation_file(str(tmp_path / "missing.json"))
 
 
-def test_mixture_weights_and_order(tmp_path):
+def test_sources_from_config_and_paths(tmp_path):
     a = write(tmp_path, "a.json", [GOOD[0]] * 10)
     b = write(tmp_path, "b.json", [GOOD[1]] * 4 + [BAD[1]])
-    m = A.load_mixture(
-        [
-            {"path": a, "data_root": "/r", "weight": 0.5},
-            [b, "/s", "image", 2.0],
-        ]
-    )
-    assert m.sizes == [10, 4] and len(m) == 14 and m.skipped.total == 1
-    np.testing.assert_allclose(m.probabilities, [5 / 13, 8 / 13])
-    o = m.epoch_order(seed=0, epoch=0)
-    np.testing.assert_array_equal(o, m.epoch_order(seed=0, epoch=0))
-    assert not np.array_equal(o, m.epoch_order(seed=0, epoch=1))
-    assert (o[:, 0] == 0).sum() == 5 and (o[:, 0] == 1).sum() == 8
-    assert len(set(o[o[:, 0] == 0, 1].tolist())) == 5  # a half, without repeats
-    assert np.bincount(o[o[:, 0] == 1, 1]).tolist() == [2, 2, 2, 2]
-    assert m.get(1, 0).media == ("/s/i/b.jpg",)
+    src_a = A.AnnotationSource.from_config({"path": a, "data_root": "/r", "weight": 0.5})
+    src_b = A.AnnotationSource.from_config([b, "/s", "image", 2.0])
+    assert src_a == A.AnnotationSource(a, "/r", None, 0.5)
+    assert src_b == A.AnnotationSource(b, "/s", "image", 2.0)
+    assert A.AnnotationSource.from_config(a) == A.AnnotationSource(a)
+    skipped = A.SkipCounter()
+    loaded = A.load_annotation_file(b, src_b.data_root, src_b.media_type, "skip", skipped)
+    assert len(loaded) == 4 and skipped.total == 1
+    assert loaded[0].media == ("/s/i/b.jpg",)
     with pytest.raises(ValueError, match="unknown annotation source fields"):
         A.AnnotationSource.from_config({"path": a, "wieght": 2})
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        A.AnnotationSource.from_config({"path": a, "weight": -1})
     with pytest.raises(ValueError, match="on_error"):
         A.load_annotation_file(a, on_error="ignore")
+
+
+def test_eval_sample_keeps_prompt_clip_text_and_rule():
+    from ppllava_jax.data.frame_index import FrameRule
+
+    rule = FrameRule(8, bound=(1.0, 3.0))
+    s = A.eval_sample("v.mp4", "USER: <image> Q? ASSISTANT:", "Q?", rule, index=3, extra={"qid": 7})
+    assert s.media == ("v.mp4",) and s.bound == (1.0, 3.0) and s.index == 3
+    assert s.extra[A.EVAL_PROMPT] == "USER: <image> Q? ASSISTANT:"
+    assert s.extra[A.EVAL_CLIP] == "Q?" and s.extra[A.EVAL_FRAMES] is rule
+    assert s.extra["qid"] == 7

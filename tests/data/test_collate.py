@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import LlavaNextConfig, LlavaNextModel
 
-from ppllava_jax.data.collate import GROUPS, Media, Planner, Sample, anyres_grid, collate
+from ppllava_jax.data.collate import Media, Planner, Sample, collate
+from ppllava_jax.layout import GROUPS, anyres_grid_shape
 from ppllava_jax.models.config import CLIPVisionConfig, PPLLaVAConfig
 
 IMG = 99
@@ -63,7 +64,7 @@ def test_anyres_layout_matches_transformers_pack(image_size):
     cfg = _cfg()
     planner = Planner(cfg)
 
-    rows, cols = anyres_grid(image_size, cfg.image_grid_pinpoints, cfg.vision.image_size)
+    rows, cols = anyres_grid_shape(image_size, cfg.image_grid_pinpoints, cfg.vision.image_size)
     views = 1 + rows * cols
     px = np.zeros((views, 24, 24, 3), np.float32)
     (layout,) = planner.local_layout(Media("image", px, image_size), views)
@@ -180,7 +181,7 @@ def test_globalized_visual_index_reads_the_same_tokens_across_hosts():
     cfg = _cfg(pooling="ppllava")
     k, hosts = 2, 2
     tag = iter(range(1, 100))
-    rows, cols = anyres_grid((40, 60), cfg.image_grid_pinpoints, cfg.vision.image_size)
+    rows, cols = anyres_grid_shape((40, 60), cfg.image_grid_pinpoints, cfg.vision.image_size)
 
     def media(kind, n):
         px = np.zeros((n, 24, 24, 3), np.float32)

@@ -1,10 +1,9 @@
 """The grain pipeline on the synthetic set: static shapes, labels, order, resume, workers,
-bad-input skipping, sharding, evaluation mode, and the ArrayRecord round trip."""
+bad-input skipping, sharding, evaluation mode (the ArrayRecord round trip: test_tfds_builder)."""
 
 import json
 import logging
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -12,53 +11,16 @@ from PIL import Image
 
 from ppllava_jax.data import image as img
 from ppllava_jax.data import pipeline as pl
-from ppllava_jax.data import synthetic, tfds_builder
 from ppllava_jax.data.errors import DataError
-from ppllava_jax.models.config import CLIPVisionConfig, PPLLaVAConfig
-
-BUCKETS = [48, 64, 96]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("syn"))
-    info = synthetic.generate(out, num_train=24, num_eval=8, frames=8, size=32)
-    return out, info
+from tests.data.helpers import BUCKETS, data_cfg, tiny_model
 
 
 def _model(info):
-    return PPLLaVAConfig(
-        vision=CLIPVisionConfig(image_size=32, patch_size=8, num_hidden_layers=2),
-        frame_shape=(4, 4),
-        btadapter_depth=1,
-        pooling="ppllava",
-        pooling_kernel=(2, 2, 2),
-        pooling_stride=(2, 2, 2),
-        image_pooling_kernel=(1, 2, 2),
-        image_pooling_stride=(1, 2, 2),
-        image_grid_pinpoints=((32, 64), (64, 32), (64, 64)),
-        image_token_index=info["image_token_id"],
-        pad_token_id=3,
-    )
+    return tiny_model(info["image_token_id"])
 
 
 def _cfg(out, split="train", **kw):
-    c = dict(
-        sources=[dict(path=os.path.join(out, f"{split}.json"), data_root=out)],
-        tokenizer=os.path.join(out, "tokenizer"),
-        clip_tokenizer=os.path.join(out, "clip_tokenizer"),
-        num_frames=4,
-        image_size=32,
-        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
-        clip_max_length=32,
-        max_length=96,
-        buckets=BUCKETS,
-        batch_size=4,
-        prefetch_batches=0,
-        seed=1,
-    )
-    c.update(kw)
-    return c
+    return data_cfg(out, split, **kw)
 
 
 def _take(data, n, state=None, **kw):
@@ -166,7 +128,7 @@ def test_bad_samples_skipped_counted_and_named(data, tmp_path, caplog):
         batches = list(it)
     assert all(b["valid"].all() and b["input_ids"].shape[0] == 1 for b in batches)
     want = {"missing_media": 1, "bad_media": 1, "empty_qa": 1, "too_long": 1}
-    assert batches[-1]["meta"]["skipped"] == want == p.skipped_counts()
+    assert batches[-1]["meta"]["skipped"] == want
     assert it.get_state()["skipped"] == want
     text = caplog.text
     assert "missing.mp4" in text and "truncated.mp4" in text and "bad.json" in text
@@ -207,7 +169,7 @@ def test_eval_mode_every_sample_once_in_order_padded(data):
         )
         batches = list(p.iterator())
         n = 8 // shards[1]
-        assert len(batches) == -(-n // 3) == p.batches_per_epoch
+        assert len(batches) == -(-n // 3)
         ids = [i for b in batches for i, v in zip(b["meta"]["ids"], b["valid"]) if v]
         assert ids == [f"eval.json:{i}" for i in range(shards[0], 8, shards[1])]
         assert sum(b["valid"].sum() for b in batches) == n
@@ -239,27 +201,11 @@ def test_images_and_multi_images(data, tmp_path):
     assert b["image_sizes"][0].tolist() == [20, 50] and b["valid"].all()
     # uint8 views then normalize == image.preprocess_anyres
     im = img.load_image(tmp_path / "wide.png")
-    views, _ = pl.anyres_views_uint8(im, 32, cfg["image_grid_pinpoints"])
-    ref = img.preprocess_anyres(im, 32, cfg["image_grid_pinpoints"])
+    pins = _model(info).image_grid_pinpoints
+    views, grid, hw = img.anyres_views_uint8(im, 32, pins)
+    ref = img.preprocess_anyres(im, 32, pins)
+    assert grid == ref.grid and hw == ref.image_size == (20, 50)
     np.testing.assert_array_equal(img.normalize(views), ref.pixel_values)
-
-
-def test_array_record_round_trip(data, tmp_path):
-    out, info = data
-    cfg = _cfg(out, "eval", training=False, batch_size=4)
-    written = tfds_builder.write_split(cfg, _model(info), tmp_path / "rec", num_shards=2)
-    assert written["num_records"] == 8 and written["shard_sizes"] == [4, 4]
-    direct = list(pl.Pipeline(cfg, _model(info)).iterator())
-    cfg_rec = dict(cfg, sources=[], array_record=str(tmp_path / "rec"))
-    back = list(pl.Pipeline(cfg_rec, _model(info)).iterator())
-    assert len(direct) == len(back) == 2
-    for x, y in zip(direct, back):
-        for k in x:
-            if k != "meta":
-                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-    with pytest.raises(ValueError, match="num_frames"):
-        pl.Pipeline(dict(cfg_rec, num_frames=8), _model(info))
-    shutil.rmtree(tmp_path / "rec")
 
 
 def test_bad_config_fails_early(data):

@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 from ppllava_jax.data import templates as T
 from ppllava_jax.data.qwen_tokenizer import SPECIAL_TOKENS, train_qwen_tokenizer
 from ppllava_jax.data.tokenizers import load_llm_tokenizer
+from ppllava_jax.layout import IGNORE_INDEX
 
 CORPUS = [
     "What colour is the square? red green blue yellow",
@@ -50,7 +51,7 @@ def test_plain_qwen_labels_as_the_original(qtok):
         "<|im_start|>assistant\nIt is blue.<|im_end|>\n"
     )
     np.testing.assert_array_equal(enc.input_ids, tok(enc.text).input_ids)
-    sup = enc.labels != T.IGNORE_INDEX
+    sup = enc.labels != IGNORE_INDEX
     runs = np.split(np.flatnonzero(sup), np.flatnonzero(np.diff(np.flatnonzero(sup)) > 1) + 1)
     assert [tok.decode(enc.input_ids[r]) for r in runs] == [
         "red<|im_end|>\n",

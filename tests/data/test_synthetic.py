@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from ppllava_jax.data import shapes
 from ppllava_jax.data import synthetic as S
 from ppllava_jax.data.annotations import load_annotation_file
 from ppllava_jax.data.templates import encode_conversation, get_template
@@ -36,7 +37,49 @@ def test_layout_and_annotations(dataset):
             assert len(cands) == 4 and len(set(cands)) == 4
             assert cands["ABCD".index(letter)] == s.extra["answer"]
             assert s.turns[0].a == s.extra["answer"]
-            assert "(A) " in s.turns[0].q and s.turns[0].q.endswith(S.MC_SUFFIX)
+            if s.extra["form"] == "mc":
+                assert s.turns[0].q.startswith("Question: " + s.extra["question"] + "\n")
+                assert "(A) " in s.turns[0].q and s.turns[0].q.endswith(shapes.MC_SUFFIX)
+            else:  # a plain phrasing of the same question, no options
+                assert split == "train" and "(A)" not in s.turns[0].q
+                assert s.turns[0].q in phrasings(s.extra)
+
+
+def phrasings(a):
+    """Every phrasing of an annotation's question (its slots read off the canonical one)."""
+    words = a["question"].rstrip("?").split()
+    colour = next((w for w in words if w in shapes.COLOURS), "")
+    shape = next((w for w in words if w in shapes.SHAPES), "")
+    return {p.format(colour=colour, shape=shape) for p in shapes.PHRASINGS[a["qtype"]]}
+
+
+def test_a_share_of_training_clips_asks_plain_questions(dataset):
+    out, _ = dataset
+    train = json.load(open(os.path.join(out, "train.json")))
+    held_out = json.load(open(os.path.join(out, "eval.json")))
+    assert all(a["form"] == "mc" and a["QA"][0]["q"].startswith("Question: ") for a in held_out)
+    plain = [a for a in train if a["form"] == "plain"]
+    assert 0.1 * len(train) <= len(plain) <= 0.45 * len(train)  # PLAIN_FRACTION = 0.25
+    assert len({a["QA"][0]["q"] != a["question"] for a in plain}) == 2  # varied phrasings
+    for a in plain:
+        assert a["QA"][0]["q"] in phrasings(a) and a["QA"][0]["a"] == a["answer"]
+
+
+def test_plain_questions_leave_the_clips_unchanged(tmp_path, monkeypatch):
+    """The choice of form draws its own numbers: the clips, questions and answers are those of
+    a multiple-choice-only set."""
+    args = ("train", 12, 4, 32, 0, 8.0, None, S.DEFAULT_QTYPES)
+    mixed = S.generate_split(str(tmp_path / "a"), *args)
+    monkeypatch.setattr(S, "PLAIN_FRACTION", 0.0)
+    only_mc = S.generate_split(str(tmp_path / "b"), *args)
+    assert {a["form"] for a in mixed} == {"mc", "plain"} and {a["form"] for a in only_mc} == {"mc"}
+    keys = ("video", "qtype", "question", "candidates", "answer", "answer_letter")
+    assert [[a[k] for k in keys] for a in mixed] == [[a[k] for k in keys] for a in only_mc]
+    for a in mixed[:3]:
+        np.testing.assert_array_equal(
+            load_video(str(tmp_path / "a" / a["video"]), 4).frames,
+            load_video(str(tmp_path / "b" / a["video"]), 4).frames,
+        )
 
 
 def test_answers_balanced(dataset):
@@ -52,14 +95,14 @@ def test_answers_balanced(dataset):
             letters = collections.Counter(a["answer_letter"] for a in items)
             assert len(letters) == 4 and max(letters.values()) - min(letters.values()) <= 1
             values = collections.Counter(a["answer"] for a in items)
-            assert len(values) == S._num_values(qtype) or len(items) < S._num_values(qtype)
+            assert len(values) == shapes.num_values(qtype) or len(items) < shapes.num_values(qtype)
             assert max(values.values()) - min(values.values()) <= 1
             if qtype == "first_colour":  # both colours shown are among the options
-                assert all(len(set(a["candidates"]) & set(S.COLOURS)) == 4 for a in items)
+                assert all(len(set(a["candidates"]) & set(shapes.COLOURS)) == 4 for a in items)
 
 
 def _centroid(frame, colour):
-    m = np.abs(frame.astype(int) - np.array(S.COLOURS[colour])).sum(-1) < 90
+    m = np.abs(frame.astype(int) - np.array(shapes.COLOURS[colour])).sum(-1) < 90
     ys, xs = np.nonzero(m)
     return (ys.mean(), xs.mean()) if len(ys) else None
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ppllava_jax.data import frame_index as F
 from ppllava_jax.data import video as V
 from ppllava_jax.data.errors import MediaError
 
@@ -31,38 +32,17 @@ def mp4(tmp_path_factory):
     return path, frames
 
 
-def test_sample_indices_middle_and_short():
-    np.testing.assert_array_equal(V.sample_indices(16, 8, "middle"), np.arange(0, 16, 2))
-    np.testing.assert_array_equal(V.sample_indices(40, 4, "middle"), [4, 14, 24, 34])
-    np.testing.assert_array_equal(V.sample_indices(3, 6, "middle"), [0, 1, 2, 2, 2, 2])
-    np.testing.assert_array_equal(V.sample_indices(100, 2, "middle", first=10, last=19), [12, 17])
-
-
-def test_rand_reproducible_and_inside_segments():
-    a = V.sample_indices(100, 8, "rand", rng=3)
-    b = V.sample_indices(100, 8, "rand", rng=np.random.default_rng(3))
-    np.testing.assert_array_equal(a, b)
-    draws = np.stack([V.sample_indices(100, 8, "rand", rng=s) for s in range(200)])
-    bounds = np.linspace(0, 100, 9).astype(int)
-    assert (draws >= bounds[:-1]).all() and (draws < bounds[1:]).all()
-    assert len({tuple(d) for d in draws}) > 150  # seeds matter
-    # every frame of a segment but its last can be drawn (the original's get_frame_indices)
-    assert set(draws[:, 0].tolist()) == set(range(11))
-    short = V.sample_indices(3, 5, "rand", rng=0)
-    np.testing.assert_array_equal(short, [0, 1, 2, 2, 2])
-
-
 def test_mp4_frame_order(mp4):
     path, frames = mp4
     assert V.video_info(path) == (40, 10.0)
     clip = V.load_video(path, 8, "middle")
     assert clip.frames.shape == (8, 32, 32, 3) and clip.frames.dtype == np.uint8
-    np.testing.assert_array_equal(clip.indices, V.sample_indices(40, 8, "middle"))
+    np.testing.assert_array_equal(clip.indices, F.sample_indices(40, 8, "middle"))
     assert [index_of(f, frames) for f in clip.frames] == clip.indices.tolist()
     np.testing.assert_allclose(clip.timestamps, clip.indices / 10.0)
     assert np.abs(clip.frames.astype(int) - frames[clip.indices]).max() <= 8
     r = V.load_video(path, 8, "rand", rng=5)
-    np.testing.assert_array_equal(r.indices, V.sample_indices(40, 8, "rand", rng=5))
+    np.testing.assert_array_equal(r.indices, F.sample_indices(40, 8, "rand", rng=5))
     assert [index_of(f, frames) for f in r.frames] == r.indices.tolist()
 
 
@@ -83,6 +63,7 @@ def test_long_video_seeks(tmp_path):
     path = str(tmp_path / "long.mp4")
     V.write_video(path, frames, fps=25)
     clip = V.load_video(path, 3, "middle")
+    np.testing.assert_array_equal(clip.indices, F.sample_indices(len(frames), 3, "middle"))
     assert [index_of(f, frames) for f in clip.frames] == clip.indices.tolist()
 
 
@@ -92,6 +73,7 @@ def test_other_containers(tmp_path, ext):
     path = str(tmp_path / f"c{ext}")
     V.write_video(path, frames, fps=6)
     clip = V.load_video(path, 4)
+    np.testing.assert_array_equal(clip.indices, [1, 4, 7, 10])  # segment middles of 12
     assert [index_of(f, frames) for f in clip.frames] == clip.indices.tolist()
 
 
@@ -111,6 +93,37 @@ def test_gif_and_frame_folder(tmp_path):
     clip = V.load_video(str(folder), 4, fps=2.0)
     np.testing.assert_array_equal(clip.frames, frames[clip.indices])
     np.testing.assert_allclose(clip.timestamps, clip.indices / 2.0)
+    assert clip.files == tuple(f"frame_{i + 1}.png" for i in clip.indices)
+    # name order (the original's raw-frame reader): frame_10 sorts before frame_2
+    named = V.load_video(str(folder), 10, fps=2.0, folder_order="name")
+    assert named.files[:3] == ("frame_1.png", "frame_10.png", "frame_2.png")
+    np.testing.assert_array_equal(named.frames[1], frames[9])
+
+
+def test_frames_by_rule_from_file_gif_and_folder(mp4, tmp_path):
+    path, frames = mp4
+    rule = F.FrameRule(4, bound=(1.0, 3.0))
+    clip = V.load_frames_by_rule(path, rule)
+    want, _ = F.frame_rule_indices(rule, 40, 10.0)
+    np.testing.assert_array_equal(clip.indices, want)
+    assert [index_of(f, frames) for f in clip.frames] == want.tolist()
+    gif = str(tmp_path / "a.gif")
+    ims = [Image.fromarray(f) for f in frames[:30]]
+    ims[0].save(gif, save_all=True, append_images=ims[1:], duration=100, loop=0)
+    g = V.load_frames_by_rule(gif, F.FrameRule(3))  # GIFs are read at 25 fps (the original)
+    assert g.fps == 25.0
+    np.testing.assert_array_equal(g.indices, F.frame_rule_indices(F.FrameRule(3), 30, 25.0)[0])
+    folder = tmp_path / "rule_frames"
+    folder.mkdir()
+    for i in range(1, 13):  # files numbered from 1, MVBench's pattern
+        Image.fromarray(frames[i]).save(folder / f"{i:05d}.jpg", quality=100)
+    f = V.load_frames_by_rule(str(folder), F.FrameRule(4, folder_fps=3.0))
+    assert f.files == tuple(f"{i:05d}.jpg" for i in f.indices) and f.indices.min() >= 1
+    assert [index_of(x, frames) for x in f.frames] == f.indices.tolist()
+    (folder / "00001.jpg").unlink()
+    (folder / "extra.txt").write_text("12 entries again")
+    with pytest.raises(MediaError, match="00001.jpg"):
+        V.load_frames_by_rule(str(folder), F.FrameRule(12, folder_fps=3.0))
 
 
 def test_errors_name_the_file(mp4, tmp_path):

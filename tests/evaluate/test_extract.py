@@ -1,9 +1,16 @@
 """Answer extraction on real-looking model outputs; option parsing. (Video-MME subtitles:
 tests/evaluate/test_readers_videomme_qa.py.)"""
 
+import re
+
 import pytest
 
-from ppllava_jax.evaluate.extract import extract_letter, letter_of_answer, strip_option_letter
+from ppllava_jax.evaluate.extract import (
+    LETTERS,
+    extract_letter,
+    normalize_text,
+    strip_option_letter,
+)
 
 CANDS = ["the man", "the woman", "a dog", "a cat"]
 
@@ -47,6 +54,20 @@ def test_extract_without_candidates():
     assert extract_letter("The answer is B", num_options=4) == "B"
     assert extract_letter("(C) something", num_options=4) == "C"
     assert extract_letter("something", num_options=4) is None
+
+
+def letter_of_answer(answer: str, candidates) -> str:
+    """The letter of a reference answer given as a letter ("C"), "(C) text" or option text."""
+    a = answer.strip()
+    if len(a) == 1 and a.upper() in LETTERS[: len(candidates)]:
+        return a.upper()
+    m = re.match(r"^\(([A-Za-z])\)", a)
+    if m:
+        return m.group(1).upper()
+    norm = [normalize_text(strip_option_letter(c)) for c in candidates]
+    if normalize_text(a) in norm:
+        return LETTERS[norm.index(normalize_text(a))]
+    raise ValueError(f"answer {answer!r} is none of the candidates {list(candidates)}")
 
 
 def test_answers_and_options():

@@ -15,8 +15,8 @@ from PIL import Image
 from ppllava_jax.data import video as vid
 from ppllava_jax.evaluate import cli
 from ppllava_jax.evaluate.openqa import OpenQA, VCGBench
-from ppllava_jax.evaluate.tiny import make_tiny_checkpoint
 from ppllava_jax.evaluate.videomme import SYSTEM, VideoMME, parse_srt, select_subtitles
+from tests.evaluate.tiny import make_tiny_checkpoint
 
 FONT = '<font color="white" size=".72c">{}</font>'
 QA_PRE = (

@@ -16,10 +16,11 @@ import pytest
 
 from ppllava_jax import sharding
 from ppllava_jax.convert import params_io
-from ppllava_jax.evaluate import answer_key, runner
+from ppllava_jax.evaluate import answers, runner
 from ppllava_jax.evaluate.checkpoint_check import CheckpointMismatchError
+from ppllava_jax.evaluate.model_setup import load_setup
 from ppllava_jax.evaluate.synthetic import Synthetic
-from ppllava_jax.evaluate.tiny import make_tiny_checkpoint
+from tests.evaluate.tiny import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 MESH = "data=1,fsdp=1,tensor=1"
@@ -42,7 +43,7 @@ def env(tmp_path_factory):
 
 
 def _answer_lines(out):
-    with open(runner.answers_path(out)) as f:
+    with open(answers.answers_path(out)) as f:
         return [json.loads(x) for x in f if x.strip()]
 
 
@@ -50,35 +51,35 @@ def test_answers_are_keyed_on_checkpoint_and_protocol(env):
     root, ckpt, ckpt2 = env
     data = str(root / "data")
     bench = Synthetic(data, num_frames=8)
-    a = runner.load_setup(ckpt, mesh=MESH)
-    b = runner.load_setup(ckpt2, mesh=MESH)
+    a = load_setup(ckpt, mesh=MESH)
+    b = load_setup(ckpt2, mesh=MESH)
     out = str(root / "keyed" / "res.json")
     assert runner.run(bench, a, out, max_new_answers=4, **KW) is None  # "killed" after 4
-    header, where = answer_key.read_protocol(out)
+    header, where = answers.read_protocol(out)
     assert where == os.path.realpath(ckpt)
-    assert header["checkpoint_id"] == answer_key.checkpoint_id(ckpt)
+    assert header["checkpoint_id"] == answers.checkpoint_id(ckpt)
     assert header["benchmark"] == "synthetic" and header["num_frames"] == 8
 
     # another checkpoint, same --out: refused (the old code reported a's answers as b's)
-    with pytest.raises(answer_key.AnswersMismatchError) as e:
+    with pytest.raises(answers.AnswersMismatchError) as e:
         runner.run(bench, b, out, **KW)
     msg = str(e.value)
     assert "checkpoint_id" in msg and ckpt in msg and ckpt2 in msg and "--fresh" in msg
     # other protocol settings: refused, each difference named with both values
-    with pytest.raises(answer_key.AnswersMismatchError, match="max_new_tokens: 2 in the file, 3"):
+    with pytest.raises(answers.AnswersMismatchError, match="max_new_tokens: 2 in the file, 3"):
         runner.run(bench, a, out, **{**KW, "max_new_tokens": 3})
-    with pytest.raises(answer_key.AnswersMismatchError, match="num_frames: 8 in the file, 4 now"):
+    with pytest.raises(answers.AnswersMismatchError, match="num_frames: 8 in the file, 4 now"):
         runner.run(Synthetic(data, num_frames=4), a, out, **KW)
-    with pytest.raises(answer_key.AnswersMismatchError, match="split"):
+    with pytest.raises(answers.AnswersMismatchError, match="split"):
         runner.run(Synthetic(data, num_frames=8, split="train"), a, out, **KW)
     assert len(_answer_lines(out)) == 4  # nothing was written by the refused runs
-    assert answer_key.read_protocol(out)[0] == header
+    assert answers.read_protocol(out)[0] == header
 
     # --fresh: the old answers are deleted, every question is asked of the new checkpoint
     res = runner.run(bench, b, out, fresh=True, **KW)
-    assert answer_key.read_protocol(out)[0]["checkpoint_id"] == answer_key.checkpoint_id(ckpt2)
+    assert answers.read_protocol(out)[0]["checkpoint_id"] == answers.checkpoint_id(ckpt2)
     assert [r["id"] for r in _answer_lines(out)] == [f"eval:{i}" for i in range(8)]
-    assert res["protocol"]["checkpoint_id"] == answer_key.checkpoint_id(ckpt2)
+    assert res["protocol"]["checkpoint_id"] == answers.checkpoint_id(ckpt2)
     assert res["summary"]["num_questions"] == 8 and len(res["records"]) == 8
 
 
@@ -86,30 +87,30 @@ def test_checkpoint_id_follows_the_saved_parameters(env, tmp_path):
     root, ckpt, ckpt2 = env
     moved = str(tmp_path / "moved")
     shutil.copytree(ckpt, moved)  # the same save elsewhere: the same id, answers resumable
-    assert answer_key.checkpoint_id(moved) == answer_key.checkpoint_id(ckpt)
-    assert answer_key.checkpoint_id(ckpt2) != answer_key.checkpoint_id(ckpt)
+    assert answers.checkpoint_id(moved) == answers.checkpoint_id(ckpt)
+    assert answers.checkpoint_id(ckpt2) != answers.checkpoint_id(ckpt)
     # a tokenizer compares by content, not by where it lies
-    assert answer_key.directory_id(os.path.join(moved, "tokenizer")) == answer_key.directory_id(
+    assert answers.directory_id(os.path.join(moved, "tokenizer")) == answers.directory_id(
         os.path.join(ckpt, "tokenizer")
     )
 
 
 def test_answers_without_protocol_are_not_resumed(tmp_path):
     out = str(tmp_path / "old.json")
-    with open(runner.answers_path(out), "w") as f:  # answers of an earlier version
+    with open(answers.answers_path(out), "w") as f:  # answers of an earlier version
         f.write(json.dumps({"id": "eval:0", "prediction": "(A)"}) + "\n")
         f.write('{"id": "eval:1", "predic')  # and a line cut by a kill
     proto = {"checkpoint_id": "x", "benchmark": "synthetic"}
-    with pytest.raises(answer_key.AnswersMismatchError, match=r"(?s)hold 1 answers.*is missing"):
-        answer_key.check_answers(out, proto)
-    answer_key.write_protocol(out, proto, "/ckpt")
-    assert answer_key.check_answers(out, proto) == []  # recorded and equal: resumable
-    with pytest.raises(answer_key.AnswersMismatchError, match='benchmark: "synthetic" in the'):
-        answer_key.check_answers(out, {**proto, "benchmark": "mvbench"})
-    gone = answer_key.check_answers(out, proto, fresh=True)
-    assert gone == [runner.answers_path(out), answer_key.protocol_path(out)]
+    with pytest.raises(answers.AnswersMismatchError, match=r"(?s)hold 1 answers.*is missing"):
+        answers.check_answers(out, proto)
+    answers.write_protocol(out, proto, "/ckpt")
+    assert answers.check_answers(out, proto) == []  # recorded and equal: resumable
+    with pytest.raises(answers.AnswersMismatchError, match='benchmark: "synthetic" in the'):
+        answers.check_answers(out, {**proto, "benchmark": "mvbench"})
+    gone = answers.check_answers(out, proto, fresh=True)
+    assert gone == [answers.answers_path(out), answers.protocol_path(out)]
     assert not os.path.exists(gone[0]) and not os.path.exists(gone[1])
-    assert answer_key.check_answers(out, {"other": 1}) == []  # no answers: nothing to check
+    assert answers.check_answers(out, {"other": 1}) == []  # no answers: nothing to check
 
 
 def _no_restore(monkeypatch):
@@ -131,14 +132,14 @@ def test_non_ppllava_checkpoint_named_before_restore(env, tmp_path, monkeypatch)
     )
     _no_restore(monkeypatch)
     with pytest.raises(CheckpointMismatchError, match=r"holds a 'llama' checkpoint") as e:
-        runner.load_setup(llama, mesh=MESH)
+        load_setup(llama, mesh=MESH)
     assert llama in str(e.value) and "'ppllava'" in str(e.value)
     # a training workdir instead of its export
     (tmp_path / "workdir" / "checkpoints").mkdir(parents=True)
     with pytest.raises(CheckpointMismatchError, match="training workdir.*final"):
-        runner.load_setup(str(tmp_path / "workdir"), mesh=MESH)
+        load_setup(str(tmp_path / "workdir"), mesh=MESH)
     with pytest.raises(FileNotFoundError, match="checkpoint directory .*nope not found"):
-        runner.load_setup(str(tmp_path / "nope"), mesh=MESH)
+        load_setup(str(tmp_path / "nope"), mesh=MESH)
 
 
 def test_params_unlike_config_named_before_restore(env, tmp_path, monkeypatch):
@@ -150,7 +151,7 @@ def test_params_unlike_config_named_before_restore(env, tmp_path, monkeypatch):
     Path(bad, "config.json").write_text(json.dumps(d))
     _no_restore(monkeypatch)
     with pytest.raises(CheckpointMismatchError) as e:
-        runner.load_setup(bad, mesh=MESH)
+        load_setup(bad, mesh=MESH)
     msg = str(e.value)
     assert os.path.join(bad, "params") in msg
     # the parameter by name, both shapes (a scanned layer stack: [layers, in, out])

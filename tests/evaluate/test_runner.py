@@ -10,10 +10,12 @@ from PIL import Image
 
 from ppllava_jax.data import synthetic
 from ppllava_jax.data.video import write_video
-from ppllava_jax.evaluate import heatmap, runner
+from ppllava_jax.evaluate import answers, heatmap, runner
+from ppllava_jax.evaluate.common import Question
+from ppllava_jax.evaluate.model_setup import load_setup, video_buckets
 from ppllava_jax.evaluate.mvbench import MVBench
 from ppllava_jax.evaluate.synthetic import Synthetic
-from ppllava_jax.evaluate.tiny import make_tiny_checkpoint
+from tests.evaluate.tiny import make_tiny_checkpoint
 
 MESH = "data=2,fsdp=1,tensor=1"
 
@@ -22,7 +24,7 @@ MESH = "data=2,fsdp=1,tensor=1"
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalrun")
     ckpt = make_tiny_checkpoint(str(root / "ckpt"), str(root / "data"))
-    setup = runner.load_setup(ckpt, mesh=MESH)
+    setup = load_setup(ckpt, mesh=MESH)
     return root, setup
 
 
@@ -42,14 +44,14 @@ def test_resume_no_duplicates_same_accuracy(env):
         save_attention=att, max_attention=1,
     )  # fmt: skip
     assert part is None
-    with open(runner.answers_path(out)) as f:
+    with open(answers.answers_path(out)) as f:
         first = [json.loads(x)["id"] for x in f]
     assert len(first) == 4  # stopped after the second batch of 2
     # a kill in the middle of a write leaves half a line: it is ignored
-    with open(runner.answers_path(out), "a") as f:
+    with open(answers.answers_path(out), "a") as f:
         f.write('{"id": "eval:7", "predic')
     res = runner.run(bench, setup, out, batch_size=2, progress=False)
-    with open(runner.answers_path(out)) as f:
+    with open(answers.answers_path(out)) as f:
         ids = [json.loads(x)["id"] for x in f if x.strip().endswith("}")]
     assert len(ids) == len(set(ids)) == 8
     assert ids[:4] == first
@@ -60,11 +62,15 @@ def test_resume_no_duplicates_same_accuracy(env):
     assert [r["pred_letter"] for r in res["records"]] == [r["pred_letter"] for r in full["records"]]
     with open(out) as f:
         assert json.load(f)["summary"] == res["summary"]
-    # attention: one question, 8 frames, upscaled to 224
-    (qdir,) = os.listdir(att)
-    pngs = sorted(p for p in os.listdir(os.path.join(att, qdir)) if p.endswith(".png"))
-    assert len(pngs) == 8
-    assert Image.open(os.path.join(att, qdir, pngs[0])).size == (224, 224)
+    # attention: one picture for the one question asked (max_attention=1): its 8 frames in a
+    # 2 x 4 grid, the question and the answer given in its text chunks
+    assert os.listdir(att) == ["eval_0.png"]
+    im = Image.open(os.path.join(att, "eval_0.png"))
+    assert im.size == (round((4 * heatmap.CELL + heatmap.COLORBAR) * heatmap.DPI), im.size[1])
+    assert im.size[1] > 2 * heatmap.CELL * heatmap.DPI
+    q0 = bench.questions()[0]
+    assert im.text["Id"] == "eval:0" and im.text["Question"] == q0.prompt
+    assert im.text["Answer"] == res["records"][0]["prediction"]
     # a rerun of a finished evaluation asks nothing and gives the same result
     again = runner.run(bench, setup, out, batch_size=2, progress=False)
     assert again["summary"] == res["summary"]
@@ -123,25 +129,6 @@ def test_mvbench_layout(env, tmp_path):
     assert r["verdict_original"] in ("correct", "wrong") and "verdict_strict" in r
 
 
-def test_heatmap_png(tmp_path):
-    frames = np.random.default_rng(0).integers(0, 255, (3, 48, 48, 3), dtype=np.uint8)
-    rel = np.zeros((3, 4, 4), np.float32)
-    rel[1, 0, 0] = 1.0
-    paths = heatmap.save_heatmaps(tmp_path, frames, rel, caption="where?")
-    assert [os.path.basename(p) for p in paths] == [f"frame_{i:03d}.png" for i in range(3)]
-    im = np.asarray(Image.open(paths[1]))
-    assert im.shape == (48, 48, 3)
-    assert (tmp_path / "prompt.txt").read_text().strip() == "where?"
-    assert heatmap.save_heatmaps(tmp_path / "big", frames, rel, size=96)
-    assert Image.open(tmp_path / "big" / "frame_000.png").size == (96, 96)
-    lo, hi = heatmap.colormap(np.array([0.0, 1.0]))
-    assert lo.sum() < 20 and hi.sum() > 600
-    px = heatmap.denormalize(
-        (np.zeros((1, 1, 3)) - np.array(heatmap.CLIP_MEAN)) / np.array(heatmap.CLIP_STD)
-    )
-    assert px.max() == 0
-
-
 def test_tokenizer_setting_follows_the_checkpoint(env):
     """Evaluation tokenizes as training did: ``inference.json``'s ``tokenizer_legacy`` (written
     by train.py's export) is the default; none recorded (a converted release) means legacy; an
@@ -157,11 +144,41 @@ def test_tokenizer_setting_follows_the_checkpoint(env):
     try:
         with open(inf, "w") as f:
             json.dump({"tokenizer_legacy": None}, f)
-        assert runner.load_setup(ckpt, mesh=MESH).tokenizer_legacy is None
-        assert runner.load_setup(ckpt, mesh=MESH, tokenizer_legacy=False).tokenizer_legacy is False
+        assert load_setup(ckpt, mesh=MESH).tokenizer_legacy is None
+        assert load_setup(ckpt, mesh=MESH, tokenizer_legacy=False).tokenizer_legacy is False
     finally:
         if saved is None:
             os.remove(inf)
         else:
             with open(inf, "w") as f:
                 f.write(saved)
+
+
+def test_questions_are_checked_before_anything_runs():
+    def q(qid, frames=8):
+        return Question(qid=qid, video="v.mp4", prompt="Which?", num_frames=frames)
+
+    runner.check_questions("toy", [q("a"), q("b", 16)], max_T=16)
+    with pytest.raises(ValueError, match="toy: question id 'a' appears twice"):
+        runner.check_questions("toy", [q("a"), q("b"), q("a")], max_T=16)
+    with pytest.raises(ValueError, match="32 frames > the model's max_T=16"):
+        runner.check_questions("toy", [q("a", 32)], max_T=16)
+
+
+def test_pipeline_config_of_a_question_group(env):
+    _, setup = env
+    data = runner.pipeline_config(
+        setup, "toy:default:8", "toy", num_frames=8, answer_prefix="Best option:(",
+        batch_size=4, max_new_tokens=16, num_workers=2,
+    )  # fmt: skip
+    buckets = video_buckets(setup.cfg, 8, 16)
+    assert data["sources"] == [dict(path="toy:default:8", media_type="video", name="toy")]
+    assert data["buckets"] == buckets and data["max_length"] == max(buckets)
+    assert (data["num_frames"], data["batch_size"], data["num_workers"]) == (8, 4, 2)
+    assert (data["tokenizer"], data["clip_tokenizer"]) == (
+        setup.tokenizer_dir,
+        setup.clip_tokenizer_dir,
+    )
+    assert data["answer_prefix"] == "Best option:(" and data["template"] == setup.template
+    assert data["padding_side"] == "left" and data["frame_sampling"] == "middle"
+    assert data["training"] is False and data["shuffle"] is False and data["num_epochs"] == 1

@@ -1,4 +1,5 @@
-"""Memory-efficient attention (``models/attention.py``) against the reference XLA path.
+"""Memory-efficient attention (``models/attention.py``, ``models/blockwise.py``) against the
+reference XLA path.
 
 Forward and gradients of ``blockwise`` for causal and padding masks, GQA, padding on either side,
 per-head masks, queries != keys (cross attention, cached decoding), block sizes that do not divide
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ppllava_jax.models import attention, llama
+from ppllava_jax.models import attention, blockwise, llama
 from ppllava_jax.models.attention import choose_impl, dot_product_attention
 from ppllava_jax.models.config import LlamaConfig
 
@@ -203,8 +204,8 @@ def test_splash_kernel_in_interpreter():
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks smaller than the test sequences, so the models run several (partial) tiles."""
-    monkeypatch.setattr(attention, "DEFAULT_BLOCK_Q", 4)
-    monkeypatch.setattr(attention, "DEFAULT_BLOCK_K", 3)
+    monkeypatch.setattr(blockwise, "DEFAULT_BLOCK_Q", 4)
+    monkeypatch.setattr(blockwise, "DEFAULT_BLOCK_K", 3)
 
 
 def _llama(impl):

@@ -20,11 +20,12 @@ import pytest
 
 from ppllava_jax.convert.clip_keys import vision_rules
 from ppllava_jax.convert.mapping import KeyMap, convert_state_dict
-from ppllava_jax.convert.ppllava_keys import convert_vision_and_projector, vision_abstract_params
+from ppllava_jax.convert.ppllava_config import ppllava_config_from_hf
 from ppllava_jax.convert.torch_io import TorchCheckpoint
 from ppllava_jax.models.btadapter import PPLLaVAVisionModel
 from ppllava_jax.models.config import PPLLaVAConfig
 from ppllava_jax.models.projector import PPLLaVAProjector
+from tests.convert.ppllava_parts import convert_vision_and_projector, vision_abstract_params
 
 REF = Path(os.environ.get("PPLLAVA_REFERENCE_DIR", "tests/fixtures/reference_ppllava"))
 FILES = ("forward_train_batch.npz", "forward_infer_batch.npz")
@@ -34,7 +35,7 @@ def _cfg(**runtime) -> PPLLaVAConfig:
     hf = json.loads((REF / "config.json").read_text())
     clip_dir = REF / (hf.get("clip_weight") or "clip")
     clip = json.loads((clip_dir / "config.json").read_text()) if clip_dir.exists() else None
-    return PPLLaVAConfig.from_hf(hf, clip, **runtime)
+    return ppllava_config_from_hf(hf, clip, **runtime)
 
 
 @pytest.fixture(scope="module")

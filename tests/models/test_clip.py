@@ -3,6 +3,7 @@ the project's converter and key tables, compared layer by layer."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -280,7 +281,7 @@ def test_conversion_is_strict(clip):
     ):
         convert("clip", cfg, missing)
     with pytest.raises(ConversionError, match="text_model/encoder/layers_1/mlp/fc1/kernel"):
-        convert("clip", cfg.replace(text=cfg.text.replace(scan_layers=False)), missing)
+        convert("clip", dataclasses.replace(cfg, text=cfg.text.replace(scan_layers=False)), missing)
     del missing["logit_scale"]
     with pytest.raises(ConversionError, match="logit_scale"):
         convert("clip", cfg, missing)

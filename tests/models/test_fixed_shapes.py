@@ -8,24 +8,30 @@ import numpy as np
 import pytest
 
 from ppllava_jax.data.collate import Media, Sample, collate, pad_length
+from ppllava_jax.layout import IGNORE_INDEX
 from ppllava_jax.models.ppllava import PPLLaVA, init_params
 from ppllava_jax.train import run
-from tests.test_flops import _cfg
+from tests.sft_loss import mean_loss
+from tests.test_flops import tiny_config
 
 IMG = 95
 
 
 def _samples(rng):
     multi = Media("multi", rng.normal(size=(2, 32, 32, 3)).astype(np.float32))
-    s0 = Sample(np.array([1, IMG, 7, IMG, 9, 10]), np.array([-100, -100, 7, -100, 9, 10]), multi)
-    s1 = Sample(np.array([1, 4, 5, 6]), np.array([-100, -100, 5, 6]))
+    s0 = Sample(
+        np.array([1, IMG, 7, IMG, 9, 10]),
+        np.array([IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX, 9, 10]),
+        multi,
+    )
+    s1 = Sample(np.array([1, 4, 5, 6]), np.array([IGNORE_INDEX, IGNORE_INDEX, 5, 6]))
     for s in (s0, s1):
         s.clip_ids, s.clip_mask = rng.integers(1, 60, size=6), np.ones(6, np.int32)
     return [s0, s1]
 
 
 def test_empty_groups_and_padding_leave_the_model_unchanged():
-    cfg = _cfg(btadapter_depth=1, vision_feature_layer=-2)
+    cfg = tiny_config(btadapter_depth=1, vision_feature_layer=-2)
     params = nn.unbox(init_params(cfg, jax.random.PRNGKey(0)))
     model = PPLLaVA(cfg)
     samples = _samples(np.random.default_rng(0))
@@ -35,10 +41,13 @@ def test_empty_groups_and_padding_leave_the_model_unchanged():
     assert "video_pixels" not in plain
     assert fixed["video_pixels"].shape == (1, 4, 32, 32, 3) and not fixed["video_frames"].any()
     longer = pad_length(fixed, plain["input_ids"].shape[1] + 5, pad_id=0)
-    assert longer["attention_mask"][:, -5:].sum() == 0 and (longer["labels"][:, -5:] == -100).all()
+    assert (
+        longer["attention_mask"][:, -5:].sum() == 0
+        and (longer["labels"][:, -5:] == IGNORE_INDEX).all()
+    )
 
     def loss(p, b):
-        return model.apply({"params": p}, b)["loss"]
+        return mean_loss(model.apply({"params": p}, b)["logits"], b)
 
     outs = []
     for b in (plain, longer):  # longer = the fixed groups, then lengthened
@@ -58,7 +67,7 @@ def test_empty_groups_and_padding_leave_the_model_unchanged():
 
 
 def test_pad_length_refuses_what_it_cannot_do():
-    cfg = _cfg()
+    cfg = tiny_config()
     b = collate(_samples(np.random.default_rng(1)), cfg, clip_length=6)
     with pytest.raises(ValueError, match="shorten"):
         pad_length(b, 2, 0)

@@ -11,6 +11,7 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM as TorchLlama
 
 from ppllava_jax.convert import llama_keys
+from ppllava_jax.convert.hf_config import llama_from_hf
 from ppllava_jax.convert.mapping import KeyMap, Rule, convert_state_dict
 from ppllava_jax.models import layers, llama
 from ppllava_jax.models.config import LlamaConfig
@@ -68,7 +69,7 @@ def _state_dict(model: TorchLlama) -> dict[str, np.ndarray]:
 @functools.cache
 def _pair(kind: str, scan: bool = True):
     tm = _torch_model(kind)
-    cfg = LlamaConfig.from_hf(tm.config.to_dict(), scan_layers=scan)
+    cfg = llama_from_hf(tm.config.to_dict(), scan_layers=scan)
     fam = llama_keys.FAMILIES[0]
     params = convert_state_dict(
         _state_dict(tm), fam.keymap(cfg, []), llama.abstract_params(cfg), ignore=fam.ignore
@@ -268,7 +269,7 @@ def test_parity_check_catches_mistakes(mutation, monkeypatch):
 def test_config_from_hf_ignores_the_storage_dtype():
     hf = _torch_model("gqa").config.to_dict()
     hf["dtype"] = "bfloat16"  # what save_pretrained writes for a bf16 checkpoint
-    cfg = LlamaConfig.from_hf(hf, scan_layers=False)
+    cfg = llama_from_hf(hf, scan_layers=False)
     assert cfg.dtype == "float32" and not cfg.scan_layers
     assert (cfg.head_dim, cfg.rope_theta, cfg.num_key_value_heads) == (12, 500.0, 2)
     assert cfg.tie_word_embeddings

@@ -90,25 +90,6 @@ def test_matches_numpy_loop(shape, data, weighted, temp) -> None:
     np.testing.assert_allclose(np.asarray(y), ref, atol=2e-5, rtol=1e-5)
 
 
-def test_window_arithmetic() -> None:
-    assert pool_windows((32, 24, 24), kernel=(2, 3, 3), stride=(2, 3, 3)) == (
-        (2, 3, 3),
-        (2, 3, 3),
-        (16, 8, 8),
-    )
-    assert pool_windows((7, 6, 6), kernel=(2, 2, 2), stride=(2, 2, 2))[2] == (3, 3, 3)  # drops
-    # output size alone: stride = I // O, kernel = I - (O-1)*stride
-    assert pool_windows((6, 6, 6), output_size=(2, 3, 3)) == ((3, 2, 2), (3, 2, 2), (2, 3, 3))
-    assert pool_windows((5, 5, 5), kernel=(3, 3, 3), output_size=(2, 2, 2))[1] == (2, 2, 2)
-
-
-def test_kernel_larger_than_input_is_refused() -> None:
-    with pytest.raises(ValueError, match="along time.*larger than the input size 1"):
-        pool_windows((1, 24, 24), kernel=(2, 3, 3), stride=(2, 3, 3))
-    with pytest.raises(ValueError, match="needs a kernel and stride, or an output size"):
-        pool_windows((4, 4, 4))
-
-
 def test_adaptive_avg_pool_matches_torch() -> None:
     import torch
 

@@ -20,11 +20,14 @@ from transformers import (
 from ppllava_jax.convert import registry
 from ppllava_jax.convert.api import convert_checkpoint, export_checkpoint, load_checkpoint
 from ppllava_jax.convert.mapping import ConversionError
-from ppllava_jax.convert.ppllava_family import build_start_point
+from ppllava_jax.convert.start_point import build_start_point
 from ppllava_jax.convert.torch_io import TorchCheckpoint, write_safetensors
-from ppllava_jax.data.collate import Media, Planner, Sample, anyres_grid, collate
+from ppllava_jax.data.collate import Media, Planner, Sample, collate
+from ppllava_jax.layout import IGNORE_INDEX
+from ppllava_jax.layout import anyres_grid_shape as anyres_grid
 from ppllava_jax.models.longclip import extend_positions
 from ppllava_jax.models.ppllava import PPLLaVA
+from tests.sft_loss import mean_loss
 
 REF = Path(
     os.environ.get(
@@ -231,12 +234,13 @@ def test_start_point_from_onevision_and_siglip_and_back(onevision_dir, siglip_di
     px = np.random.default_rng(0).normal(size=(4, TOWER, TOWER, 3)).astype(np.float32)
     s = Sample(
         np.array([3, 5, IMG, 7]),
-        np.array([-100, -100, -100, 7]),
+        np.array([IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 7]),
         Media("video", px),
         clip_ids=np.array([5, 9, 1, 1]),
     )
-    res = PPLLaVA(cfg).apply({"params": params}, collate([s], cfg))
-    assert np.isfinite(np.asarray(res["loss"]))
+    batch = collate([s], cfg)
+    res = PPLLaVA(cfg).apply({"params": params}, batch)
+    assert np.isfinite(np.asarray(mean_loss(res["logits"], batch)))
 
 
 def test_start_point_refuses_a_clip_model(onevision_dir, tmp_path):

@@ -18,15 +18,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ppllava_jax.convert.ppllava_keys import convert_vision_and_projector
+from ppllava_jax.convert.ppllava_config import ppllava_config_from_hf
 from ppllava_jax.convert.torch_io import TorchCheckpoint
 from ppllava_jax.layout import anyres_token_order, num_pooled
 from ppllava_jax.models.btadapter import PPLLaVAVisionModel
-from ppllava_jax.models.config import PPLLaVAConfig
-from ppllava_jax.models.projector import PPLLaVAProjector, gather_tokens
+from ppllava_jax.models.projector import PPLLaVAProjector
+from tests.convert.ppllava_parts import convert_vision_and_projector
 
 REF = Path(os.environ.get("PPLLAVA_REFERENCE_DIR", "tests/fixtures/reference_ppllava"))
 FILES = ("forward_train_batch.npz", "forward_infer_batch.npz")
+
+
+def gather_tokens(tokens, order, newline):
+    """``tokens float[M, D]``, ``order int32[L]`` (-1 = newline), ``newline float[D]`` ->
+    ``float[L, D]``: an any-resolution image's merged tokens as the original lays them out."""
+    picked = jnp.take(tokens, jnp.maximum(order, 0), axis=0)
+    return jnp.where((order < 0)[:, None], newline.astype(tokens.dtype)[None], picked)
 
 
 def load_reference(scan_layers: bool = False):
@@ -34,7 +41,7 @@ def load_reference(scan_layers: bool = False):
     hf = json.loads((REF / "config.json").read_text())
     clip_dir = REF / (hf.get("clip_weight") or "clip")
     clip = json.loads((clip_dir / "config.json").read_text()) if clip_dir.exists() else None
-    cfg = PPLLaVAConfig.from_hf(hf, clip, scan_layers=scan_layers)
+    cfg = ppllava_config_from_hf(hf, clip, scan_layers=scan_layers)
     ck = TorchCheckpoint(REF / "model.safetensors")
     vp, pp = convert_vision_and_projector(ck, cfg)
     return cfg, vp, pp, ck["image_newline"]
@@ -112,7 +119,7 @@ def test_visual_tokens_match_reference(ref, fname: str) -> None:
 def _random_projector(pooling: str, **kw):
     hf = json.loads((REF / "config.json").read_text())
     clip = json.loads((REF / "clip" / "config.json").read_text())
-    cfg = PPLLaVAConfig.from_hf({**hf, "pooling": pooling, **kw}, clip)
+    cfg = ppllava_config_from_hf({**hf, "pooling": pooling, **kw}, clip)
     p = cfg.frame_shape[0] * cfg.frame_shape[1]
     f = jax.random.normal(jax.random.PRNGKey(1), (2, 4, p, cfg.vision.hidden_size))
     pm = PPLLaVAProjector(cfg)

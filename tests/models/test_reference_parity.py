@@ -25,6 +25,7 @@ from ppllava_jax.layout import pool_windows
 from ppllava_jax.models.longclip import extend_positions
 from ppllava_jax.models.pooling import weighted_pool3d
 from ppllava_jax.models.ppllava import PPLLaVA
+from tests.sft_loss import mean_loss
 
 REF = Path(
     os.environ.get(
@@ -93,9 +94,14 @@ def _forward(converted, name):
         side = _padding_side(data)
         batch = collate(_samples(data, cfg, "labels" in data), cfg, padding_side=side)
         model = PPLLaVA(cfg)
-        out = jax.jit(lambda p, b: model.apply({"params": p}, b, return_visual_attention=True))(
-            params, batch
-        )
+
+        def fwd(p, b):
+            out = model.apply({"params": p}, b, return_visual_attention=True)
+            if "labels" in b:
+                out["loss"] = mean_loss(out["logits"], b)
+            return out
+
+        out = jax.jit(fwd)(params, batch)
         emb, _ = jax.jit(lambda p, b: model.apply({"params": p}, b, method="embed_inputs"))(
             params, batch
         )

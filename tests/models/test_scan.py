@@ -11,6 +11,7 @@ from flax import traverse_util
 
 from ppllava_jax.convert.api import convert_checkpoint, load_checkpoint
 from ppllava_jax.models.ppllava import PPLLaVA
+from tests.sft_loss import mean_loss
 from tests.test_sharding import KINDS, REF, fixture_batch
 
 
@@ -27,7 +28,11 @@ def layouts(tmp_path_factory):
 
 
 def _forward(cfg, params, batch):
-    return jax.jit(lambda p, b: PPLLaVA(cfg).apply({"params": p}, b))(params, batch)
+    def fwd(p, b):
+        out = PPLLaVA(cfg).apply({"params": p}, b)
+        return {**out, "loss": mean_loss(out["logits"], b)}
+
+    return jax.jit(fwd)(params, batch)
 
 
 def test_layouts_hold_the_same_numbers(layouts):
@@ -67,7 +72,10 @@ def test_remat_policies_give_the_same_loss_and_gradients(layouts):
 
     def loss_and_grads(policy):
         model = PPLLaVA(cfg.replace(remat_policy=policy))
-        f = lambda p, b: model.apply({"params": p}, b, deterministic=True)["loss"]  # noqa: E731
+
+        def f(p, b):
+            return mean_loss(model.apply({"params": p}, b, deterministic=True)["logits"], b)
+
         return jax.jit(jax.value_and_grad(f))(params, batch)
 
     loss0, g0 = loss_and_grads("none")
@@ -87,6 +95,6 @@ def test_remat_is_in_the_scanned_program(layouts):
     cfg, params = layouts[True]
     batch = fixture_batch(cfg)
     model = PPLLaVA(cfg.replace(remat_policy="full"))
-    f = lambda p: model.apply({"params": p}, batch)["loss"]  # noqa: E731
+    f = lambda p: mean_loss(model.apply({"params": p}, batch)["logits"], batch)  # noqa: E731
     text = str(jax.make_jaxpr(jax.grad(f))(params))
     assert "checkpoint" in text or "remat" in text

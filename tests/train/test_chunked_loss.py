@@ -21,6 +21,7 @@ from ppllava_jax.train.optimizer import make_optimizer, trainable_predicate
 from ppllava_jax.train.state import create_train_state
 from ppllava_jax.train.step import make_grad_fn
 from ppllava_jax.train.trainer import default_config
+from tests.sft_loss import mean_loss
 
 REF = Path(__file__).resolve().parents[1] / "fixtures/reference_ppllava"
 
@@ -125,6 +126,7 @@ def test_ppllava_returns_hidden_and_head(tiny):
 
     def both(p):
         full = model.apply({"params": p}, batch)
+        full["loss"] = mean_loss(full["logits"], batch)
         out = model.apply({"params": p}, inputs, return_logits=False)
         return full, out
 

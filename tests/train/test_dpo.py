@@ -12,10 +12,12 @@ import pytest
 from configs import demo
 from ppllava_jax import sharding
 from ppllava_jax.data import collate as col
+from ppllava_jax.data import dpo, synthetic
 from ppllava_jax.data import pipeline as pl
-from ppllava_jax.data import synthetic
 from ppllava_jax.data import templates as tpl
 from ppllava_jax.data.errors import AnnotationError
+from ppllava_jax.data.skips import skip_reason
+from ppllava_jax.layout import IGNORE_INDEX
 from ppllava_jax.models.config import CLIPVisionConfig, PPLLaVAConfig
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.train import run, trainer
@@ -67,8 +69,6 @@ def _data_cfg(out, path, **kw):
         tokenizer=os.path.join(out, "tokenizer"),
         clip_tokenizer=os.path.join(out, "clip_tokenizer"),
         num_frames=4,
-        image_size=32,
-        image_grid_pinpoints=[[32, 64], [64, 32]],
         clip_max_length=48,
         max_length=128,
         buckets=[96, 128],
@@ -83,9 +83,11 @@ def _data_cfg(out, path, **kw):
 
 def test_parse_both_spellings_and_errors():
     raw = {"video": "v.mp4", "QA": [{"q": "a?", "a": "yes"}, {"q": "b?", "chosen": "no"}]}
-    s = pl.parse_dpo_sample(dict(raw, QA=[raw["QA"][0], dict(raw["QA"][1], rejected="so")]), "f", 0)
+    s = dpo.parse_dpo_sample(
+        dict(raw, QA=[raw["QA"][0], dict(raw["QA"][1], rejected="so")]), "f", 0
+    )
     assert [t.a for t in s.turns] == ["yes", "no"] and s.extra["rejected"] == "so"
-    s = pl.parse_dpo_sample({"video": "v", "QA": [{"q": "q", "a": "y", "rejected": "n"}]}, "f", 0)
+    s = dpo.parse_dpo_sample({"video": "v", "QA": [{"q": "q", "a": "y", "rejected": "n"}]}, "f", 0)
     assert s.turns[-1].a == "y" and s.extra["rejected"] == "n"
     for bad, msg in [
         (raw, "no 'rejected'"),
@@ -93,8 +95,8 @@ def test_parse_both_spellings_and_errors():
         ({"video": "v", "QA": [{"q": "q", "a": "y", "chosen": "z", "rejected": "n"}]}, "both"),
     ]:
         with pytest.raises(AnnotationError, match=msg):
-            pl.parse_dpo_sample(bad, "f", 0)
-        assert pl.skip_reason(AnnotationError("f", 0, msg)) == "bad_annotation"
+            dpo.parse_dpo_sample(bad, "f", 0)
+        assert skip_reason(AnnotationError("f", 0, msg)) == "bad_annotation"
 
 
 def test_collate_media_from_shares_items():
@@ -150,11 +152,11 @@ def test_dpo_batches_twins_share_media_and_differ_on_answers(data):
                 (i, a["QA"][0].get("a", a["QA"][0].get("chosen"))),
                 (j, a["rejected_answer"]),
             ):
-                sup = b["labels"][r] != -100
+                sup = b["labels"][r] != IGNORE_INDEX
                 assert tok.decode(b["input_ids"][r][sup]).strip() == want + tok.eos_token
             # same prompt up to the answers; labels only on the answers
-            first = np.flatnonzero(b["labels"][i] != -100)[0]
-            assert first == np.flatnonzero(b["labels"][j] != -100)[0]
+            first = np.flatnonzero(b["labels"][i] != IGNORE_INDEX)[0]
+            assert first == np.flatnonzero(b["labels"][j] != IGNORE_INDEX)[0]
             np.testing.assert_array_equal(b["input_ids"][i, :first], b["input_ids"][j, :first])
             np.testing.assert_array_equal(b["labels"][i, :first], b["labels"][j, :first])
             # the pair's CLIP prompt is the question alone (no answer)

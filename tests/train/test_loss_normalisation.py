@@ -65,7 +65,8 @@ def _uneven_batch() -> dict[str, np.ndarray]:
     b["labels"][0, :] = IGNORE_INDEX
     b["labels"][0, -1] = b["input_ids"][0, -1]
     b["attention_mask"][0, :] = 1
-    b["labels"][5, 1:] = np.where(b["attention_mask"][5, 1:] != 0, b["input_ids"][5, 1:], -100)
+    attended = b["attention_mask"][5, 1:] != 0
+    b["labels"][5, 1:] = np.where(attended, b["input_ids"][5, 1:], IGNORE_INDEX)
     return b
 
 

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppllava_jax.layout import IGNORE_INDEX
-from ppllava_jax.train.losses import dpo_loss, next_token_loss, sequence_logps
+from ppllava_jax.train.losses import token_logps
+from tests.train.loss_helpers import dpo_loss, next_token_loss
 
 
 def _np_reference(logits, labels, mask):
@@ -48,7 +49,8 @@ def test_next_token_loss_matches_numpy():
 
 def test_sequence_logps_matches_numpy():
     logits, labels, mask = _example(1)
-    got = sequence_logps(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
+    logp, _ = token_logps(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
+    got = jnp.sum(logp, axis=-1)  # per row: what DPO sums
     _, _, ref = _np_reference(logits, labels, mask)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,50 +111,77 @@ def test_metrics_jsonl(straight):
 
 CHILD = textwrap.dedent(
     """
-    import os, sys
+    import os, signal, sys, time
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, {root!r})
+    from ppllava_jax.launch import size_cpu_thread_pool
+    size_cpu_thread_pool()  # PJRT_NPROC for the simulated devices
     import jax
     jax.config.update("jax_compilation_cache_dir", {cache!r})
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from tests.train.toy_model import CountingIterator, make_toy
     from tests.train.test_trainer import _config
     from ppllava_jax.train.trainer import train
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal
+
+    class Slow(CountingIterator):  # a batch every {first}s, then every {later}s
+        def __next__(self):
+            time.sleep({first} if self.pos == 0 else {later})
+            return super().__next__()
+
     apply_fn, init = make_toy(dropout=0.1)
     res = train(_config(), {workdir!r}, model_apply=apply_fn, init_params=init,
-                data_iterator=CountingIterator(delay=1.0))
-    print("RESULT", res.step, res.preempted, flush=True)
+                data_iterator=Slow())
+    print("RESULT", res.step, res.preempted, res.signal_name, flush=True)
     """
 )
 
 
-def test_sigterm_saves_and_next_run_continues(straight, tmp_path):
+def _child(tmp_path, first=1.0, later=1.0):
+    """The toy training in a child process, started; returns it and its workdir."""
     here = os.path.dirname(os.path.abspath(__file__))
     cache = jax.config.jax_compilation_cache_dir or os.path.expanduser("~/.cache/ppllava_jax/xla")
     script = tmp_path / "child.py"
     wd = tmp_path / "wd"
+    root = os.path.dirname(os.path.dirname(here))
     script.write_text(
-        CHILD.format(root=os.path.dirname(os.path.dirname(here)), cache=cache, workdir=str(wd))
+        CHILD.format(root=root, cache=cache, workdir=str(wd), first=first, later=later)
     )
     proc = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    return proc, wd
+
+
+def _wait_for_first_step(proc, wd):
     metrics = wd / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.exists() and metrics.read_text().strip()):
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "the child never logged a step"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=240)
+
+
+def _stopped_and_saved(proc, out, wd, signal_name):
+    """The step the child stopped at, checking it said it was stopped by ``signal_name`` and
+    that the checkpoint of that step (only: save_every=100) was written."""
     assert proc.returncode == 0, out
     line = [x for x in out.splitlines() if x.startswith("RESULT")][0].split()
     stopped = int(line[1])
-    assert line[2] == "True" and 1 <= stopped < TOTAL, out
+    assert line[2:] == ["True", signal_name] and 1 <= stopped < TOTAL, out
     ck = Checkpointer(wd / "checkpoints")
     assert ck.all_steps() == [stopped]  # written because of the signal (save_every=100)
     ck.close()
+    return stopped
+
+
+def test_sigterm_saves_and_next_run_continues(straight, tmp_path):
+    proc, wd = _child(tmp_path)
+    _wait_for_first_step(proc, wd)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    stopped = _stopped_and_saved(proc, out, wd, "SIGTERM")
 
     it = CountingIterator()
     res, logs = _run(wd, it)
@@ -161,6 +189,49 @@ def test_sigterm_saves_and_next_run_continues(straight, tmp_path):
     assert it.seen == list(range(stopped, TOTAL)) and res.step == TOTAL
     for a, b in zip(_leaves(straight[2].state), _leaves(res.state), strict=True):
         assert np.array_equal(a, b)  # preempted + resumed == straight run
+
+
+def test_ctrl_c_saves_like_sigterm(tmp_path):
+    proc, wd = _child(tmp_path)
+    _wait_for_first_step(proc, wd)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=240)
+    _stopped_and_saved(proc, out, wd, "SIGINT")
+    assert "Ctrl-C again aborts at once" in out
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    proc, wd = _child(tmp_path, first=0.0, later=120.0)  # waits 2 minutes for batch 2
+    _wait_for_first_step(proc, wd)
+    proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 60
+    for line in proc.stdout:  # the first Ctrl-C is acknowledged ...
+        assert time.time() < deadline, "no answer to the first Ctrl-C"
+        if "Ctrl-C again aborts" in line:
+            break
+    t = time.time()
+    proc.send_signal(signal.SIGINT)  # ... and the second ends the process without waiting
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT and time.time() - t < 30
+    ck = Checkpointer(wd / "checkpoints")
+    assert ck.all_steps() == []  # it never got to save
+    ck.close()
+
+
+def test_resume_cuts_metrics_back_to_the_checkpoint(straight, tmp_path):
+    """A run that logged step 3 but died before saving it resumes from step 2: metrics.jsonl
+    then holds each step once, step 3 as the resumed run computed it."""
+    cfg = _config()
+    cfg.checkpoint.save_every = 2
+    apply_fn, init = make_toy(dropout=0.1)
+    kw = dict(model_apply=apply_fn, init_params=init, log=lambda s: None)
+    train(cfg, str(tmp_path), data_iterator=CountingIterator(), stop_at_step=3, **kw)
+    shutil.rmtree(tmp_path / "checkpoints" / "3")  # killed before the save of step 3 landed
+    train(cfg, str(tmp_path), data_iterator=CountingIterator(), **kw)
+    with open(tmp_path / "metrics.jsonl") as f:
+        lines = [json.loads(x) for x in f]
+    assert [r["step"] for r in lines] == list(range(1, TOTAL + 1))
+    assert [r["loss"] for r in lines] == _losses(straight[0])  # bitwise: the resume is exact
 
 
 def test_restore_onto_another_mesh(tmp_path):

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppllava_jax.layout import IGNORE_INDEX
+
 VOCAB, HIDDEN, VIS, PATCHES, CH = 32, 16, 8, 4, 6
 
 
@@ -127,7 +129,7 @@ def make_batch(rng: np.random.Generator, batch: int, length: int) -> dict[str, n
     lengths = rng.integers(length // 2, length + 1, size=batch)
     mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
     prompt = rng.integers(1, length // 2, size=batch)
-    labels = np.where((np.arange(length)[None] >= prompt[:, None]) & (mask == 1), ids, -100)
+    labels = np.where((np.arange(length)[None] >= prompt[:, None]) & (mask == 1), ids, IGNORE_INDEX)
     pix = rng.normal(size=(batch, PATCHES, CH)).astype(np.float32)
     return {
         "input_ids": ids,

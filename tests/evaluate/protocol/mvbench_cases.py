@@ -19,9 +19,8 @@ import os
 import numpy as np
 import pytest
 
-from ppllava_jax.data.video import FrameRule, frame_rule_indices
+from ppllava_jax.data.frame_index import FrameRule, frame_rule_indices
 from ppllava_jax.evaluate import mvbench, scoring
-from ppllava_jax.evaluate.common import eval_num_segments
 from ppllava_jax.evaluate.conversation import reply_after
 from tests.evaluate.protocol.fixture import (
     case_ids,
@@ -134,6 +133,25 @@ def test_mvbench_save_results_acc_dict():
 
 
 FRAME_CASES = MV["frame_index_cases"]
+
+
+def eval_num_segments(
+    num_segments: int,
+    max_frame: int,
+    fps: float,
+    bound: tuple[float, float] | None = None,
+    assigned_frame: int = 16,
+) -> int:
+    """T of the original's ``EvalDataset.get_index`` for a driver's ``num_segments``: itself
+    when > 0; ``assigned_frame`` when 0; when < 0, 32 if the clip's length (``end - start``
+    of the bound, else ``max_frame / fps`` seconds) divided by ``|num_segments|`` is at most
+    32, else 64."""
+    if num_segments > 0:
+        return int(num_segments)
+    if num_segments == 0:
+        return int(assigned_frame)
+    length = (bound[1] - bound[0]) if bound else max_frame / fps
+    return 32 if length / abs(num_segments) <= 32 else 64
 
 
 @pytest.mark.parametrize("case", FRAME_CASES, ids=case_ids(FRAME_CASES))
@@ -297,7 +315,7 @@ def test_mvbench_end_to_end_pipeline(tmp_path):
     from ppllava_jax.data.frame_index import segment_indices
     from ppllava_jax.data.tokenizers import train_clip_tokenizer
     from ppllava_jax.evaluate.runner import pipeline_sample
-    from ppllava_jax.evaluate.tiny import tiny_config
+    from tests.evaluate.tiny import tiny_config
 
     root = str(tmp_path / "MVBench")
     _write_mvbench(root)
@@ -336,8 +354,6 @@ def test_mvbench_end_to_end_pipeline(tmp_path):
             clip_tokenizer=ctok_dir,
             tokenizer_legacy=legacy,
             num_frames=32,
-            image_size=32,
-            image_grid_pinpoints=[list(p) for p in model_cfg.image_grid_pinpoints],
             clip_max_length=77,
             max_length=512,
             buckets=[512],

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ppllava_jax.data import frame_index as fidx
 from ppllava_jax.data import pipeline as pl
 from ppllava_jax.data import video as vid
 from ppllava_jax.data.tokenizers import train_clip_tokenizer
@@ -108,8 +109,6 @@ def _pipeline(tmp, annotation: dict, num_frames: int, legacy=True, **kw) -> pl.P
         tokenizer=tokenizer_dir(),
         tokenizer_legacy=legacy,
         num_frames=num_frames,
-        image_size=SIZE,
-        image_grid_pinpoints=[[SIZE, 2 * SIZE], [2 * SIZE, SIZE], [2 * SIZE, 2 * SIZE]],
         max_images=max(8, num_frames),
         max_length=8192,
         buckets=[8192],
@@ -220,7 +219,7 @@ def test_training_sample(case, legacy, tmp_path, clip_dir):
     elif media["kind"] == "video":
         got = _frames_read(rec, 16)
         assert rec["kind"] == "video" and len(got) == frames
-        ranges = vid.segment_ranges(frames, media["vlen"])
+        ranges = fidx.segment_ranges(frames, media["vlen"])
         assert all(lo <= i < hi for i, (lo, hi) in zip(got, ranges)), got
     else:
         assert rec["kind"] == "image" and rec["image_size"].tolist() == [20, 30]
@@ -254,7 +253,7 @@ def _check_rand_draws(case: dict, draws: np.ndarray) -> None:
 def test_frame_sampling(case):
     t, vlen, mode = int(case["num_frames"]), int(case["vlen"]), case["sample"]
     if mode == "rand":
-        ranges = vid.segment_ranges(t, vlen)
+        ranges = fidx.segment_ranges(t, vlen)
         if "segment_ranges" in case:
             assert ranges == [tuple(r) for r in case["segment_ranges"]]
             assert all(hi > lo for lo, hi in ranges)
@@ -262,20 +261,20 @@ def test_frame_sampling(case):
             tried = [tuple(r) for r in case["segment_ranges_tried"]]
             first_empty = next(k for k, (lo, hi) in enumerate(ranges) if hi <= lo)
             assert ranges[: first_empty + 1] == tried
-        draws = np.stack([vid.sample_indices(vlen, t, "rand", rng=s) for s in range(ROLL)])
+        draws = np.stack([fidx.sample_indices(vlen, t, "rand", rng=s) for s in range(ROLL)])
         _check_rand_draws(case, draws)
-        again = vid.sample_indices(vlen, t, "rand", rng=np.random.default_rng(7))
-        np.testing.assert_array_equal(again, vid.sample_indices(vlen, t, "rand", rng=7))
+        again = fidx.sample_indices(vlen, t, "rand", rng=np.random.default_rng(7))
+        np.testing.assert_array_equal(again, fidx.sample_indices(vlen, t, "rand", rng=7))
     else:
         kw = dict(input_fps=case.get("input_fps", 1), max_num_frames=case.get("max_num_frames", -1))
-        got = vid.frame_indices(t, vlen, mode, fix_start=case.get("fix_start"), **kw)
+        got = fidx.frame_indices(t, vlen, mode, fix_start=case.get("fix_start"), **kw)
         assert got.tolist() == case["frame_indices"]
         if mode == "middle" and case.get("fix_start") is None:
-            assert vid.sample_indices(vlen, t, "middle").tolist() == case["frame_indices"]
+            assert fidx.sample_indices(vlen, t, "middle").tolist() == case["frame_indices"]
 
 
 PIPELINE_SAMPLING = [
-    c for c in SAMPLING if c["sample"] in vid.SAMPLING_MODES and c.get("fix_start") is None
+    c for c in SAMPLING if c["sample"] in fidx.SAMPLING_MODES and c.get("fix_start") is None
 ]
 
 

@@ -347,8 +347,8 @@ def pipelines(tmp_path_factory):
 
     from ppllava_jax.data import pipeline as pl
     from ppllava_jax.data.tokenizers import train_clip_tokenizer
-    from ppllava_jax.evaluate.tiny import tiny_config
     from tests.evaluate.protocol.fixture import tokenizer_dir
+    from tests.evaluate.tiny import tiny_config
 
     texts = [c["question"] for c in VM_CASES + QA_CASES] * 4
     clip_dir = tmp_path_factory.mktemp("clip_tok")
@@ -366,8 +366,6 @@ def pipelines(tmp_path_factory):
                 clip_tokenizer=str(clip_dir),
                 tokenizer_legacy=legacy,
                 num_frames=num_frames,
-                image_size=cfg.vision.image_size,
-                image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
                 max_length=8192,
                 buckets=[8192],
                 training=False,

@@ -1,8 +1,12 @@
-"""What an answers file belongs to: the checkpoint and the protocol settings of the evaluation.
+"""Answers files: where eval.py's answers go, how a rerun resumes them, and what they belong to.
 
-``runner.run`` resumes from ``<out stem>.answers*.jsonl``. Answers are only reusable under the
-settings that produced them, so ``<out stem>.answers.protocol.json`` (written by process 0 before
-any answer) records them::
+Every answered question is appended (one JSON line, flushed and fsynced per batch) to
+``<out stem>.answers.jsonl`` (``.answers.host<k>.jsonl`` for host k > 0 of a multi-host run).
+On restart, every ``<out stem>.answers*.jsonl`` is read and the questions already there are not
+asked again (a truncated last line, from a kill mid-write, is ignored).
+
+Answers are only reusable under the settings that produced them, so
+``<out stem>.answers.protocol.json`` (written by process 0 before any answer) records them::
 
     {"protocol": {"checkpoint_id": "3f2a...", "benchmark": "synthetic", "num_frames": 8,
                   "template": "plain_v1", "tokenizer_legacy": true, "max_new_tokens": 4, ...},
@@ -17,24 +21,27 @@ any answer) records them::
 - the benchmark's name and settings (its public attributes: data paths, frames, subtitles,
   system-prompt switches, split, ...);
 - the conversation template, the tokenizers (a hash of each directory's files) and the
-  pre-tokenization mode, the compute dtype, ``max_new_tokens`` and the sampling settings.
+  pre-tokenization mode, the compute dtype and ``max_new_tokens`` (decoding is greedy).
 
 Batch size, workers, mesh and the number of hosts do not change an answer and are not part of
 it. On a rerun that finds answers whose recorded protocol differs (or answers without a protocol
 file: written by an earlier version) ``check_answers`` refuses, naming each setting and both
 values, unless ``fresh`` is set, in which case every answers file of ``out`` is deleted and the
-evaluation starts afresh (``eval.py --fresh``). The answers files themselves are unchanged (one
-JSON record per line).
+evaluation starts afresh (``eval.py --fresh``). :func:`resume` does all of it for a run, on
+every host.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import json
 import os
-from typing import Any
+from typing import IO, Any
+
+import jax
+
+from ppllava_jax import sharding
 
 HEADER_KEY = "protocol"
 # files hashed into the checkpoint id (those present)
@@ -102,15 +109,9 @@ def benchmark_settings(bench: Any) -> dict[str, Any]:
     return out
 
 
-def protocol(
-    bench: Any,
-    setup: Any,
-    max_new_tokens: int,
-    sampling: Any = None,
-) -> dict[str, Any]:
-    """The settings an answer depends on (module docstring) as a JSON-able dict.
-
-    setup: a ``runner.Setup``; sampling: a ``generate.SamplingConfig`` or None (greedy)."""
+def protocol(bench: Any, setup: Any, max_new_tokens: int) -> dict[str, Any]:
+    """The settings an answer (greedy decoding) depends on (module docstring) as a JSON-able
+    dict. setup: a ``model_setup.Setup``."""
     p = {"checkpoint_id": checkpoint_id(setup.checkpoint)} if setup.checkpoint else {}
     p.update(benchmark_settings(bench))
     p.update(
@@ -121,10 +122,6 @@ def protocol(
         dtype=str(getattr(setup.cfg, "dtype", "")),
         max_new_tokens=int(max_new_tokens),
     )
-    if sampling is not None:
-        keep = ("temperature", "top_k", "top_p", "num_beams", "length_penalty")
-        s = dataclasses.asdict(sampling)
-        p["sampling"] = {k: s[k] for k in keep if k in s}
     return p
 
 
@@ -133,24 +130,61 @@ def protocol_path(out: str) -> str:
     return os.path.splitext(os.fspath(out))[0] + ".answers.protocol.json"
 
 
+def answers_path(out: str, process_index: int | None = None) -> str:
+    """This host's answers file of ``out`` (module docstring)."""
+    p = jax.process_index() if process_index is None else process_index
+    stem = os.path.splitext(os.fspath(out))[0]
+    return f"{stem}.answers.jsonl" if p == 0 else f"{stem}.answers.host{p}.jsonl"
+
+
 def answer_files(out: str) -> list[str]:
     """Every host's answers file of ``out`` (``<out stem>.answers*.jsonl``)."""
     stem = os.path.splitext(os.fspath(out))[0]
     return sorted(glob.glob(glob.escape(stem) + ".answers*.jsonl"))
 
 
-def count_answers(out: str) -> int:
-    """Answer records (lines with an ``id``) in ``out``'s answers files; cut lines ignored."""
-    n = 0
+def answer_records(out: str) -> list[dict[str, Any]]:
+    """Every answer record (a JSON object with an ``id``) of every host's answers file, in
+    file order; a line cut by a kill is ignored."""
+    recs = []
     for path in answer_files(out):
         with open(path) as f:
             for line in f:
+                line = line.strip()
+                if not line:
+                    continue
                 try:
                     r = json.loads(line)
-                except json.JSONDecodeError:
+                except json.JSONDecodeError:  # a line cut by a kill
                     continue
-                n += isinstance(r, dict) and "id" in r
-    return n
+                if isinstance(r, dict) and "id" in r:
+                    recs.append(r)
+    return recs
+
+
+def read_answers(out: str) -> dict[str, dict[str, Any]]:
+    """Every record of every host's answer file, by question id (the last one wins)."""
+    return {str(r["id"]): r for r in answer_records(out)}
+
+
+def open_answers(path: str) -> IO[str]:
+    """``path`` in append mode; a last line cut by a kill is closed with a newline first, so
+    the next record starts on its own line (the cut one is ignored by ``read_answers``)."""
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        if cut:
+            with open(path, "a") as f:
+                f.write("\n")
+    return open(path, "a")
+
+
+def append_records(sink: IO[str], records: list[dict[str, Any]]) -> None:
+    """One JSON line per record, flushed and fsynced (a kill loses at most this batch)."""
+    sink.write("".join(json.dumps(r) + "\n" for r in records))
+    sink.flush()
+    os.fsync(sink.fileno())
 
 
 def read_protocol(out: str) -> tuple[dict | None, str]:
@@ -207,7 +241,7 @@ def check_answers(
             except FileNotFoundError:  # another host removed it, or there was none
                 pass
         return gone
-    n = count_answers(out)
+    n = len(answer_records(out))
     if n == 0:
         return []
     old, old_ckpt = read_protocol(out)
@@ -230,3 +264,24 @@ def check_answers(
         + "\nRefusing to resume. Pass --fresh to delete the answers of this --out and start "
         "afresh, or choose another --out."
     )
+
+
+def resume(
+    out: str, proto: dict[str, Any], name: str, *, checkpoint: str = "", fresh: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Make ``out``'s answers resumable under ``proto`` on every host and return the answers
+    already given, by question id. ``check_answers`` on every host (``fresh``: host 0 deletes,
+    the others wait), host 0 records ``proto``, and no host returns before all have read the
+    answers files (so every host shards the same list of questions to go). ``name`` names
+    the barriers (the benchmark's)."""
+    if not fresh or jax.process_index() == 0:  # one host deletes (fresh), every host checks
+        check_answers(out, proto, fresh=fresh, checkpoint=checkpoint)
+    if fresh and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"eval_{name}_fresh")
+    if jax.process_index() == 0:  # before any host writes an answer (the barrier below)
+        write_protocol(out, proto, checkpoint)
+    done = read_answers(out)
+    sharding.process_barrier(f"eval_{name}_read")
+    return done

@@ -1,4 +1,4 @@
-"""A tiny random PPLLaVA checkpoint with real tokenizers, for tests and smoke runs.
+"""A tiny random PPLLaVA checkpoint with real tokenizers, for the tests.
 
     make_tiny_checkpoint(ckpt_dir, data_dir)
 
@@ -82,7 +82,7 @@ def make_tiny_checkpoint(ckpt_dir: str, data_dir: str, seed: int = 0) -> str:
     from transformers import AutoTokenizer
 
     from ppllava_jax.convert import params_io
-    from ppllava_jax.convert.ppllava_family import ppllava_config_to_hf
+    from ppllava_jax.convert.ppllava_config import ppllava_config_to_hf
     from ppllava_jax.data import synthetic
     from ppllava_jax.models.ppllava import init_params
 

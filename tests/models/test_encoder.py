@@ -1,0 +1,54 @@
+"""``models/encoder.py``: hidden-state indexing and taps of the shared pre-LN encoder (its layer
+numerics are checked against transformers through the CLIP and SigLIP towers, test_clip.py and
+test_siglip.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ppllava_jax.models.config import CLIPVisionConfig
+from ppllava_jax.models.encoder import CLIPEncoder, normalize_taps
+
+
+def test_normalize_taps() -> None:
+    assert normalize_taps((0, 3, -1, -2, -4), 3) == (0, 3, 3, 2, 0)
+    with pytest.raises(ValueError, match="hidden state 4 does not exist \\(4 hidden states\\)"):
+        normalize_taps((4,), 3)
+    with pytest.raises(ValueError, match="hidden state -5 does not exist"):
+        normalize_taps((-5,), 3)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_taps_are_the_layer_outputs(scan: bool) -> None:
+    """Tap k is the output of layer k - 1 (0 = the input), repeats and order kept, in either
+    layout; the last tap equals the final output."""
+    cfg = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2
+    ).replace(scan_layers=scan)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    enc = CLIPEncoder(cfg)
+    params = enc.init(jax.random.key(1), x)["params"]
+    taps = (3, 0, 1, 1, 2)
+    last, tapped = enc.apply({"params": params}, x, taps=taps)
+    assert tapped.shape == (len(taps), 2, 5, 16)
+    np.testing.assert_array_equal(tapped[1], x)
+    np.testing.assert_allclose(tapped[0], last, atol=1e-6)
+    np.testing.assert_array_equal(tapped[2], tapped[3])
+    # tap 2 is tap 1 run through one more layer: a 1-layer prefix of the same weights
+    one = cfg.replace(num_hidden_layers=1)
+    if scan:
+        first = jax.tree.map(lambda a: a[:1], params)
+        second = jax.tree.map(lambda a: a[1:2], params)
+    else:
+        first, second = {"layers_0": params["layers_0"]}, {"layers_0": params["layers_1"]}
+    y1, _ = CLIPEncoder(one).apply({"params": first}, x)
+    y2, _ = CLIPEncoder(one).apply({"params": second}, y1)
+    np.testing.assert_allclose(tapped[2], y1, atol=1e-5)
+    np.testing.assert_allclose(tapped[4], y2, atol=1e-5)
+    _, none = enc.apply({"params": params}, x)
+    assert none.shape == (0, 2, 5, 16) and none.dtype == jnp.float32
+    with pytest.raises(ValueError, match="taps \\[4\\] out of range \\[0, 3\\]"):
+        enc.apply({"params": params}, x, taps=(4,))
