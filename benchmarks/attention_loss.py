@@ -14,24 +14,29 @@ loss of each variant (equal up to float rounding: the paths compute the same fun
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = common.script_parser(__doc__)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
 
-    from configs import common, demo
+    from configs import demo
+    from configs.common import DEMO_FRAMES
     from ppllava_jax.data.collate import Media, Sample, collate
     from ppllava_jax.models.ppllava import PPLLaVA, init_params
     from ppllava_jax.train.optimizer import make_optimizer, trainable_predicate
@@ -49,7 +54,7 @@ def main() -> None:
         ids[1] = base.image_token_index
         labels = np.full(len(ids), -100, np.int32)
         labels[-supervised:] = ids[-supervised:]
-        px = rng.random((common.DEMO_FRAMES, s, s, 3), np.float32)
+        px = rng.random((DEMO_FRAMES, s, s, 3), np.float32)
         clip = rng.integers(3, 600, 20).astype(np.int32)
         samples.append(Sample(ids, labels=labels, media=Media("video", px), clip_ids=clip))
     batch = collate(samples, base, padding_side="right", clip_length=32)

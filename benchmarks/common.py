@@ -100,14 +100,18 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def base_parser(doc: str):
-    """argparse with ``--quick`` (short run, < 5 min on 2 cores), ``--smoke`` (the smallest
-    setting, for the smoke test: seconds) and ``--repeats``."""
-    import argparse
+def script_parser(doc: str):
+    """The parser of a benchmark script in the commands' style (``ppllava_jax.command_line``:
+    ``--help`` shows ``doc`` with its example commands)."""
+    from ppllava_jax.command_line import argument_parser
 
-    p = argparse.ArgumentParser(
-        description=doc.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    return argument_parser(doc, f"python benchmarks/{os.path.basename(sys.argv[0])}")
+
+
+def base_parser(doc: str):
+    """``script_parser`` with ``--quick`` (short run, < 5 min on 2 cores), ``--smoke`` (the
+    smallest setting, for the smoke test: seconds), ``--repeats`` and ``--warmup``."""
+    p = script_parser(doc)
     p.add_argument("--quick", action="store_true", help="a short run (smaller shapes)")
     p.add_argument("--smoke", action="store_true", help="the smallest setting (smoke test)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")

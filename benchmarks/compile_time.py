@@ -14,7 +14,6 @@ time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,12 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT / "tests/fixtures/reference_ppllava"
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.script_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="scan on only")
     ap.add_argument("--depths", default="2,16", help="LLM depths")
     ap.add_argument("--repeat", type=int, default=2, help="compiles per point; the fastest counts")

@@ -164,7 +164,7 @@ def train(
                 log,
             )
             if preempted:
-                log(f"[train] {watcher.signal_name}: saving step {step} and stopping")
+                log(f"[train] preempted: saving step {step} and stopping ({watcher.signal_name})")
             ckpt.save(step, state, data_iterator=saved_iterator, config=config, force=True)
     finally:
         ckpt.close()

@@ -205,10 +205,13 @@ def test_second_ctrl_c_aborts_at_once(tmp_path):
     _wait_for_first_step(proc, wd)
     proc.send_signal(signal.SIGINT)
     deadline = time.time() + 60
-    for line in proc.stdout:  # the first Ctrl-C is acknowledged ...
+    seen = ""
+    for line in proc.stdout:  # the first Ctrl-C is acknowledged, the run goes on ...
+        seen += line
         assert time.time() < deadline, "no answer to the first Ctrl-C"
         if "Ctrl-C again aborts" in line:
             break
+    assert "Ctrl-C again aborts" in seen and proc.poll() is None, seen
     t = time.time()
     proc.send_signal(signal.SIGINT)  # ... and the second ends the process without waiting
     proc.communicate(timeout=60)
