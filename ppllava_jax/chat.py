@@ -228,7 +228,17 @@ def checkpoint_parser(prog: str, description: str | None) -> argparse.ArgumentPa
     p.add_argument("--clip_tokenizer", default="")
     p.add_argument("--mesh", default="", help="mesh over local devices, e.g. 'fsdp=-1'")
     p.add_argument("--dtype", default="", help="float32 | bfloat16")
+    p.add_argument("--num_frames", type=int, default=0, help="frames (0: inference.json or 32)")
+    p.add_argument("--max_new_tokens", type=int, default=0, help="0: inference.json's, at most 200")
     return p
+
+
+def generation_defaults(a: argparse.Namespace, defaults: dict[str, Any]) -> tuple[int, int]:
+    """(frames, max new tokens): ``--num_frames`` / ``--max_new_tokens``, or with 0 the
+    checkpoint's ``inference.json`` (``defaults``) else 32 frames, 200 tokens (at most 200)."""
+    num_frames = a.num_frames or int(defaults.get("num_frames", 32))
+    max_new = a.max_new_tokens or min(int(defaults.get("max_new_tokens", 200)), 200)
+    return num_frames, max_new
 
 
 def setup_from_flags(a: argparse.Namespace) -> Any:
@@ -248,8 +258,6 @@ def setup_from_flags(a: argparse.Namespace) -> Any:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = checkpoint_parser("python -m ppllava_jax.chat", __doc__)
     p.add_argument("--video", required=True, help="video file, GIF or frame folder")
-    p.add_argument("--num_frames", type=int, default=0, help="frames (0: inference.json or 32)")
-    p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
@@ -273,14 +281,14 @@ def _main(a: argparse.Namespace, stdin=None, stdout=None, stderr=None) -> int:
     from ppllava_jax.evaluate.model_setup import inference_defaults
 
     # the video first: a wrong path is said before minutes of model loading
-    num_frames = a.num_frames or int(inference_defaults(a.checkpoint).get("num_frames", 32))
+    num_frames, max_new = generation_defaults(a, inference_defaults(a.checkpoint))
     clip = load_clip(a.video, num_frames)
     setup = setup_from_flags(a)
     chat = Chat(
         setup,
         a.video,
         num_frames=num_frames,
-        max_new_tokens=a.max_new_tokens,
+        max_new_tokens=max_new,
         temperature=a.temperature,
         top_k=a.top_k,
         top_p=a.top_p,

@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
-from ppllava_jax.chat import Chat, checkpoint_parser, setup_from_flags
+from ppllava_jax.chat import Chat, checkpoint_parser, generation_defaults, setup_from_flags
 from ppllava_jax.evaluate.common import VIDEO_EXTS
 
 MAX_SAMPLES = 12
@@ -333,8 +333,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", default="", help="folder or glob of sample videos")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on")
     p.add_argument("--port", type=int, default=7860, help="port (0: a free one)")
-    p.add_argument("--num_frames", type=int, default=0, help="frames (0: inference.json or 32)")
-    p.add_argument("--max_new_tokens", type=int, default=0, help="0: inference.json's, at most 200")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max_file_size", default="200mb", help="largest upload")
     return p.parse_args(argv)
@@ -361,12 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     samples = find_samples(a.samples, a.checkpoint)
     if a.samples and not samples:
         return _refuse(f"--samples {a.samples}: no video files there")
-    d = setup.defaults
-    max_new = a.max_new_tokens or min(int(d.get("max_new_tokens", 200)), 200)
+    num_frames, max_new = generation_defaults(a, setup.defaults)
     app = build_app(
         Engine(setup),
         samples,
-        num_frames=a.num_frames or int(d.get("num_frames", 32)),
+        num_frames=num_frames,
         max_new_tokens=max_new,
         temperature=a.temperature,
     )

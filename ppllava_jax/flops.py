@@ -52,10 +52,10 @@ def forward_flops(
         BT-Adapter (the views of an any-resolution image), else one temporal sequence per item.
       clip_len: CLIP prompt length (one prompt per item).
 
-    Counts what the loss depends on: the CLIP trunk up to hidden state ``vision_feature_layer``
-    (a scanned trunk computes the unused last layers too), the BT-Adapter layers that feed that
-    state, the CLIP text tower and projections ('ppllava' pooling), the projector MLP, the decoder
-    over ``rows x length`` tokens and the LM head.
+    Counts what the loss depends on (and what runs): the CLIP trunk up to hidden state
+    ``vision_feature_layer`` (the layers above it are not run, ``CLIPEncoder(upto_taps=True)``),
+    the BT-Adapter layers that feed that state, the CLIP text tower and projections ('ppllava'
+    pooling), the projector MLP, the decoder over ``rows x length`` tokens and the LM head.
     """
     v, tx, llm = cfg.vision, cfg.clip_text, cfg.llm
     c, inter = v.hidden_size, v.intermediate_size

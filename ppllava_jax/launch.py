@@ -18,12 +18,13 @@ call ``train.py`` and ``eval.py`` make on a TPU pod, under SLURM or on Kubernete
                                                     dead and the others stop with an error
 
 The launcher prefixes every output line of child ``i`` with ``[i]``, forwards SIGTERM and
-SIGINT to every child (each then saves and stops, see ``train.checkpoint``), and when a child
-fails it gives the others ``--grace`` seconds to end on their own, then sends them SIGTERM and,
-``--kill-after`` seconds later, SIGKILL (to each child's whole process group, data workers
-included). Children die with the launcher (``PR_SET_PDEATHSIG``) so nothing outlives it. The
-exit status is the first failure's (128 + signal for a child ended by a signal), 0 if all
-succeed. Lines ``[launch] process i pid P`` name the children's process ids.
+SIGINT to every child (each then saves and stops with status 75, "requeue": see
+``train/preemption.py``), and when a child fails (or stops to be requeued) it gives the others
+``--grace`` seconds to end on their own, then sends them SIGTERM and, ``--kill-after`` seconds
+later, SIGKILL (to each child's whole process group, data workers included). Children die with
+the launcher (``PR_SET_PDEATHSIG``) so nothing outlives it. The exit status is the first
+failure's (75 for a requeue, 128 + signal for a child ended by a signal), 0 if all succeed.
+Lines ``[launch] process i pid P`` name the children's process ids.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from ppllava_jax import command_line
 
 _PR_SET_PDEATHSIG = 1
 _DEVICE_COUNT = "--xla_force_host_platform_device_count="
+# a run stopped by a signal after saving (train.preemption.REQUEUE_EXIT_CODE, not imported here:
+# that module imports JAX; tests/test_multiprocess.py checks they agree)
+REQUEUE_EXIT_CODE = 75
 
 
 def size_cpu_thread_pool(env: MutableMapping[str, str] | None = None) -> None:
@@ -75,6 +79,13 @@ def simulate_cpu_devices(n: int, env: MutableMapping[str, str] | None = None) ->
     env["JAX_PLATFORMS"] = "cpu"
     env.pop("PJRT_NPROC", None)  # sized for this count, not an inherited one
     size_cpu_thread_pool(env)
+
+
+def ended(code: int) -> str:
+    """How a child with exit status ``code`` (``Popen.returncode``) ended, in words."""
+    if code == REQUEUE_EXIT_CODE:
+        return f"saved and stopped to be requeued (status {code}: rerun the command to resume)"
+    return f"failed ({f'signal {-code}' if code < 0 else f'status {code}'})"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -204,8 +215,7 @@ class Launcher:
             for i, c in enumerate(codes):
                 if c not in (None, 0) and first is None:
                     first, failed_at = (i, c), time.monotonic()
-                    how = f"signal {-c}" if c < 0 else f"status {c}"
-                    self.say(f"process {i} failed ({how}); stopping the others")
+                    self.say(f"process {i} {ended(c)}; stopping the others")
             if all(c is not None for c in codes):
                 break
             if first is not None:

@@ -53,3 +53,19 @@ def test_chat_through_a_pipe(ckpt):
     assert "[conversation reset]" in proc.stderr
     assert sorted(os.listdir(att)) == ["turn_00", "turn_01", "turn_02"]
     assert len([p for p in os.listdir(att / "turn_01") if p.endswith(".png")]) == 8
+
+
+def test_frames_and_answer_length_follow_the_checkpoint():
+    """--num_frames / --max_new_tokens 0 (the defaults): the checkpoint's inference.json (at
+    most 200 tokens), else 32 frames and 200 tokens; given flags win. The web demo shares it."""
+    from ppllava_jax import chat, demo
+
+    a = chat.parse_args(["--checkpoint", "ck", "--video", "v.mp4"])
+    assert chat.generation_defaults(a, {}) == (32, 200)
+    assert chat.generation_defaults(a, {"num_frames": 8, "max_new_tokens": 16}) == (8, 16)
+    assert chat.generation_defaults(a, {"max_new_tokens": 500}) == (32, 200)
+    a = chat.parse_args(["--checkpoint", "ck", "--video", "v.mp4", "--num_frames", "4",
+                         "--max_new_tokens", "300"])  # fmt: skip
+    assert chat.generation_defaults(a, {"num_frames": 8, "max_new_tokens": 16}) == (4, 300)
+    d = demo.parse_args(["--checkpoint", "ck", "--max_new_tokens", "7"])
+    assert chat.generation_defaults(d, {"num_frames": 8}) == (8, 7)

@@ -121,16 +121,16 @@ def test_demo_trains_resumes_and_scores(tmp_path):
     assert inference["max_new_tokens"] == run.SYNTHETIC_MAX_NEW_TOKENS
     # the demo keeps its tokenizer file's own pre-tokenization; eval reads it back from here
     assert "tokenizer_legacy" in inference and inference["tokenizer_legacy"] is None
-    res = json.loads((work / "eval_eval.json").read_text())
+    res = json.loads((work / "results_eval.json").read_text())
     assert res["summary"]["num_questions"] == 8 and len(res["records"]) == 8
     # no scratch left: the scoring's answers files go once the results are written
     assert sorted(p.name for p in work.iterdir()) == [
         "checkpoints",
         "config.json",
         "data",
-        "eval_eval.json",
         "final",
         "metrics.jsonl",
+        "results_eval.json",
         "tensorboard",
     ]
 
@@ -139,7 +139,7 @@ def test_outputs_message_names_the_files(tmp_path):
     summary = {"step": 4, "final": str(tmp_path / "final"), "eval_accuracy": 0.75}
     summary["eval_num_questions"] = 8
     text = run.outputs_message(str(tmp_path), summary, "eval")
-    assert f"{tmp_path / 'final'}" in text and f"{tmp_path / 'eval_eval.json'}" in text
+    assert f"{tmp_path / 'final'}" in text and f"{tmp_path / 'results_eval.json'}" in text
     assert "accuracy 75.0% of 8 questions" in text
     assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in text
 

@@ -109,9 +109,11 @@ def _video_batch(cfg, rows, length, frames, clip_len):
     }
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_forward_count_equals_traced_matmuls(scan):
-    cfg = tiny_config(scan_layers=scan)
+@pytest.mark.parametrize("scan,layer", [(True, -1), (False, -1), (True, -2), (False, -2)])
+def test_forward_count_equals_traced_matmuls(scan, layer):
+    """Also with a feature layer below the top: the trunk layers above it are neither counted
+    nor run (``CLIPEncoder(upto_taps=True)``)."""
+    cfg = tiny_config(scan_layers=scan, vision_feature_layer=layer)
     rows, length, frames, clip_len = 3, 24, 4, 10
     batch = _video_batch(cfg, rows, length, frames, clip_len)
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))

@@ -38,8 +38,8 @@ letters, which a 10-minute CPU run does not reach.
 ``form`` of the turn: ``mc``, or ``plain`` for the :data:`PLAIN_FRACTION` of training clips
 asked one of their question's phrasings (``shapes.PHRASINGS``, e.g. "What is the colour of the
 square?") without options, so the model also answers questions as a person types them (the
-chat); the held-out split stays multiple choice. Deterministic given the seed (encoding is
-single-threaded).
+chat); the clips are those of a multiple-choice-only set, and the held-out split stays multiple
+choice. Deterministic given the seed (encoding is single-threaded).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ QTYPES = ("colour", "first_colour", "last_colour", "direction", "shape")  # ever
 DEFAULT_QTYPES = ("colour", "first_colour", "last_colour")
 MARKER = "COMPLETE"
 VERSION = 4  # 3: answers are the option text ('left'), larger objects; 4: plain questions
-PLAIN_FRACTION = 0.25  # training clips asked a plain phrasing instead of multiple choice
+PLAIN_FRACTION = 0.1  # training clips asked a plain phrasing instead of multiple choice
 
 
 def _balanced(rng: np.random.Generator, values: int, n: int) -> np.ndarray:
@@ -110,7 +110,7 @@ def generate_split(
         sel = np.flatnonzero(types == k)
         answers[sel] = _balanced(rng, num_values(q), len(sel))
         letters[sel] = _balanced(rng, 4, len(sel))
-    # which training clips get a plain phrasing (a stream of its own: the clips are unchanged)
+    # which training clips are asked plainly (numbers of their own: the clips are unchanged)
     form_rng = np.random.default_rng([seed, {"train": 0, "eval": 1}[split], 2])
     plain = (form_rng.random(num) < PLAIN_FRACTION) & (split == "train")
     phrasing = form_rng.integers(0, 1 << 16, num)
@@ -125,21 +125,22 @@ def generate_split(
         write_video(os.path.join(out, rel), video, fps=fps, codec=codec)
         letter = LETTERS[int(letters[i])]
         assert cands[int(letters[i])] == correct
-        q = questions[phrasing[i] % len(questions)] if plain[i] else None
-        anns.append(
-            {
-                "video": rel,
-                "media_type": "video",
-                "QA": [{"q": q or format_question(questions[0], cands), "a": correct}],
-                "form": "plain" if plain[i] else "mc",
-                "qtype": qtype,
-                "question": questions[0],
-                "candidates": cands,
-                "answer": correct,
-                "answer_letter": letter,
-                "answer_index": int(letters[i]),
-            }
-        )
+        ann = {
+            "video": rel,
+            "media_type": "video",
+            "QA": [{"q": format_question(questions[0], cands), "a": correct}],
+            "form": "mc",
+            "qtype": qtype,
+            "question": questions[0],
+            "candidates": cands,
+            "answer": correct,
+            "answer_letter": letter,
+            "answer_index": int(letters[i]),
+        }
+        if plain[i]:
+            q = questions[phrasing[i] % len(questions)]
+            ann.update(QA=[{"q": q, "a": correct}], form="plain")
+        anns.append(ann)
     return anns
 
 

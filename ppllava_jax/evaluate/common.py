@@ -146,9 +146,9 @@ def mc_summary(records: Sequence[dict], key: str | None, num_questions: int) -> 
 def scalar_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The numbers of a summary for TensorBoard / ``metrics.jsonl``: the overall accuracies
     (``accuracy``; exact benchmarks ``accuracy_original`` and ``accuracy_strict``), each
-    group's as ``<accuracy name>/<group>``, and the counts ``answered``, ``num_questions``,
-    ``num_missing``, ``unparsed`` (those present)."""
-    counts = ("answered", "num_questions", "num_missing", "unparsed")
+    group's as ``<accuracy name>/<group>``, and the counts ``correct``, ``answered``,
+    ``num_questions``, ``num_missing``, ``unparsed`` (those present)."""
+    counts = ("correct", "answered", "num_questions", "num_missing", "unparsed")
     out: dict[str, float] = {}
     for k, v in summary.items():
         if (k.startswith("accuracy") or k in counts) and isinstance(v, (int, float)):

@@ -221,7 +221,7 @@ class PPLLaVAVisionModel(nn.Module):
             pixel_values = _three_frame_swap(pixel_values, frame_mask)
         x = self.embeddings(pixel_values.reshape(n * t, *pixel_values.shape[2:]))
         x = self.pre_layrnorm(x)
-        last, hidden = self.encoder(x, taps=taps)
+        last, hidden = self.encoder(x, taps=taps, upto_taps=True)  # nothing reads above k
         if init:
             self.post_layernorm(last[:, 0])
         hidden = hidden.reshape(len(taps), n, t, *x.shape[1:])

@@ -114,9 +114,13 @@ class CLIPEncoder(nn.Module):
         mask: Array | None = None,
         causal: bool = False,
         taps: tuple[int, ...] = (),
+        upto_taps: bool = False,
     ) -> tuple[Array, Array]:
         """x: ``float[B, S, C]``; mask: ``bool`` broadcastable to ``[B, 1, S, S]``; taps:
-        non-negative hidden-state indices (0 = ``x``, k = output of layer k-1).
+        non-negative hidden-state indices (0 = ``x``, k = output of layer k-1); upto_taps: run
+        only the layers up to the last tapped one (outside ``init``); ``last`` is then that
+        layer's output (for a caller that reads the taps only, e.g. a feature layer below the
+        top: the layers above it would be computed for nothing).
 
         Returns ``(last float[B, S, C], tapped float[len(taps), B, S, C])``. With scan, only the
         tapped layers are kept (a ``[len(set(taps)) + 1, B, S, C]`` buffer in the carry, the
@@ -129,18 +133,20 @@ class CLIPEncoder(nn.Module):
         if bad:
             raise ValueError(f"taps {bad} out of range [0, {n}] for a {n}-layer encoder")
         wanted = sorted({t for t in taps if t > 0})
-        block = layers.stack_layers(
-            CLIPEncoderLayer,
-            cfg,
-            n,
-            in_axes=(nn.broadcast, nn.broadcast, 0),
-            static_argnums=(3,),  # causal (flax counts self as 0)
-        )
+        run = max(wanted, default=0) if upto_taps and not self.is_initializing() else n
+        block = _stack(cfg, n)
+        if run < n and cfg.scan_layers:  # the first `run` slices of the stacked parameters
+            block = nn.map_variables(
+                _stack(cfg, run),
+                "params",
+                trans_in_fn=lambda v: jax.tree.map(lambda a: a[:run], v),
+                mutable=False,
+            )
         x0 = x
         got: dict[int, Array] = {}
-        if cfg.scan_layers:
+        if cfg.scan_layers and run > 0:
             if wanted:
-                slot_of = np.full((n,), len(wanted), np.int32)
+                slot_of = np.full((run,), len(wanted), np.int32)
                 for j, t in enumerate(wanted):
                     slot_of[t - 1] = j
                 buf = jnp.zeros((len(wanted) + 1, *x.shape), x.dtype)
@@ -150,8 +156,8 @@ class CLIPEncoder(nn.Module):
                 got = {t: buf[j] for j, t in enumerate(wanted)}
             else:
                 x, _ = block(cfg, name="layers")(x, mask, causal, None)
-        else:
-            for i in range(n):
+        elif not cfg.scan_layers:
+            for i in range(run):
                 x, _ = block(cfg, name=f"layers_{i}")(x, mask, causal, None)
                 if i + 1 in wanted:
                     got[i + 1] = x
@@ -160,6 +166,17 @@ class CLIPEncoder(nn.Module):
         else:
             tapped = jnp.zeros((0, *x.shape), x.dtype)
         return x, tapped
+
+
+def _stack(cfg: Config, length: int) -> type[nn.Module]:
+    """``length`` encoder layers as ``layers.stack_layers`` wraps them (scan / remat)."""
+    return layers.stack_layers(
+        CLIPEncoderLayer,
+        cfg,
+        length,
+        in_axes=(nn.broadcast, nn.broadcast, 0),
+        static_argnums=(3,),  # causal (flax counts self as 0)
+    )
 
 
 def normalize_taps(taps: Sequence[int], num_layers: int) -> tuple[int, ...]:

@@ -73,13 +73,20 @@ def _scalar(v: Any) -> Any:
 
 def cut_back(path: str, step: int) -> int:
     """Drop the records of ``metrics.jsonl`` at ``path`` after ``step`` (a run resumed from the
-    checkpoint of ``step`` logs them again); the file is replaced atomically. Returns how many
-    records were dropped (0 if the file does not exist)."""
+    checkpoint of ``step`` logs them again), and a line cut short by a kill mid-write; the file
+    is replaced atomically. Returns how many lines were dropped (0 if there is no file)."""
     if not os.path.exists(path):
         return 0
+
+    def kept(line: str) -> bool:
+        try:
+            return int(json.loads(line).get("step", 0)) <= step
+        except (ValueError, AttributeError):
+            return False
+
     with open(path) as f:
         lines = [x for x in f.read().splitlines() if x.strip()]
-    keep = [x for x in lines if json.loads(x).get("step", 0) <= step]
+    keep = [x for x in lines if kept(x)]
     if len(keep) < len(lines):
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:

@@ -2,16 +2,20 @@
 
 Steps, each failing early with a message that says what to change:
 
-1. the demo dataset is generated under ``<workdir>/data`` when the config asks for it
-   (``synthetic`` section) and ``data.sources`` is empty;
-2. the model config is built from the ``model`` section and checked against the tokenizers;
-3. a mesh from ``mesh``; parameters initialised in their shards (``sharding.sharded_init``) or
-   restored from ``init_from`` (a directory written by ``convert_torch_weights.py``);
-4. the grain pipeline (``data`` section) feeds ``trainer.train`` (resume, checkpoints, SIGTERM);
-5. at the end the trained parameters are written to ``<workdir>/final`` in the converted
-   layout (``config.json`` + ``params/``) with the tokenizers beside them, so ``eval.py``,
-   ``ppllava_jax.chat`` and ``convert_torch_weights.py --to_torch`` read it directly, and the
-   held-out split of the synthetic task is scored (``eval.split``).
+1. ``resolve``: the demo dataset is generated under ``<workdir>/data`` when the config asks for
+   it (``synthetic`` section) and ``data.sources`` is empty; the model config is built from the
+   ``model`` section (``train.model_config``) and checked with the data, tokenizers and mesh
+   (``train.checks``); the resolved config is written to ``<workdir>/config.json``;
+2. ``fit``: parameters initialised in their shards (``sharding.sharded_init``) or restored from
+   ``init_from`` (a directory written by ``convert_torch_weights.py``); the grain pipeline
+   (``data`` section, ``train.batches``) feeds ``trainer.train`` (resume, checkpoints; SIGTERM
+   and Ctrl-C save and stop, and ``train.py`` exits with ``preemption.REQUEUE_EXIT_CODE``);
+3. ``export_final``: the trained parameters go to ``<workdir>/final`` in the converted layout
+   (``config.json`` + ``params/``) with the tokenizers and ``inference.json`` beside them, so
+   ``eval.py``, ``ppllava_jax.chat`` and ``convert_torch_weights.py --to_torch`` read it directly;
+4. ``score_synthetic``: the held-out split of the synthetic task is scored (``eval.split``) into
+   ``<workdir>/results_<split>.json`` and ``metrics.jsonl`` / TensorBoard; the last lines printed
+   name every output (``outputs_message``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ppllava_jax.convert import params_io
 from ppllava_jax.convert.ppllava_config import ppllava_config_to_hf
 from ppllava_jax.data import collate
 from ppllava_jax.data import pipeline as pl
+from ppllava_jax.evaluate.common import results_path, scalar_metrics
 from ppllava_jax.models.config import PPLLaVAConfig
 from ppllava_jax.models.ppllava import PPLLaVA, init_params
 from ppllava_jax.train import resume_check, trainer
@@ -161,7 +166,7 @@ def write_json(path: str, obj: Any) -> None:
 def score_synthetic(final: str, cfg, split: str, workdir: str) -> dict[str, Any]:
     """Score the exported model on a split of the synthetic set with eval.py's own runner
     (same prompts, extraction and records as ``eval.py --benchmark synthetic``) into
-    ``<workdir>/eval_<split>.json``; the runner's answers files (its resume state) are removed
+    ``<workdir>/results_<split>.json``; the runner's answers files (its resume state) are removed
     before (a new model) and after (scratch once the results are written)."""
     from ppllava_jax.evaluate import answers, model_setup, runner
     from ppllava_jax.evaluate.synthetic import Synthetic
@@ -189,19 +194,11 @@ def score_synthetic(final: str, cfg, split: str, workdir: str) -> dict[str, Any]
     return res["summary"] if res else {}
 
 
-def results_path(workdir: str, split: str) -> str:
-    """Where the scores of ``split`` go: ``<workdir>/eval_<split>.json``."""
-    return os.path.join(workdir, f"eval_{split}.json")
-
-
 def log_scores(workdir: str, step: int, scores: dict[str, Any]) -> None:
     """The numeric scores (and each question type's accuracy) as ``eval/...`` at ``step`` in
     ``metrics.jsonl`` and TensorBoard, beside the training curves."""
-    flat = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
-    for qtype, s in (scores.get("by_qtype") or {}).items():
-        flat[f"accuracy/{qtype}"] = s["accuracy"]
     writer = MetricsWriter(workdir, console=False)
-    writer.write(step, flat, prefix="eval/")
+    writer.write(step, scalar_metrics(scores), prefix="eval/")
     writer.close()
 
 

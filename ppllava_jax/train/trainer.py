@@ -24,6 +24,10 @@ donated step with ``rng = fold_in(key(seed), step)`` (so a resumed run sees the 
 straight run would), log every ``log_every`` steps (``metrics.jsonl`` cut back to the step the
 run starts from), save every ``checkpoint.save_every`` steps and at the end, and on SIGTERM or
 Ctrl-C save and return (``TrainResult.preempted``; ``preemption.py``).
+
+Where each part lives: the optimizer, trainable split, checkpointer and the created or restored
+state in ``start.py``; the per-shape compilation in ``compiled_step.py``; the logged window and
+the writer in ``metrics.py``; the loop itself (``_loop``) here.
 """
 
 from __future__ import annotations

@@ -92,6 +92,7 @@ def test_scalar_metrics_for_tensorboard():
     m = scalar_metrics({**mc_summary(recs, "qtype", num_questions=3), "answers_file": "x.json"})
     assert m == {
         "accuracy": 0.5,
+        "correct": 1.0,
         "answered": 2.0,
         "num_questions": 3.0,
         "num_missing": 1.0,

@@ -52,3 +52,43 @@ def test_taps_are_the_layer_outputs(scan: bool) -> None:
     assert none.shape == (0, 2, 5, 16) and none.dtype == jnp.float32
     with pytest.raises(ValueError, match="taps \\[4\\] out of range \\[0, 3\\]"):
         enc.apply({"params": params}, x, taps=(4,))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_upto_taps_runs_only_the_layers_below_the_last_tap(scan: bool) -> None:
+    """``upto_taps``: the same taps, ``last`` = the last tapped layer's output, and the layers
+    above it are not in the program (a scan of that many steps, or that many unrolled layers)."""
+    cfg = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2
+    ).replace(scan_layers=scan)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    enc = CLIPEncoder(cfg)
+    params = enc.init(jax.random.key(1), x)["params"]
+    _, want = enc.apply({"params": params}, x, taps=(2, 0, 1))
+    last, got = enc.apply({"params": params}, x, taps=(2, 0, 1), upto_taps=True)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(last, want[0])
+    _, none = enc.apply({"params": params}, x, taps=(0,), upto_taps=True)
+    np.testing.assert_array_equal(none[0], x)
+
+    def fn(p):
+        return enc.apply({"params": p}, x, taps=(2,), upto_taps=True)[1]
+
+    text = str(jax.make_jaxpr(fn)(params))
+    if scan:
+        assert "length=2" in text and "length=4" not in text
+    else:
+        assert text.count("dot_general") == _dots_of_a_full_run(enc, params, x) // 2
+
+    # gradients reach only the layers that ran (the others get zeros), as without upto_taps
+    g = jax.grad(lambda p: fn(p).sum())(params)
+    g_full = jax.grad(lambda p: enc.apply({"params": p}, x, taps=(2,))[1].sum())(params)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_full), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _dots_of_a_full_run(enc, params, x) -> int:
+    """``dot_general`` count of the 4-layer encoder's program (every layer run)."""
+    return str(jax.make_jaxpr(lambda p: enc.apply({"params": p}, x, taps=(2,)))(params)).count(
+        "dot_general"
+    )

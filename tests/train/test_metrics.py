@@ -104,6 +104,9 @@ def test_writer_files_and_cut_back(tmp_path, capsys):
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     assert "3 records after step 1 cut" in capsys.readouterr().out
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "loss"')  # a line cut short by a kill
+    assert m.cut_back(str(tmp_path / "metrics.jsonl"), 2) == 1
     assert m.cut_back(str(tmp_path / "metrics.jsonl"), 0) == 2
     assert (tmp_path / "metrics.jsonl").read_text() == ""
     assert m.cut_back(str(tmp_path / "missing.jsonl"), 0) == 0
