@@ -1,4 +1,4 @@
-"""Memory and cost plan of the real 7B SFT train step, before renting a slice.
+r"""Memory and cost plan of the real 7B SFT train step, before renting a slice.
 
     python -m ppllava_jax.plan --config configs/ppllava_vicuna7b_videoonly.py \
         --devices 64 --mesh fsdp=64 --batch-per-device 1,2,4 --hbm-gib 16
@@ -7,7 +7,7 @@ Simulates ``--devices`` CPU devices (``XLA_FLAGS=--xla_force_host_platform_devic
 here before JAX is imported, so this module imports nothing from JAX at the top), builds the
 PPLLaVA config of the file's ``model`` section (7B: CLIP ViT-L/14-336 24 layers + BT-Adapter
 depth 4, CLIP text 12 layers / 248 positions, Vicuna-7B 32 layers, vocab 32064), the train state
-(trainable / frozen split and AdamW moments of the trainable set, SPEC section 7) and a batch of
+(trainable / frozen split and AdamW moments of the trainable set, docs/MODEL.md §7) and a batch of
 ``per-device x data-parallel ranks`` 32-frame 336px videos with merged sequences of
 ``batch.max_length`` tokens, all as abstract arrays with their shardings; then
 ``jax.jit(train_step).lower(...).compile()`` ahead of time and prints, per device: parameter
@@ -33,13 +33,12 @@ import sys
 import time
 from typing import Any
 
+from ppllava_jax import command_line
 from ppllava_jax.launch import simulate_cpu_devices
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m ppllava_jax.plan", description=__doc__.split("\n")[0]
-    )
+    p = command_line.argument_parser(__doc__, "python -m ppllava_jax.plan")
     p.add_argument("--config", required=True, help="ml_collections config file (get_config())")
     p.add_argument("--devices", type=int, required=True, help="simulated devices (chips/GPUs)")
     p.add_argument(

@@ -56,6 +56,10 @@ EXPECTED = {
     "data": {
         "data": {"num_workers", "samples_per_s", "first_batch_s", "samples"},
     },
+    "profile_step": {
+        "profile_step": {"step_s", "compile_s", "op_s_per_step", "parts_s", "parts_share"},
+        "profile_step_top_ops": {"top_ops"},
+    },
 }
 
 

@@ -1,6 +1,8 @@
 """The demo configuration end to end, a few steps: data generation, training, resume, export,
 held-out scoring, and the command line's errors for a bad config."""
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -19,6 +21,14 @@ from ppllava_jax.train import run
 from ppllava_jax.train.preemption import REQUEUE_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_block(heading: str) -> str:
+    """The first ```python block after ``heading`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(heading) :]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start : after.index("```\n", start)]
 
 
 def _small(cfg, steps):
@@ -133,6 +143,16 @@ def test_demo_trains_resumes_and_scores(tmp_path):
         "results_eval.json",
         "tensorboard",
     ]
+
+    # the README's forward-pass snippet runs as written on the demo model
+    snippet = _readme_block("## One forward pass on a video").replace("runs/demo", str(work))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(snippet, "README.md", "exec"), {})
+    logits, attention, answer = printed.getvalue().splitlines()
+    assert re.fullmatch(r"\(1, \d+, 513\)", logits), logits
+    assert attention == str((1, 4, *cfg.frame_shape)), attention
+    assert answer.strip(), "the snippet decodes a token"
 
 
 def test_outputs_message_names_the_files(tmp_path):

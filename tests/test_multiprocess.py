@@ -6,7 +6,7 @@ The demo model (configs/demo.py) on a 32-clip synthetic set: a global batch of 8
 process x 8, two x 4, four x 2 rows), 6 steps (an epoch is 4 steps), a checkpoint every 2
 steps. Runs (each one launch; module-scoped, shared by the tests):
 
-- ``pair_preempted`` + ``pair_resumed`` (run by default): 2 processes x 2 devices; SIGTERM to
+- ``pair_preempted`` + ``pair_resumed``: 2 processes x 2 devices; SIGTERM to
   the launcher after step 2 (both processes save the same step and exit 75, requeue); the
   rerun resumes from that checkpoint to the end.
 - ``reference``: 1 process x 4 devices, straight through.
@@ -20,11 +20,13 @@ steps. Runs (each one launch; module-scoped, shared by the tests):
 
 Every subprocess runs under a deadline and is killed (its whole process group) in ``finally``.
 
-By default: the launcher tests and the 2-process run above (data shares, shapes, one
-checkpoint, resume: two launches, each ~1 minute of start-up and compilation on 2 cores; JAX
-writes persistent-cache entries only from process 0, so process 1 compiles afresh every time).
-The rest is opt-in (``PPLLAVA_MULTIPROCESS=1``): the comparisons with a 1-process run, SIGKILL,
-4 processes and resharding, evaluation; 15-20 minutes on a loaded 2-core machine, not yet
+By default: the launcher tests, the 2-process run above (data shares, shapes, one checkpoint,
+resume) and its comparison with ``reference`` (losses and global batches): three launches,
+3.5-5.5 minutes on the loaded 2-core development machine (3 runs in a row green). Each
+2-process launch spends ~1 minute starting and compiling: JAX writes persistent-cache entries
+only from process 0, so process 1 compiles afresh every time (the 1-process reference is cached
+after its first run). The rest is opt-in (``PPLLAVA_MULTIPROCESS=1``): SIGKILL, 4 processes and
+resharding, parameter comparisons, evaluation; 15-20 minutes on a loaded 2-core machine, not yet
 reliable there (gloo gives up when processes reach a first collective more than 30 s apart; a
 4-process run hung once in state creation).
 """
@@ -264,10 +266,13 @@ def assert_params_close(a: dict, b: dict) -> None:
 
 def assert_losses_close(a: dict[int, float], b: dict[int, float]) -> None:
     """Step 1 (the same parameters and samples): forward numerics only; later steps within
-    float32 reduction-order drift."""
+    float32 reduction-order drift, which Adam amplifies step by step (measured, 1 process x 4
+    devices against 2 x 2: 8e-7 at step 1, 5e-5 at step 4, 3.6e-4 at step 5, the same with or
+    without a preemption and resume in between). A lost or doubled host's rows change step 1's
+    loss by far more."""
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     np.testing.assert_allclose(a[1], b[1], rtol=1e-5)
-    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=2e-4)
+    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-3)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -504,10 +509,9 @@ def test_two_processes_share_the_data_save_once_and_resume(pair_preempted, pair_
     assert sorted(epoch0) == sorted(f"train.json:{i}" for i in range(NUM_TRAIN))
 
 
-@real_runs
 def test_two_processes_equal_one_after_preemption(reference, pair_resumed):
     """The preempted-and-resumed 2-process run has the losses and global batches of 1 process
-    x 4 devices (opt-in: one more launch)."""
+    x 4 devices."""
     w, _ = pair_resumed
     assert_losses_close(losses(w), losses(reference))
     ref, got = global_batches(trace(reference)), global_batches(trace(w))
