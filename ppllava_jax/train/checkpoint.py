@@ -16,6 +16,9 @@ shards, process 0 the metadata and the commit marker); a step directory without 
 (a process killed mid-save) is ignored by ``latest_step``. The data state is one file per
 process; a restart with another process count hands every saved file to the iterator's
 ``reshard_state`` (if it has one) to place the new hosts' shards where the old ones stopped.
+Grain's own orbax handler (``grain.python.PyGrainCheckpointHandler``) writes the same
+``process_<i>-of-<n>.json`` files but restores only the file of the current process index and
+count, so it cannot resume on another process count; hence this handler.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ from ppllava_jax.models.config import CLIPVisionConfig, PPLLaVAConfig
 BUCKETS = [48, 64, 96]
 
 
-def tiny_model(image_token_index: int) -> PPLLaVAConfig:
+PINPOINTS = ((32, 64), (64, 32), (64, 64))
+
+
+def tiny_model(image_token_index: int, pinpoints=PINPOINTS, pad_token_id: int = 3) -> PPLLaVAConfig:
     """32 x 32 tower, 4 x 4 patches; a video of T frames pools to (T/2) x 2 x 2 tokens."""
     return PPLLaVAConfig(
         vision=CLIPVisionConfig(image_size=32, patch_size=8, num_hidden_layers=2),
@@ -18,9 +21,9 @@ def tiny_model(image_token_index: int) -> PPLLaVAConfig:
         pooling_stride=(2, 2, 2),
         image_pooling_kernel=(1, 2, 2),
         image_pooling_stride=(1, 2, 2),
-        image_grid_pinpoints=((32, 64), (64, 32), (64, 64)),
+        image_grid_pinpoints=tuple(pinpoints),
         image_token_index=image_token_index,
-        pad_token_id=3,
+        pad_token_id=pad_token_id,
     )
 
 

@@ -5,21 +5,9 @@ import dataclasses
 import pytest
 
 from ppllava_jax.data import config as C
-from ppllava_jax.models.config import CLIPVisionConfig, PPLLaVAConfig
+from tests.data.helpers import tiny_model
 
-MODEL = PPLLaVAConfig(
-    vision=CLIPVisionConfig(image_size=32, patch_size=8, num_hidden_layers=2),
-    frame_shape=(4, 4),
-    btadapter_depth=1,
-    pooling="ppllava",
-    pooling_kernel=(2, 2, 2),
-    pooling_stride=(2, 2, 2),
-    image_pooling_kernel=(1, 2, 2),
-    image_pooling_stride=(1, 2, 2),
-    image_grid_pinpoints=((32, 64), (64, 32), (64, 96)),
-    image_token_index=7,
-    pad_token_id=3,
-)
+MODEL = tiny_model(7, pinpoints=((32, 64), (64, 32), (64, 96)))
 
 
 def _cfg(**kw):

@@ -18,9 +18,9 @@ from ppllava_jax.data import templates as tpl
 from ppllava_jax.data.errors import AnnotationError
 from ppllava_jax.data.skips import skip_reason
 from ppllava_jax.layout import IGNORE_INDEX
-from ppllava_jax.models.config import CLIPVisionConfig, PPLLaVAConfig
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.train import run, trainer
+from tests.data.helpers import tiny_model
 
 B = 3  # pairs per batch in the data tests
 
@@ -48,19 +48,7 @@ def data(tmp_path_factory):
 
 
 def _model(info):
-    return PPLLaVAConfig(
-        vision=CLIPVisionConfig(image_size=32, patch_size=8, num_hidden_layers=2),
-        frame_shape=(4, 4),
-        btadapter_depth=1,
-        pooling="ppllava",
-        pooling_kernel=(2, 2, 2),
-        pooling_stride=(2, 2, 2),
-        image_pooling_kernel=(1, 2, 2),
-        image_pooling_stride=(1, 2, 2),
-        image_grid_pinpoints=((32, 64), (64, 32)),
-        image_token_index=info["image_token_id"],
-        pad_token_id=3,
-    )
+    return tiny_model(info["image_token_id"], pinpoints=((32, 64), (64, 32)))
 
 
 def _data_cfg(out, path, **kw):

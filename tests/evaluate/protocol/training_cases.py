@@ -20,31 +20,19 @@ from ppllava_jax.data import frame_index as fidx
 from ppllava_jax.data import pipeline as pl
 from ppllava_jax.data import video as vid
 from ppllava_jax.data.tokenizers import train_clip_tokenizer
-from ppllava_jax.models.config import CLIPVisionConfig, PPLLaVAConfig
+from ppllava_jax.models.config import PPLLaVAConfig
+from tests.data.helpers import tiny_model
 from tests.evaluate.protocol.fixture import case_ids, ids_key, protocols, tokenizer_dir
 
 TRAINING = protocols()["training"]
 SAMPLES = TRAINING["samples"]
 SAMPLING = TRAINING["frame_sampling"]
 TEMPLATE = TRAINING["protocol"].get("template", "plain_v1")
-SIZE = 32  # tower input of the tiny model the pipeline plans for
 ROLL = 300  # seeds of the rand checks
 
 
 def _model() -> PPLLaVAConfig:
-    return PPLLaVAConfig(
-        vision=CLIPVisionConfig(image_size=SIZE, patch_size=8, num_hidden_layers=2),
-        frame_shape=(4, 4),
-        btadapter_depth=1,
-        pooling="ppllava",
-        pooling_kernel=(2, 2, 2),
-        pooling_stride=(2, 2, 2),
-        image_pooling_kernel=(1, 2, 2),
-        image_pooling_stride=(1, 2, 2),
-        image_grid_pinpoints=((SIZE, 2 * SIZE), (2 * SIZE, SIZE), (2 * SIZE, 2 * SIZE)),
-        image_token_index=int(protocols()["tokenizer"]["image_token"]["id"]),
-        pad_token_id=0,
-    )
+    return tiny_model(int(protocols()["tokenizer"]["image_token"]["id"]), pad_token_id=0)
 
 
 class RecordingTokenizer:
