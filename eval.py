@@ -151,8 +151,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    # --save-attention is accepted as a spelling of --save_attention
-    import sys
-
-    sys.argv = [a.replace("--save-attention", "--save_attention", 1) for a in sys.argv]
     app.run(main, flags_parser=command_line.parse_flags)
