@@ -412,9 +412,27 @@ def time_generate_runs(runs: dict, warmup: int, repeats: int) -> None:
 # ----------------------------------------------------------------------------- train step
 
 
-def sft_step(cfg: Any, *, lr: float = 1e-5):
-    """``(init_state, step_fn)`` for SFT of every parameter with this project's optimizer (AdamW,
-    constant ``lr``, no weight decay, global-norm clipping at 1.0) and train step.
+def sft_apply_fn(cfg: Any, *, deterministic: bool = False) -> Callable[..., dict]:
+    """The ``apply_fn`` of ``train.step.make_train_step`` for ``PPLLaVA(cfg)``: the batch without
+    ``labels``, dropout / drop-path keyed by ``rng`` in training unless ``deterministic`` (then
+    training runs exactly the inference forward); extra keywords (``return_logits``) passed on."""
+    from ppllava_jax.models.ppllava import PPLLaVA
+
+    model = PPLLaVA(cfg)
+
+    def apply_fn(p, batch, *, train, rng, **kw):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        det = deterministic or not train
+        return model.apply({"params": p}, inputs, deterministic=det, rngs={"dropout": rng}, **kw)
+
+    return apply_fn
+
+
+def sft_step(cfg: Any, *, lr: float = 1e-5, trainable: str = "all", deterministic: bool = False):
+    """``(init_state, step_fn)`` for SFT of the ``trainable`` parameters (a preset of
+    ``train.optimizer``: ``all``, ``ppllava_sft``, ...) with this project's optimizer (AdamW,
+    constant ``lr``, no weight decay, global-norm clipping at 1.0) and train step
+    (``deterministic``: see ``sft_apply_fn``).
 
     ``init_state(params) -> TrainState`` (traceable: ``jax.eval_shape`` gives an abstract state);
     ``step_fn = jax.jit(make_train_step(...), donate_argnums=0)``, called as
@@ -423,7 +441,6 @@ def sft_step(cfg: Any, *, lr: float = 1e-5):
     import jax
     import ml_collections
 
-    from ppllava_jax.models.ppllava import PPLLaVA
     from ppllava_jax.train.optimizer import (
         default_optimizer_config,
         make_optimizer,
@@ -436,7 +453,7 @@ def sft_step(cfg: Any, *, lr: float = 1e-5):
     opt.lr = lr
     opt.schedule = "constant"
     opt.warmup_steps = 0
-    opt.trainable = "all"
+    opt.trainable = trainable
     opt.weight_decay = 0.0
     opt.grad_clip_norm = 1.0
     config = ml_collections.ConfigDict(
@@ -444,12 +461,7 @@ def sft_step(cfg: Any, *, lr: float = 1e-5):
     )
     tx, schedule = make_optimizer(opt, 1000)
     pred = trainable_predicate(opt)
-    model = PPLLaVA(cfg)
-
-    def apply_fn(p, batch, *, train, rng):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return model.apply({"params": p}, inputs, deterministic=not train, rngs={"dropout": rng})
-
+    apply_fn = sft_apply_fn(cfg, deterministic=deterministic)
     step = make_train_step(apply_fn, config, "sft", tx=tx, schedule=schedule)
     return (lambda params: create_train_state(params, tx, pred)), jax.jit(step, donate_argnums=(0,))
 

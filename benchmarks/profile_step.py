@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py                    # the "small" setting (issue 15)
     python benchmarks/profile_step.py --clip-length 48   # the CLIP prompt 48 tokens, not 248
     python benchmarks/profile_step.py --smoke            # tiny (smoke test)
+    python benchmarks/profile_step.py --full-logits      # LM head over every position
 
 Setting ("small"): CLIP vision 12 x 384 at 168 px (12 x 12 patches) with a depth-2 BT-Adapter,
 CLIP text tower 4 x 256 over 248 positions (the prompt ``--clip-length`` tokens), LLaMA 8 x 512
@@ -10,7 +11,9 @@ with a 32,064-token vocabulary, 2 videos x 8 frames per step, prompt-guided pool
 (64 visual tokens per video), 63 text tokens per row; float32, scanned layers, no remat. Step:
 ``train.step.make_train_step`` (SFT, ``grad_accum_steps=1``, ``loss_chunk_size=0``) with AdamW
 (constant lr 1e-5, no weight decay, global-norm clipping at 1.0) over the trainable set
-``ppllava_sft`` (``train.optimizer.trainable_predicate``), random weights, state not donated.
+``ppllava_sft`` (``train.optimizer.trainable_predicate``), random weights, state not donated;
+the batch carries ``target_positions`` (``data.collate.target_positions``: the loss's LM head
+runs at the 64 supervised positions of each row, not all 127; ``--full-logits``: every one).
 
 Method: the step is lowered and compiled ahead of time (``compile_s``), run ``--warmup`` times,
 then ``--steps`` steps are traced with ``jax.profiler`` (the wall time of the traced steps is
@@ -58,7 +61,7 @@ PARTS = (
     ("clip_text_model", "clip_text"),
     ("visual_pool", "pooling"),
     ("multi_modal_projector", "projector"),
-    ("lm_head", "lm_head"),
+    ("lm_head", "lm_head"),  # also the loss's gathered head (named scope gathered_lm_head)
     ("language_model", "llm"),
     ("token_logps", "loss"),
     ("log_softmax", "loss"),
@@ -114,23 +117,9 @@ def xla_op_seconds(trace_dir: str) -> dict[str, float]:
     return {n: v for n, v in dur.items() if not n.startswith(RUNTIME)}
 
 
-def step_setup(s: dict, clip_len: int):
-    """``(compiled_step, state, batch, rng)``: the SFT step of setting ``s`` compiled ahead of
-    time, its initial state (trainable set ``ppllava_sft``) and a batch with ``clip_len`` CLIP
-    prompt tokens; plus the compile seconds."""
-    import jax
-    import ml_collections
-
-    from ppllava_jax.models.ppllava import PPLLaVA
-    from ppllava_jax.train.optimizer import (
-        default_optimizer_config,
-        make_optimizer,
-        trainable_predicate,
-    )
-    from ppllava_jax.train.state import create_train_state
-    from ppllava_jax.train.step import make_train_step
-
-    cfg = common.ppllava_config(
+def setting_config(s: dict):
+    """The ``PPLLaVAConfig`` of setting ``s`` (``SIZES``)."""
+    return common.ppllava_config(
         vision_layers=s["vl"],
         vision_width=s["vw"],
         llm_layers=s["ll"],
@@ -142,9 +131,32 @@ def step_setup(s: dict, clip_len: int):
         clip_positions=s["clip_pos"],
         kernel=s["kernel"],
     )
+
+
+def step_setup(s: dict, clip_len: int, full_logits: bool = False):
+    """``(compiled_step, state, batch, rng)``: the SFT step of setting ``s`` compiled ahead of
+    time, its initial state (trainable set ``ppllava_sft``) and a batch with ``clip_len`` CLIP
+    prompt tokens; plus the compile seconds. The batch carries ``target_positions`` (the loss's
+    LM head at the supervised positions only) unless ``full_logits``."""
+    import jax
+    import ml_collections
+
+    from ppllava_jax.data.collate import TARGET_POSITIONS, target_positions
+    from ppllava_jax.models.ppllava import PPLLaVA
+    from ppllava_jax.train.optimizer import (
+        default_optimizer_config,
+        make_optimizer,
+        trainable_predicate,
+    )
+    from ppllava_jax.train.state import create_train_state
+    from ppllava_jax.train.step import make_train_step
+
+    cfg = setting_config(s)
     batch = common.video_sft_batch(
         cfg, batch=s["batch"], frames=s["frames"], text_len=s["text"], clip_len=clip_len
     )
+    if not full_logits:
+        batch[TARGET_POSITIONS] = target_positions(batch["labels"], batch["attention_mask"])
     batch = jax.tree.map(jax.numpy.asarray, batch)
     model = PPLLaVA(cfg)
 
@@ -183,6 +195,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=0, help="traced steps (default 2)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     ap.add_argument("--top", type=int, default=15, help="ops listed")
+    ap.add_argument(
+        "--full-logits", action="store_true", help="LM head over every position (no gather)"
+    )
     args = ap.parse_args()
     s = SIZES["smoke" if args.smoke else "full"]
     clip_len = args.clip_length or s["clip_pos"]
@@ -191,7 +206,7 @@ def main() -> int:
         ap.error(f"--clip-length at most {s['clip_pos']} (the text tower's positions)")
     jax = common.setup_jax()
 
-    compiled, state, batch, rng, compile_s = step_setup(s, clip_len)
+    compiled, state, batch, rng, compile_s = step_setup(s, clip_len, args.full_logits)
     meta = op_metadata(compiled.as_text())
     common.time_calls(lambda: compiled(state, batch, rng), 0, warmup=args.warmup)
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -221,6 +236,7 @@ def main() -> int:
         "profile_step",
         **shape,
         clip_length=clip_len,
+        full_logits=args.full_logits,
         trainable="ppllava_sft",
         steps=steps,
         compile_s=round(compile_s, 3),

@@ -4,6 +4,7 @@ bf16 peak on an accelerator: MFU).
     python benchmarks/utilisation.py            # vision 12 x 384 + BT-Adapter, LLM 8 x 512
     python benchmarks/utilisation.py --quick
     python benchmarks/utilisation.py --smoke
+    python benchmarks/utilisation.py --small    # issue 15's "small" setting: step and forward
 
 Model: a small PPLLaVA with every part (CLIP vision tower + BT-Adapter depth 2, CLIP text tower,
 prompt-guided pooling (2, 2, 2) of 8 frames of 112 px = 64 visual tokens per video, LLaMA
@@ -20,6 +21,13 @@ Reference: the FLOP/s of a jitted ``[n, n] @ [n, n]`` matmul on the same device 
 (n = 2048 float32 on CPU, 8192 bfloat16 on an accelerator). ``fraction_of_matmul`` = achieved /
 matmul. On a GPU/TPU ``mfu`` = achieved / ``train.metrics.peak_flops_per_device()`` (the chip's
 published dense bf16 peak); None on CPU (no published peak).
+
+``--small``: issue 15's "small" setting, the SFT step that ``profile_step.py`` profiles (CLIP
+vision 12 x 384 at 168 px + BT-Adapter, CLIP text 4 x 256 over 248 positions, LLaMA 8 x 512 with a
+32,064 vocabulary, 2 videos x 8 frames, pooling (2, 3, 3), trainable set ``ppllava_sft``: the CLIP
+trunk and text tower frozen, counted once; the loss's LM head at the supervised positions only,
+counted there) and the model's forward (``deterministic``, logits over every position, counted
+there); each as a fraction of the same run's matmul FLOP/s.
 """
 
 from __future__ import annotations
@@ -42,7 +50,10 @@ def main() -> int:
     ap = common.base_parser(__doc__)
     ap.add_argument("--dtype", default="", help="default: float32 on CPU, else bfloat16")
     ap.add_argument("--matmul-n", type=int, default=0, help="matmul size (default per size)")
+    ap.add_argument("--small", action="store_true", help="issue 15's small setting (above)")
     args, size, s, repeats = common.parse_size(ap, SIZES)
+    if args.small:
+        return small(args, repeats)
     jax = common.setup_jax()
     import flax.linen as nn
 
@@ -133,6 +144,74 @@ def main() -> int:
         fraction_of_matmul=round(achieved / mm["flops_per_s"], 4),
         peak_flops_per_s=peak,
         mfu=(round(achieved / peak, 4) if peak else None),
+    )
+    return 0
+
+
+def small(args, repeats: int | None) -> int:
+    """Utilisation of the train step and of the forward in the "small" setting (``--small``)."""
+    import profile_step
+
+    jax = common.setup_jax()
+    import numpy as np
+
+    from ppllava_jax import flops
+    from ppllava_jax.data.collate import TARGET_POSITIONS
+    from ppllava_jax.models.ppllava import PPLLaVA
+    from ppllava_jax.train.optimizer import merge_params, param_paths
+
+    s = profile_step.SIZES["full"]
+    repeats = repeats or 5
+    cfg = profile_step.setting_config(s)
+    compiled, state, batch, rng, compile_s = profile_step.step_setup(s, s["clip_pos"])
+    rows, length = batch["input_ids"].shape
+    videos = [(s["batch"], s["frames"], False)]
+    fwd = flops.forward_flops(cfg, rows, length, videos, s["clip_pos"])
+    mult = flops.part_multipliers(param_paths(state.params))
+    k = int(np.asarray(batch[TARGET_POSITIONS]).shape[1])
+    head_step = fwd["lm_head"] * k / length  # the step's head runs over K positions per row
+    step_flops = sum(fwd[n] * mult[n] for n, _ in flops.PARTS if n != "lm_head")
+    step_flops += head_step * mult["lm_head"]
+
+    model = PPLLaVA(cfg)
+    params = merge_params(state.params, state.frozen)
+    inputs = {k_: v for k_, v in batch.items() if k_ not in ("labels", TARGET_POSITIONS)}
+    forward = jax.jit(lambda p, b: model.apply({"params": p}, b)["logits"])
+    forward = forward.lower(params, inputs).compile()
+
+    def step():
+        return compiled(state, batch, rng)
+
+    n = args.matmul_n or 2048
+    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jax.numpy.float32)
+    matmul = jax.jit(lambda x, y: x @ y).lower(a, a).compile()
+    step_t, fwd_t, mm_t = [], [], []
+    common.block(step())
+    common.block(forward(params, inputs))
+    common.block(matmul(a, a))
+    for _ in range(repeats):  # alternating, so a shared machine's load hits all three alike
+        step_t += common.time_calls(step, 1, warmup=0)
+        fwd_t += common.time_calls(lambda: forward(params, inputs), 1, warmup=0)
+        mm_t += common.time_calls(lambda: matmul(a, a), 1, warmup=0)
+    st, ft, mt = common.summary(step_t), common.summary(fwd_t), common.summary(mm_t)
+    mm = {"n": n, "dtype": "float32", **mt, "flops_per_s": 2 * n**3 / mt["median_s"]}
+    common.emit("matmul", size="small", **mm)
+    common.emit(
+        "utilisation_small",
+        **{k_: v for k_, v in s.items() if k_ != "steps"},
+        seq_len=int(length),
+        loss_positions=k,
+        trainable="ppllava_sft",
+        step_s=st["median_s"],
+        step_min_s=st["min_s"],
+        forward_s=ft["median_s"],
+        forward_min_s=ft["min_s"],
+        compile_s=round(compile_s, 3),
+        flops_step=step_flops,
+        flops_forward=fwd["total"],
+        matmul_flops_per_s=mm["flops_per_s"],
+        step_fraction_of_matmul=round(step_flops / st["median_s"] / mm["flops_per_s"], 4),
+        forward_fraction_of_matmul=round(fwd["total"] / ft["median_s"] / mm["flops_per_s"], 4),
     )
     return 0
 

@@ -95,7 +95,10 @@ def vicuna7b_model() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"  # parameter storage (and so optimizer moments) dtype
     m.scan_layers = True  # nn.scan over repeated layers: compile time flat in depth
     m.remat_policy = "full"  # none | full | dots | dots_no_batch (gradient checkpointing)
-    m.attention_impl = "xla"  # xla | cudnn (NVIDIA flash attention, bf16) | auto
+    # auto: cuDNN flash attention on NVIDIA, splash on TPU where it applies, else the
+    # reference XLA path for small score tensors and blockwise (O(S) memory) for large ones:
+    # the 32-frame CLIP / BT-Adapter layers and the 2048-token LLM (docs/plan_figures.md)
+    m.attention_impl = "auto"
     m.llm_layers = 32  # Vicuna-7B decoder layers (lower it only for experiments)
     m.vocab_size = 32064  # llava-v1.6-vicuna-7b vocabulary (32000 + added tokens, padded)
     m.num_frames = FRAMES  # frames per video, each 336x336 (the start point's max_T = 64)

@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.scan_layers = True
     m.remat_policy = "full"  # gradient checkpointing, as the original
-    m.attention_impl = "xla"  # xla | cudnn | auto
+    m.attention_impl = "auto"  # blockwise / cudnn / splash per backend (configs/common.py)
     m.llm_layers = 28  # Qwen2-7B decoder layers
     m.vocab_size = 152128  # llava-onevision-qwen2-7b-si-hf (read from init_from when set)
     m.num_frames = common.FRAMES  # frames per video, 384x384, 27x27 patches each
@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.num_samples = 300_000  # placeholder: samples in one epoch of llava_hound_300k
     c.train.global_batch = b.get_ref("global_batch")
     c.train.total_steps = -((-c.train.get_ref("num_samples")) // c.train.get_ref("global_batch"))
+    # the LM head and cross entropy over 512-position chunks: no float32 [B, L, vocab] logits
+    # (same values and gradients; docs/plan_figures.md)
+    c.train.loss_chunk_size = 512
     c.optimizer.lr = 1e-5  # learning_rate: 1e-5
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_ratio = 0.03

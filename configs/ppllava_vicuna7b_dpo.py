@@ -92,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.log_every = 1
     t.loss_normalization = "per_device_mean"  # as the SFT recipe
     t.loss_group_size = 8
+    t.loss_chunk_size = 512  # LM head + log-softmax over chunks: no [B, L, vocab] logits
 
     c.dpo.beta = 0.1
 

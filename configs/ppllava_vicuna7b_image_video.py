@@ -86,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.epochs = 1  # the original's num_train_epochs (the video-only recipe's is 2)
     c.train.grad_accum_steps = 2  # 64-sample micro-batches: 4 per v5p chip
     # the original's loss: token mean per group of 8 rows (its per-device micro-batch), averaged
+    # the LM head and cross entropy over 512-position chunks: no float32 [B, L, vocab] logits
+    # (same values and gradients; docs/plan_figures.md)
+    c.train.loss_chunk_size = 512
     c.train.loss_normalization = "per_device_mean"
     c.train.loss_group_size = 8
     c.train.log_every = 10

@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
     # averaged over devices and accumulation steps; groups of 8 rows whatever this mesh is
     t.loss_normalization = "per_device_mean"
     t.loss_group_size = 8
+    # the LM head and cross entropy over 512-position chunks: no float32 [B, L, vocab] logits
+    # (same values and gradients; docs/plan_figures.md)
+    c.train.loss_chunk_size = 512
     c.optimizer.lr = 2e-5  # AdamW, cosine, 3% warmup, no weight decay
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_ratio = 0.03

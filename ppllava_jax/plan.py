@@ -20,15 +20,21 @@ A config without ``model.preset`` (e.g. a small model to try the tool on) is pla
 model ``train.py`` would build from it (``train.model_config``) and its ``batch`` section's
 ``max_length``, ``per_device``, ``num_frames`` and ``clip_length``.
 
+``--attention`` and ``--set KEY=VALUE`` (e.g. ``train.loss_chunk_size=0``) plan other settings.
 The figures come from XLA's CPU compiler: buffer assignment, fusion and rematerialisation differ
 on TPU and GPU, so treat them as estimates (typically within tens of percent); leave headroom.
+By default (``--cpu-scheduler memory``) the CPU compiler's concurrency-optimised scheduler is
+turned off, so the program is ordered to minimise memory as the accelerators' memory-limited
+schedulers do (``set_device_count``; docs/plan_figures.md has figures with both).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -53,11 +59,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="samples per data-parallel rank; a comma list plans several (default: config)",
     )
     p.add_argument("--remat", default=None, help="remat policy: none | full | dots | ...")
+    p.add_argument("--attention", default=None, help="attention_impl: xla | blockwise | auto ...")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config field (repeat)"
+    )
     p.add_argument("--scan", default=None, choices=("true", "false"), help="override scan_layers")
     p.add_argument("--hbm-gib", type=float, default=None, help="device memory to check against")
     p.add_argument("--max-length", type=int, default=None, help="merged sequence length")
     p.add_argument("--frames", type=int, default=None, help="frames per video")
     p.add_argument("--llm-layers", type=int, default=None, help="LLM depth (experiments)")
+    p.add_argument(
+        "--cpu-scheduler",
+        default="memory",
+        choices=("memory", "concurrency"),
+        help="XLA CPU schedule of the planned program: memory-minimising (default, like the "
+        "accelerators' memory-limited schedulers) or XLA CPU's concurrency-optimised default",
+    )
     p.add_argument("--params", action="store_true", help="also print every parameter's layout")
     p.add_argument(
         "--processes",
@@ -69,11 +86,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def set_device_count(n: int) -> None:
-    """Simulated host devices; must run before JAX is imported."""
+CONCURRENCY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+
+
+def set_device_count(n: int, scheduler: str = "memory") -> None:
+    """Simulated host devices; must run before JAX is imported. ``scheduler='memory'`` turns
+    off the XLA CPU compiler's concurrency-optimised scheduler (on by default: it orders the
+    program for thread parallelism on the host, e.g. rematerialised forward passes of the
+    vision tower early, during the LLM backward, holding their activations), so that the
+    schedule minimises memory as the TPU/GPU compilers' memory-limited schedulers do;
+    ``'concurrency'`` keeps XLA's CPU default."""
     if "jax" in sys.modules:
         raise RuntimeError("set_device_count must run before jax is imported")
     simulate_cpu_devices(n)
+    flags = [f for f in os.environ["XLA_FLAGS"].split() if CONCURRENCY_SCHEDULER_FLAG not in f]
+    if scheduler == "memory":
+        flags.append(f"{CONCURRENCY_SCHEDULER_FLAG}=false")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def set_field(config: Any, assignment: str) -> None:
+    """Apply one ``--set KEY=VALUE``: ``config.<KEY> = VALUE`` (a Python literal, else the
+    string); an unknown field is a ValueError naming it."""
+    key, eq, text = assignment.partition("=")
+    if not eq:
+        raise ValueError(f"--set {assignment!r}: use KEY=VALUE, e.g. train.loss_chunk_size=0")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    *path, leaf = key.strip().split(".")
+    node = config
+    for part in path:
+        node = node.get(part) if hasattr(node, "get") else None
+        if node is None:
+            raise ValueError(f"--set {key}: the config has no section {part!r}")
+    if leaf not in node:
+        raise ValueError(f"--set {key}: the config has no field {leaf!r}")
+    node[leaf] = value
+
+
+def cpu_scheduler() -> str:
+    """``'memory'`` or ``'concurrency'``: the XLA CPU schedule ``XLA_FLAGS`` asks for."""
+    off = f"{CONCURRENCY_SCHEDULER_FLAG}=false" in os.environ.get("XLA_FLAGS", "")
+    return "memory" if off else "concurrency"
 
 
 def load_config(path: str):
@@ -213,10 +269,10 @@ def plan_one(
 
     model = PPLLaVA(cfg)
 
-    def apply_fn(params, batch, *, train, rng):
+    def apply_fn(params, batch, *, train, rng, **kw):  # kw: return_logits (loss_chunk_size)
         inputs = {k: v for k, v in batch.items() if k != "labels"}  # the step computes the loss
         return model.apply(
-            {"params": params}, inputs, deterministic=not train, rngs={"dropout": rng}
+            {"params": params}, inputs, deterministic=not train, rngs={"dropout": rng}, **kw
         )
 
     step = make_train_step(
@@ -269,8 +325,11 @@ def plan_one(
         "seq_len": length,
         "frames": frames,
         "remat": cfg.remat_policy,
+        "attention": cfg.attention_impl,
+        "loss_chunk_size": int(config.train.get("loss_chunk_size", 0)),
         "scan": cfg.scan_layers,
         "dtype": cfg.dtype,
+        "cpu_scheduler": cpu_scheduler(),
         "trainable_params": trainable_n,
         "frozen_params": frozen_n,
         "params_bytes": params_b,
@@ -320,14 +379,18 @@ def format_table(rows: list[dict], hbm_gib: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    set_device_count(args.devices)
+    set_device_count(args.devices, args.cpu_scheduler)
     config = load_config(args.config)  # may import jax: after set_device_count
     import jax
 
     from ppllava_jax import sharding
 
+    for assignment in args.set:
+        set_field(config, assignment)
     if args.remat is not None:
         config.model.remat_policy = args.remat
+    if args.attention is not None:
+        config.model.attention_impl = args.attention
     if args.scan is not None:
         config.model.scan_layers = args.scan == "true"
     if args.llm_layers is not None:
@@ -363,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nPPLLaVA SFT plan: {r0['devices']} devices, mesh {r0['mesh']}, "
         f"{r0['frames']} frames x {r0['seq_len']} tokens, {r0['dtype']} compute, "
-        f"remat={r0['remat']}, scan={r0['scan']}; trainable {r0['trainable_params'] / 1e9:.2f}B, "
+        f"remat={r0['remat']}, scan={r0['scan']}, attention={r0['attention']}, "
+        f"loss_chunk_size={r0['loss_chunk_size']}; trainable {r0['trainable_params'] / 1e9:.2f}B, "
         f"frozen {r0['frozen_params'] / 1e9:.2f}B parameters"
     )
     print(format_table(rows, args.hbm_gib))

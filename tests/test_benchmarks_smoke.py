@@ -17,15 +17,28 @@ MACHINE = {"cpu", "cores", "load_1_5_15"}
 # script -> {bench name: keys every line of that bench must have}
 EXPECTED = {
     "train_step": {
-        "train_step": {"side", "step_s", "first_step_s", "loss_first_step", "seq_len"},
+        "train_step": {
+            "side",
+            "setting",
+            "step_s",
+            "forward_s",
+            "first_step_s",
+            "loss_first_step",
+            "seq_len",
+        },
         "train_step_ratio": {
             "jax_step_s",
             "torch_step_s",
             "torch_over_jax",
+            "jax_forward_s",
+            "torch_forward_s",
+            "torch_over_jax_forward",
             "jax_compile_s",
+            "load_s",
             "loss_jax",
             "loss_torch",
             "same_loss",
+            "loss_second_step_abs_diff",
         },
     },
     "utilisation": {
@@ -73,10 +86,18 @@ def _env() -> dict:
     return env
 
 
-@pytest.mark.parametrize("script", sorted(EXPECTED))
-def test_benchmark_script_prints_json(script):
+# extra runs of a script: (script, arguments besides --smoke)
+VARIANTS = [(script, ()) for script in sorted(EXPECTED)] + [
+    ("train_step", ("--setting", "llava_next")),  # the LLaVA-NeXT comparison (default: PPLLaVA)
+]
+
+
+@pytest.mark.parametrize(
+    ("script", "extra"), VARIANTS, ids=[" ".join((s, *e)) for s, e in VARIANTS]
+)
+def test_benchmark_script_prints_json(script, extra):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--smoke"],
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--smoke", *extra],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -100,6 +121,9 @@ def test_benchmark_script_prints_json(script):
     if script == "train_step":
         ratio = next(json.loads(ln) for ln in lines if '"train_step_ratio"' in ln)
         assert ratio["same_loss"], ratio  # both sides computed the same model
+        # ... and made the same first update (gradients, clipping, AdamW)
+        assert ratio["loss_second_step_abs_diff"] <= 1e-3 * max(1.0, ratio["loss_torch"]), ratio
+        assert ratio["setting"] == (extra[1] if extra else "ppllava"), ratio
     if script == "pooling_op":
         ratio = next(json.loads(ln) for ln in lines if '"pooling_op_ratio"' in ln)
         assert ratio["allclose"] and ratio["max_abs_diff"] < 1e-4, ratio

@@ -118,3 +118,47 @@ def test_figures_match_an_independent_count_and_host_layout(config_file):
     assert "PPLLaVA SFT plan: 2 devices" in out and "per device, GiB" in out
     assert "data.batch_size=2 rows per host" in out
     assert "process 1: devices [1]; feeds global rows [2, 4)" in out
+
+
+def test_overrides_chunked_loss_blockwise_attention_and_scheduler(config_file):
+    """``--set``, ``--attention`` and ``--cpu-scheduler`` reach the planned program: the row
+    reports them, and the chunked loss (``train.loss_chunk_size``, which needs the model's
+    ``return_logits=False``) and blockwise attention compile in the planner."""
+    (r,), out = _plan(
+        config_file,
+        "--devices",
+        "1",
+        "--mesh",
+        "fsdp=1",
+        "--set",
+        "train.loss_chunk_size=16",
+        "--attention",
+        "blockwise",
+        "--cpu-scheduler",
+        "concurrency",
+    )
+    assert (r["loss_chunk_size"], r["attention"], r["cpu_scheduler"]) == (
+        16,
+        "blockwise",
+        "concurrency",
+    )
+    assert "attention=blockwise, loss_chunk_size=16" in out
+    (r,), _ = _plan(config_file, "--devices", "1", "--mesh", "fsdp=1")
+    assert r["cpu_scheduler"] == "memory"  # the default: memory-minimising schedule
+
+
+def test_set_field_parses_literals_and_names_unknown_fields():
+    import ml_collections
+
+    from ppllava_jax.plan import set_field
+
+    c = ml_collections.ConfigDict(dict(train=dict(loss_chunk_size=0), model=dict(dtype="f")))
+    set_field(c, "train.loss_chunk_size=512")
+    set_field(c, "model.dtype=bfloat16")  # not a literal: the string
+    assert c.train.loss_chunk_size == 512 and c.model.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="no field 'loss_chunk'"):
+        set_field(c, "train.loss_chunk=1")
+    with pytest.raises(ValueError, match="no section 'optim'"):
+        set_field(c, "optim.lr=1")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        set_field(c, "train.loss_chunk_size")

@@ -349,6 +349,39 @@ def pad_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dict[s
     return out
 
 
+TARGET_POSITIONS = "target_positions"
+"""Batch key of ``target_positions``' output: the train step's loss then applies the LM head at
+those positions only (``train.losses.gathered_token_logps``)."""
+
+
+def target_positions(
+    labels: np.ndarray, attention_mask: np.ndarray, multiple: int = 16, count: int = 0
+) -> np.ndarray:
+    """``int32[B, K]``: per row, the positions ``l`` whose next token is a target (``labels[l+1]``
+    supervised and both ``l``, ``l+1`` attended), in order, padded with -1.
+
+    ``K`` is static for the step: ``count`` if given (it must hold every row's targets), else
+    the longest row's count rounded up to a multiple of ``multiple``, at most ``L - 1``. Multi-
+    host training must pass one ``count`` for all hosts (every host feeds the same shapes).
+    """
+    labels = np.asarray(labels)
+    am = np.asarray(attention_mask) != 0
+    sup = (labels[:, 1:] != IGNORE_INDEX) & am[:, 1:] & am[:, :-1]
+    n = int(sup.sum(axis=1).max(initial=0))
+    if count:
+        if n > count:
+            raise ValueError(f"a row has {n} supervised targets, more than count={count}")
+        k = int(count)
+    else:
+        m = max(int(multiple), 1)
+        k = min(max(-(-n // m) * m, 1), sup.shape[1])
+    out = np.full((sup.shape[0], k), -1, np.int32)
+    for i, row in enumerate(sup):
+        idx = np.flatnonzero(row)
+        out[i, : len(idx)] = idx
+    return out
+
+
 def globalize_visual_index(
     batch: dict[str, np.ndarray],
     cfg: Any,

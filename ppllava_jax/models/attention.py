@@ -74,7 +74,7 @@ def dot_product_attention(
       scale: score scale, default ``H ** -0.5``.
       impl: one of ``IMPLS``.
       block_q, block_k: ``blockwise`` tile sizes (need not divide T and S); default
-        ``DEFAULT_BLOCK_Q`` / ``DEFAULT_BLOCK_K``.
+        ``blockwise.default_blocks`` (at most 512, one float32 score tile <= 32 MiB).
     Returns:
       ``[B, T, N, H]`` in q's dtype.
     """

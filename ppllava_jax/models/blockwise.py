@@ -23,7 +23,35 @@ NEG = float(-0.7 * np.finfo(np.float32).max)
 
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 512
-"""Tile sizes when the caller gives none (they need not divide the sequence lengths)."""
+"""Largest tile sizes when the caller gives none (they need not divide the lengths)."""
+
+TILE_BYTES = 32 * 2**20
+"""Default tiles are halved (down to ``MIN_BLOCK``) until one float32 score tile
+``[B, N, block_q, block_k]`` fits this: a 32-frame CLIP layer (B x N = 32 x 16) gets 128 x 128
+tiles (evened out to 120 for its 577 tokens), a 2048-token LLaMA-7B row (1 x 32 heads) 512."""
+
+MIN_BLOCK = 128
+
+
+def default_blocks(rows: int, t: int, s: int) -> tuple[int, int]:
+    """Tile sizes ``(block_q, block_k)`` for ``rows = B x N`` score rows over ``t`` queries and
+    ``s`` keys: ``DEFAULT_BLOCK_Q/K`` halved while a float32 tile exceeds ``TILE_BYTES``, then
+    evened out over the blocks (multiples of 8) so that little padding is added (577 CLIP
+    tokens: 5 blocks of 120, not 2 of 512)."""
+    bq, bk = DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K
+    while rows * bq * bk * 4 > TILE_BYTES and max(bq, bk) > MIN_BLOCK:
+        if bq >= bk:
+            bq //= 2
+        else:
+            bk //= 2
+
+    def even(n: int, b: int) -> int:
+        if n <= b:
+            return n
+        per_block = -(-n // -(-n // b))  # ceil(n / number of blocks)
+        return min(b, -(-per_block // 8) * 8)
+
+    return even(t, bq), even(s, bk)
 
 
 def blockwise_attention(
@@ -44,8 +72,9 @@ def blockwise_attention(
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
     scale = float(h**-0.5 if scale is None else scale)
-    block_q = DEFAULT_BLOCK_Q if block_q is None else block_q
-    block_k = DEFAULT_BLOCK_K if block_k is None else block_k
+    auto_q, auto_k = default_blocks(b * n, t, s)
+    block_q = auto_q if block_q is None else block_q
+    block_k = auto_k if block_k is None else block_k
     bq, bk = max(1, min(block_q, t)), max(1, min(block_k, s))
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
 
@@ -97,6 +126,17 @@ def _block_mask(m5, qi, ki, bq, bk, causal, s_real):
     return allowed
 
 
+def _tie(qg, kk, vv, m5):
+    """The inputs through one ``optimization_barrier``, so the mask (and every tile computed
+    from it) depends on the data. Without it, when this attention sits in a differentiated
+    ``lax.scan`` over layers, JAX's scan partial evaluation hoists what depends only on
+    loop-invariant inputs (the mask, the block indices) out of the layer loop and stacks its
+    per-tile values: ``[nq, nk, B, K, G, bq, bk]`` bool and float32 tiles, the O(S^2) memory
+    this module exists to avoid. (Each tile's block indices go through a barrier with its
+    query block for the same reason: the causal / padding tile depends on them alone.)"""
+    return jax.lax.optimization_barrier((qg, kk, vv, m5))
+
+
 def _tile_scores(qb, kb, scale):
     """float32 scores ``[B, K, G, bq, bk]`` of query block ``[B,K,G,bq,H]`` and keys
     ``[B,K,bk,H]``."""
@@ -106,6 +146,7 @@ def _tile_scores(qb, kb, scale):
 
 def _forward(qg, kk, vv, m5, static):
     causal, scale, bq, bk, s_real = static
+    qg, kk, vv, m5 = _tie(qg, kk, vv, m5)
     b, kh, g, tp, h = qg.shape
     nq, nk = tp // bq, kk.shape[2] // bk
 
@@ -115,10 +156,12 @@ def _forward(qg, kk, vv, m5, static):
         def k_step(carry, ki):
             def compute(carry):
                 m, den, acc = carry
-                kb = jax.lax.dynamic_slice_in_dim(kk, ki * bk, bk, axis=2)
-                vb = jax.lax.dynamic_slice_in_dim(vv, ki * bk, bk, axis=2)
-                allowed = _block_mask(m5, qi, ki, bq, bk, causal, s_real)
-                sc = jnp.where(allowed, _tile_scores(qb, kb, scale), NEG)
+                qi_, ki_, qb_ = jax.lax.optimization_barrier((qi, ki, qb))  # see _tie
+                kb = jax.lax.dynamic_slice_in_dim(kk, ki_ * bk, bk, axis=2)
+                vb = jax.lax.dynamic_slice_in_dim(vv, ki_ * bk, bk, axis=2)
+                allowed = _block_mask(m5, qi_, ki_, bq, bk, causal, s_real)
+                sc = _tile_scores(qb_, kb, scale)
+                sc = jnp.where(allowed, sc, jnp.minimum(sc, NEG))  # NEG fill; see _tie
                 m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
                 alpha = jnp.exp(m - m_new)
                 p = jnp.exp(sc - m_new[..., None])
@@ -174,6 +217,7 @@ def _blockwise_fwd(qg, kk, vv, m5, static):
 def _blockwise_bwd(static, res, cts):
     causal, scale, bq, bk, s_real = static
     qg, kk, vv, m5, out, lse = res
+    qg, kk, vv, m5 = _tie(qg, kk, vv, m5)
     dout = cts[0]  # the lse output is only compared, never differentiated
     b, kh, g, tp, h = qg.shape
     sp = kk.shape[2]
@@ -187,11 +231,13 @@ def _blockwise_bwd(static, res, cts):
 
         def k_step(dq, ki):
             def compute(dq):
-                kb = jax.lax.dynamic_slice_in_dim(kk, ki * bk, bk, axis=2)
-                vb = jax.lax.dynamic_slice_in_dim(vv, ki * bk, bk, axis=2)
-                allowed = _block_mask(m5, qi, ki, bq, bk, causal, s_real)
-                sc = _tile_scores(qb, kb, scale)
-                p = jnp.where(allowed, jnp.exp(sc - lse_b[..., None]), 0.0)
+                qi_, ki_, qb_ = jax.lax.optimization_barrier((qi, ki, qb))  # see _tie
+                kb = jax.lax.dynamic_slice_in_dim(kk, ki_ * bk, bk, axis=2)
+                vb = jax.lax.dynamic_slice_in_dim(vv, ki_ * bk, bk, axis=2)
+                allowed = _block_mask(m5, qi_, ki_, bq, bk, causal, s_real)
+                sc = _tile_scores(qb_, kb, scale)
+                # 0 where masked: exp(<= NEG), a fill computed from the tile (see _tie)
+                p = jnp.exp(jnp.where(allowed, sc - lse_b[..., None], jnp.minimum(sc, NEG)))
                 f32 = jnp.float32
                 dv = jnp.einsum(
                     "bkgqs,bkgqh->bksh", p.astype(dob.dtype), dob, preferred_element_type=f32

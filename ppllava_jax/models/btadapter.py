@@ -161,13 +161,15 @@ class PPLLaVAVisionModel(nn.Module):
         if cfg.btadapter:
             d, c = cfg.btadapter_depth, vcfg.hidden_size
             s_rates, t_rates = drop_path_rates(d)
+            # trained layers over every frame's tokens: rematerialised like the towers' stacks
+            # (cfg.remat_policy), so the backward keeps only their inputs; deterministic static
+            spatial = layers.remat_layer(BTAdapterSpatialLayer, vcfg, static_argnums=(4,))
+            temporal = layers.remat_layer(BTAdapterTemporalLayer, vcfg, static_argnums=(3,))
             self.btadapter_S_layers = [
-                BTAdapterSpatialLayer(vcfg, s_rates[j], name=f"btadapter_S_layers_{j}")
-                for j in range(d)
+                spatial(vcfg, s_rates[j], name=f"btadapter_S_layers_{j}") for j in range(d)
             ]
             self.btadapter_T_layers = [
-                BTAdapterTemporalLayer(vcfg, t_rates[j], name=f"btadapter_T_layers_{j}")
-                for j in range(d)
+                temporal(vcfg, t_rates[j], name=f"btadapter_T_layers_{j}") for j in range(d)
             ]
             self.btadapter_cls_token = self.param(
                 "btadapter_cls_token",

@@ -19,10 +19,40 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppllava_jax.models import layers
-from ppllava_jax.models.attention import dot_product_attention
+from ppllava_jax.models.attention import choose_impl, dot_product_attention
 
 Array = jax.Array
 Config = Any  # a tower config: CLIPVisionConfig | CLIPTextConfig | Siglip*Config
+
+
+def heads_first_attention(
+    q: Array, k: Array, v: Array, *, mask: Array | None = None, is_causal: bool = False
+) -> Array:
+    """``jax.nn.dot_product_attention(implementation='xla')`` (scale ``H ** -0.5``, scores and
+    softmax in float32, masked scores ``-0.7 * float32.max``) with the heads moved in front
+    first: ``[B, N, T, H] @ [B, N, S, H]^T``. The same function; on the CPU the batched matmuls
+    of this layout run about 1.5x faster than the reference's ``BTNH,BSNH->BNTS`` einsum.
+
+    q, k, v: ``[B, T, N, H]`` (same N); mask: bool broadcastable to ``[B, N, T, S]`` or None.
+    Returns ``[B, T, N, H]`` in q's dtype.
+    """
+    h = q.shape[-1]
+    f32 = jnp.promote_types(q.dtype, jnp.float32)
+    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
+    qt, kt, vt = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+    logits = jnp.einsum("bnth,bnsh->bnts", qt, kt, precision=precision, preferred_element_type=f32)
+    logits = logits * jnp.asarray(h**-0.5, f32)
+    if mask is not None or is_causal:
+        keep = jnp.ones(logits.shape, bool)
+        if mask is not None:
+            keep = keep & mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        if is_causal:
+            t, s = logits.shape[2:]
+            keep = keep & jnp.tril(jnp.ones((t, s), bool))
+        big = min(float(jnp.finfo(f32).max), float(jnp.finfo(jnp.float32).max))
+        logits = jnp.where(keep, logits, jnp.asarray(-0.7 * big, f32))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", probs, vt), 1, 2)
 
 
 class CLIPAttention(nn.Module):
@@ -46,7 +76,13 @@ class CLIPAttention(nn.Module):
             )
 
         q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")
-        o = dot_product_attention(q, k, v, mask=mask, is_causal=causal, impl=cfg.attention_impl)
+        impl = cfg.attention_impl
+        if impl == "auto":
+            impl = choose_impl(q, k, mask=mask, is_causal=causal)
+        if impl == "xla" and jax.default_backend() == "cpu":
+            o = heads_first_attention(q, k, v, mask=mask, is_causal=causal)
+        else:
+            o = dot_product_attention(q, k, v, mask=mask, is_causal=causal, impl=impl)
         o = o.reshape(b, s, c)
         o = layers.dense(c, ("heads", "embed"), cfg, name="out_proj")(o)
         return layers.constrain(o, layers.ACT_BLE)

@@ -197,6 +197,21 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
+def remat_layer(
+    layer_cls: type[nn.Module], cfg: Any, *, static_argnums: tuple[int, ...] = ()
+) -> type[nn.Module]:
+    """``layer_cls`` in ``nn.remat`` per ``cfg.remat_policy`` (unchanged for ``'none'``), for a
+    layer that is not stacked (the BT-Adapter's): its backward then recomputes the layer instead
+    of keeping its activations. Parameter names are unchanged. ``static_argnums`` counts
+    ``self`` as 0 (flax's convention)."""
+    policy_name = getattr(cfg, "remat_policy", "none")
+    if policy_name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={policy_name!r} is not one of {sorted(REMAT_POLICIES)}")
+    if policy_name == "none":
+        return layer_cls
+    return nn.remat(layer_cls, policy=REMAT_POLICIES[policy_name], static_argnums=static_argnums)
+
+
 def stack_layers(
     layer_cls: type[nn.Module],
     cfg: Any,

@@ -3,7 +3,9 @@ synchronisation (a barrier through the coordination service, a max over processe
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,9 +22,7 @@ def process_barrier(name: str, timeout_s: float = 3600.0) -> None:
     collective that may be reached at different times. Each ``name`` is used once per run."""
     if jax.process_count() == 1:
         return
-    from jax._src import distributed  # the client of jax.distributed.initialize
-
-    client = distributed.global_state.client
+    client = _client()
     if client is None:  # not started by jax.distributed (cannot happen with process_count > 1)
         from jax.experimental import multihost_utils
 
@@ -31,13 +31,44 @@ def process_barrier(name: str, timeout_s: float = 3600.0) -> None:
     client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
 
 
-def max_over_processes(value: int) -> int:
-    """The largest ``value`` of all processes (a host-side all-gather; ``value`` on one)."""
+def _client() -> Any:
+    """The coordination-service client of ``jax.distributed.initialize`` (None: not started)."""
+    from jax._src import distributed  # the client of jax.distributed.initialize
+
+    return distributed.global_state.client
+
+
+_calls: dict[str, int] = {}  # max_over_processes calls so far, by name
+
+
+def max_over_processes(value: int, name: str = "max", timeout_s: float = 3600.0) -> int:
+    """The largest ``value`` of all processes (``value`` on one process).
+
+    Exchanged through the coordination service's key-value store (gRPC), not a device
+    collective: each process publishes ``value`` under ``name``'s next call number and reads
+    the others'. So no gloo context is involved (gloo gives up when processes reach a first
+    collective more than 30 s apart, e.g. one still compiling), and calls under different
+    names may come in any order. Every process must make the same sequence of calls for each
+    ``name``. A process that died is reported by the coordination service (heartbeat timeout):
+    the wait ends with an error instead of hanging."""
     if jax.process_count() == 1:
         return int(value)
-    from jax.experimental import multihost_utils
+    client = _client()
+    if client is None:  # not started by jax.distributed (cannot happen with process_count > 1)
+        from jax.experimental import multihost_utils
 
-    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+        return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+    k = _calls.get(name, 0)
+    _calls[name] = k + 1
+    me, n = jax.process_index(), jax.process_count()
+    client.key_value_set(f"ppllava/{name}/{k}/{me}", str(int(value)))
+    values = [
+        int(client.blocking_key_value_get(f"ppllava/{name}/{k}/{i}", int(timeout_s * 1000)))
+        for i in range(n)
+    ]
+    if k >= 2:  # every process has read call k - 2 (it published call k - 1 after reading it)
+        client.key_value_delete(f"ppllava/{name}/{k - 2}/{me}")
+    return max(values)
 
 
 def distributed_settings(env: dict[str, str] | None = None) -> dict[str, Any] | None:
@@ -96,9 +127,66 @@ def maybe_initialize_distributed() -> bool:
     if kw is None or jax.distributed.is_initialized():
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service would catch SIGTERM in C++ from here on: a SIGTERM before the
+    # training loop's own handler (train/preemption.py) is installed, or during evaluation,
+    # would be swallowed and the process would run on; without it SIGTERM ends the process
+    jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(**kw)
     sys.excepthook = _exit_on_error(sys.excepthook)
+    _orbax_barriers_through_coordinator()
+    if _cpu_only(jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")):
+        _share_cpu_compilations()
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack on stderr
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     return True
+
+
+def _cpu_only(platforms: str) -> bool:
+    return [p.strip() for p in platforms.split(",") if p.strip()] == ["cpu"]
+
+
+def _share_cpu_compilations() -> None:
+    """CPU processes (``launch --devices-per-process``): compile each program once, on process
+    0, and hand the binary to the others, as JAX does on GPU and TPU hosts.
+
+    JAX writes persistent-cache entries only from process 0, and on CPU each process's cache
+    key differs (the key hashes the PJRT topology's fingerprint, which differs per CPU process):
+    process 1.. recompiled every program from scratch on every run, a minute behind process 0,
+    which loaded it from the cache. Processes then reached a first collective minutes apart
+    (gloo gives up after 30 s) and spent twice the CPU. Hashing the CPU devices' global ids
+    instead (the same on every process, still distinct per device assignment) makes the keys
+    agree; with ``jax_share_binary_between_hosts`` process 0 compiles (or loads from the cache)
+    and publishes the binary in the coordination service, the others load it. Only the CPU
+    devices' key changes; other platforms keep JAX's own."""
+    from jax._src import cache_key  # no public hook replaces a key component
+
+    original = getattr(cache_key, "_hash_accelerator_config", None)
+    if original is None or getattr(original, "ppllava_cpu", False):
+        return
+
+    def hash_accelerator_config(hash_obj: Any, accelerators: np.ndarray) -> None:
+        devices = list(np.asarray(accelerators).flat)
+        if not devices or any(d.platform != "cpu" for d in devices):
+            return original(hash_obj, accelerators)
+        hash_obj.update(",".join(f"cpu:{d.id}" for d in devices).encode())
+
+    hash_accelerator_config.ppllava_cpu = True  # type: ignore[attr-defined]
+    cache_key._hash_accelerator_config = hash_accelerator_config
+    jax.config.update("jax_share_binary_between_hosts", True)
+
+
+def _orbax_barriers_through_coordinator() -> None:
+    """Make orbax wait for the other processes at the coordination service (gRPC, with
+    timeouts) instead of its default device all-gather (``sync_global_devices``): a device
+    collective runs over gloo, which gives up when processes arrive more than 30 s apart, and
+    is one more collective every process has to issue in the same order as the training
+    step's. Orbax reads its absl flag ``experimental_orbax_use_distributed_barrier``; it only
+    takes effect once absl flags are parsed (``train.py``, ``eval.py``)."""
+    from absl import flags
+    from orbax.checkpoint._src.multihost import multihost  # defines the flag
+
+    name = multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.name
+    flags.FLAGS[name].value = True
 
 
 def _exit_on_error(previous: Callable[..., Any]) -> Callable[..., None]:

@@ -1,6 +1,7 @@
 """The data iterator as the trainer sees it: ``TrainBatches`` wraps the grain pipeline's
 iterator (host-only fields dropped, skipped samples counted, its position checkpointed), and
-``common_length`` pads every host's batch to one length."""
+``common_length`` pads every host's batch to one length, ``with_target_positions`` lists the
+positions the loss reads (so the LM head runs only there)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,20 @@ def common_length(batch: dict[str, np.ndarray], mcfg: PPLLaVAConfig) -> dict[str
     length = sharding.max_over_processes(batch["input_ids"].shape[-1])
     pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else 0
     return collate.pad_length(batch, length, pad)
+
+
+def with_target_positions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``batch`` + ``int32[B, K]`` ``target_positions`` (``collate.target_positions``): the
+    train step then applies the LM head and the cross entropy at those K positions only, not at
+    all ``L`` (same loss and gradients; ``train.losses.gathered_token_logps``).
+
+    ``K`` is the most supervised targets of a row, rounded up to a power of two (at least 16,
+    at most ``L - 1``: few compiled programs), the largest of all hosts (one global shape)."""
+    labels, mask = batch["labels"], batch["attention_mask"]
+    n = int(collate.target_positions(labels, mask, multiple=1).shape[1])
+    k = min(max(16, 1 << max(n - 1, 0).bit_length()), labels.shape[-1] - 1)
+    k = sharding.max_over_processes(k, name="target_positions")
+    return {**batch, collate.TARGET_POSITIONS: collate.target_positions(labels, mask, count=k)}
 
 
 class TrainBatches:

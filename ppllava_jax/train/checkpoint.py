@@ -36,6 +36,7 @@ from etils import epath
 from ppllava_jax.train.state import TrainState
 
 PyTree = Any
+_opened: dict[str, int] = {}  # Checkpointers opened so far in this process, by directory
 
 
 # ----------------------------------------------------------------------------- data state
@@ -183,7 +184,10 @@ class Checkpointer:
                 self.directory.mkdir(parents=True, exist_ok=True)
             from ppllava_jax.sharding import process_barrier
 
-            process_barrier(f"checkpoint_dir:{self.directory}")
+            # a barrier name is used once: the n-th Checkpointer of this directory in the run
+            # (every process opens the same ones: train/resume_check.py)
+            n = _opened[str(self.directory)] = _opened.get(str(self.directory), 0) + 1
+            process_barrier(f"checkpoint_dir:{self.directory}:{n}")
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config", "meta")
         )

@@ -148,6 +148,48 @@ def chunked_token_logps(
     return jnp.where(mask, logp, 0.0), mask
 
 
+def gathered_token_logps(
+    hidden: Array,
+    head: Array,
+    labels: Array,
+    attention_mask: Array,
+    target_positions: Array,
+) -> tuple[Array, Array]:
+    """``token_logps`` of ``logits = hidden @ head`` at the given positions only.
+
+    The LM head and the log-softmax run over ``[B, K, V]`` logits, ``K`` the static count of
+    ``target_positions`` (planned on the host, ``data.collate.target_positions``), not over
+    every position: the sum of the result over positions equals the sum of ``token_logps`` as
+    long as every supervised position is listed (others, listed or not, contribute 0). The
+    head is applied as the model's ``nn.Dense`` (both operands in ``hidden.dtype``, then
+    float32).
+
+    Args:
+      hidden: float[B, L, D] final-norm hidden states (the model's ``return_logits=False``).
+      head: float[D, V] the LM head's kernel.
+      labels: int32[B, L], ``IGNORE_INDEX`` where not supervised.
+      attention_mask: int[B, L], 1 on real tokens.
+      target_positions: int32[B, K], positions ``l`` in ``[0, L-1)`` whose next token is a
+        target (logits at ``l`` predict ``labels[l + 1]``); -1 pads.
+
+    Returns:
+      ``(logp float32[B, K], mask bool[B, K])``: the log-probability at each listed position, 0
+      where the position is padding or not supervised.
+    """
+    targets, mask = _shifted_targets(labels, attention_mask)
+    pos = jnp.maximum(target_positions, 0)
+    m = jnp.take_along_axis(mask, pos, axis=1) & (target_positions >= 0)
+    t = jnp.take_along_axis(targets, pos, axis=1)
+    with jax.named_scope("gathered_lm_head"):  # profile_step.py maps it to the LM head
+        h = jnp.take_along_axis(hidden, pos[..., None], axis=1)  # [B, K, D]
+        w = head.astype(hidden.dtype)
+        logits = jax.lax.dot_general(h, w, (((2,), (0,)), ((), ()))).astype(jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+    picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    logp = picked - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.where(m, logp, 0.0), m
+
+
 def dpo_terms(
     policy_chosen: Array,
     policy_rejected: Array,

@@ -40,9 +40,12 @@ def requeue_message(step: int, signal_name: str, checkpoints: str) -> str:
 class PreemptionWatcher:
     """SIGTERM / SIGINT set a flag; ``should_stop(step)`` tells the loop to save and leave.
 
-    Use as a context manager (the previous handlers come back on exit). Signal handlers can
-    only be installed from the main thread; elsewhere the watcher never fires. A signal that
-    is ignored when the watcher starts (e.g. SIGINT of a background job) stays ignored.
+    Use as a context manager (the previous handlers come back on exit, except SIGTERM's once
+    a signal arrived or ``should_stop`` said stop: SIGTERM is then ignored while the process
+    finishes its checkpoint and exits, so every process of a stopped job exits 75). Signal
+    handlers can only be installed from the main thread; elsewhere the watcher never fires. A
+    signal that is ignored when the watcher starts (e.g. SIGINT of a background job) stays
+    ignored.
 
     Attributes:
       requested: a signal arrived.
@@ -52,13 +55,16 @@ class PreemptionWatcher:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
         self.requested = False
+        self.stopping = False  # should_stop said so: this process saves and exits 75
         self.signal_name = ""
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
         del frame
-        self.requested = True
+        again, self.requested = self.requested, True
         self.signal_name = self.signal_name or signal.Signals(signum).name
+        if again and signum != signal.SIGINT:
+            return  # stopping already (see __exit__)
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends it at once
             print(
@@ -81,22 +87,34 @@ class PreemptionWatcher:
 
     def __exit__(self, *exc: Any) -> None:
         for s, h in self._previous.items():
+            if (self.requested or self.stopping) and s == signal.SIGTERM:
+                # stopping already: the process still waits for its checkpoint (and, with
+                # several processes, for the others'); a further SIGTERM (the launcher or the
+                # scheduler stopping the others of the job) must not cut that short. Ignored,
+                # not left to the handler: Python's finalisation resets a Python handler to
+                # the default (a SIGTERM during the exit would end the process with -15), an
+                # ignored signal stays ignored.
+                signal.signal(s, signal.SIG_IGN)
+                continue
             signal.signal(s, h)
         self._previous.clear()
 
     def should_stop(self, step: int) -> bool:
         """Whether to save and stop before ``step``: on one process the local flag; on several,
-        whether *any* process got the signal (a host-side all-gather of one flag per step,
-        so every process stops at the same step and saves the same checkpoint). Every process
-        must call it once per step. (JAX's own preemption sync point is not used: this
-        handler replaces its SIGTERM handler, and the all-gather also covers a signal sent to
-        one process only.)"""
+        whether *any* process got the signal (one flag per process and step exchanged
+        through the coordination service, ``sharding.max_over_processes``), so every process
+        stops at the same step and saves the same checkpoint. Every process
+        must call it once per step. (JAX's own preemption service is switched off by
+        ``sharding.maybe_initialize_distributed``: it would swallow SIGTERM outside this
+        watcher; the exchange here also covers a signal sent to one process only.)"""
         del step
         if jax.process_count() > 1:
             from ppllava_jax.sharding import max_over_processes
 
-            stop = bool(max_over_processes(int(self.requested)))
+            stop = bool(max_over_processes(int(self.requested), "stop"))
             if stop and not self.signal_name:
                 self.signal_name = "a signal to another process"
+            self.stopping = stop
             return stop
+        self.stopping = self.requested
         return self.requested

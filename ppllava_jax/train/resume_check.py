@@ -23,10 +23,19 @@ class ResumeMismatchError(ValueError):
 
 def latest_checkpoint(directory: str | os.PathLike) -> int | None:
     """The latest complete (committed) step in ``directory`` (``workdir/checkpoints``), or None."""
+    import jax
+
+    from ppllava_jax import sharding
     from ppllava_jax.train.checkpoint import Checkpointer
 
     path = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(path):
+    exists = os.path.isdir(path)
+    if jax.process_count() > 1:
+        # every process must take the same branch (a Checkpointer waits for all processes):
+        # process 0 may create the directory (in the trainer's Checkpointer) while a slower
+        # process is still here, which then opened one more Checkpointer than the others
+        exists = bool(sharding.max_over_processes(int(exists), "checkpoint_dir_exists"))
+    if not exists:
         return None
     ckpt = Checkpointer(path, async_save=False)  # the step the trainer will restore
     try:

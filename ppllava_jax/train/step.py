@@ -45,11 +45,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ppllava_jax.data.collate import TARGET_POSITIONS
 from ppllava_jax.sharding import BATCH_AXES
 from ppllava_jax.train.losses import (
     LOSS_NORMALIZATIONS,
     chunked_token_logps,
     dpo_terms,
+    gathered_token_logps,
     group_token_means,
     token_logps,
 )
@@ -85,17 +87,25 @@ def _token_logps(
 ) -> tuple[Any, Any]:
     """Per-token log-probabilities ``(float32[B, L-1], bool[B, L-1])`` of the model's output:
     from its logits, or (``chunk_size`` > 0) from ``apply_fn(..., return_logits=False)``'s
-    ``hidden`` and ``lm_head`` chunk by chunk (``losses.chunked_token_logps``)."""
-    if chunk_size <= 0:
+    ``hidden`` and ``lm_head`` chunk by chunk (``losses.chunked_token_logps``). A micro-batch
+    holding ``target_positions`` (``int32[B, K]``, ``data.collate.target_positions``) gets
+    ``float32[B, K]`` at those positions only (``losses.gathered_token_logps``): the LM head
+    runs over K positions, not L (same loss sums and gradients)."""
+    positions = mb.get(TARGET_POSITIONS)
+    mb = {k: v for k, v in mb.items() if k != TARGET_POSITIONS}
+    if chunk_size <= 0 and positions is None:
         return token_logps(*_outputs(apply_fn, params, mb, train, rng))
     out = apply_fn(params, mb, train=train, rng=rng, return_logits=False)
     if out.get("hidden") is None or out.get("lm_head") is None:
         raise ValueError(
-            "train.loss_chunk_size > 0 needs a model whose apply_fn(..., return_logits=False) "
-            "returns 'hidden' and 'lm_head' (PPLLaVA does); set train.loss_chunk_size=0"
+            f"train.loss_chunk_size > 0 or a batch with {TARGET_POSITIONS!r} needs a model whose "
+            "apply_fn(..., return_logits=False) returns 'hidden' and 'lm_head' (PPLLaVA does); "
+            f"set train.loss_chunk_size=0 and leave {TARGET_POSITIONS!r} out of the batch"
         )
     labels = out.get("labels", mb["labels"])
     mask = out.get("attention_mask", mb["attention_mask"])
+    if positions is not None:
+        return gathered_token_logps(out["hidden"], out["lm_head"], labels, mask, positions)
     return chunked_token_logps(out["hidden"], out["lm_head"], labels, mask, chunk_size)
 
 
@@ -230,6 +240,12 @@ def make_grad_fn(
             batch = microbatch(batch, accum_steps)
         n = batch["labels"].shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
+        if n == 1:  # one micro-batch: no accumulators (same values: 0 + g is g)
+            (_, aux), g = vg(
+                state.params, state.frozen, state.ref_params, first, jax.random.fold_in(rng, 0)
+            )
+            g = pin(jax.tree.map(lambda b: b.astype(jnp.float32), g))
+            return _finish(g, aux, batch, state.params)
         aux_shape = jax.eval_shape(
             loss_fn, state.params, state.frozen, state.ref_params, first, rng
         )[1]
@@ -247,8 +263,12 @@ def make_grad_fn(
             return (g_acc, aux_acc), None
 
         (g, aux), _ = jax.lax.scan(body, (g0, aux0), (batch, jnp.arange(n)))
+        return _finish(g, aux, batch, state.params)
+
+    def _finish(g, aux, batch, params):
         denom = jnp.maximum(aux[denom_key], 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, state.params)
+        grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, params)
+        aux = dict(aux)
         aux["num_samples"] = jnp.asarray(
             batch["labels"].shape[0] * batch["labels"].shape[1], jnp.int32
         )

@@ -69,6 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
     # > 0: LM head + cross entropy over chunks of this many positions, supervised ones only,
     # never materialising [B, L, V] logits (same values; train/losses.chunked_token_logps)
     c.train.loss_chunk_size = 0
+    # the LM head and cross entropy only at the supervised positions (planned on the host: the
+    # batch's target_positions, train/batches.with_target_positions): same loss, less compute
+    c.train.logits_at_targets_only = True
     c.train.seed = 0  # step rng = fold_in(key(seed), step)
     c.train.log_every = 10  # steps between metrics lines
     c.train.param_table_depth = 1  # path components per row of the parameter table

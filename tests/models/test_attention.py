@@ -157,6 +157,43 @@ def test_blockwise_never_builds_a_full_score_tile():
     assert not full(loss("blockwise"))
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_blockwise_in_a_differentiated_layer_scan_stays_linear(masked):
+    """Inside a ``lax.scan`` over (rematerialised) layers under ``jax.grad``, as the towers run,
+    no intermediate holds as many elements as one layer's scores ``B x N x T x S``: JAX's scan
+    partial evaluation once hoisted the loop-invariant mask tiles (and the fills of the masked
+    scores) out of the layer loop as ``[nq, nk, B, K, G, bq, bk]`` stacks."""
+    rng = np.random.default_rng(0)
+    b, t, n, h, depth = 1, 128, 4, 8, 3
+    x = jnp.asarray(rng.normal(size=(b, t, n * h)), jnp.float32)
+    ws = jnp.asarray(rng.normal(size=(depth, n * h, n * h)) * 0.1, jnp.float32)
+    mask = _slot_mask(b, t, t, 5, 0) if masked else None
+
+    def layer(x, w):
+        q = (x @ w).reshape(b, t, n, h)
+        o = dot_product_attention(q, q, q, mask=mask, impl="blockwise", block_q=16, block_k=16)
+        return x + o.reshape(b, t, n * h)
+
+    def loss(ws, x):
+        body = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+        y, _ = jax.lax.scan(lambda c, w: (body(c, w), None), x, ws)
+        return jnp.sum(y)
+
+    shapes = _shapes(jax.make_jaxpr(jax.grad(loss))(ws, x).jaxpr)
+    assert max(int(np.prod(s)) for s in shapes) < b * n * t * t
+
+
+def test_default_blocks_bound_the_tile():
+    """Default tiles: one float32 score tile within ``TILE_BYTES`` where ``MIN_BLOCK`` allows,
+    little padding (577 CLIP tokens in 5 blocks of 120), short sequences in one block."""
+    rows = 32 * 16  # a 32-frame CLIP layer: frames x heads
+    bq, bk = blockwise.default_blocks(rows, 577, 577)
+    assert rows * bq * bk * 4 <= blockwise.TILE_BYTES
+    assert (bq, bk) == (120, 120) and 5 * bq - 577 < 8 * 5
+    assert blockwise.default_blocks(32, 2048, 2048) == (512, 512)  # LLaMA-7B, one row
+    assert blockwise.default_blocks(64, 10, 7) == (10, 7)
+
+
 def test_dispatch_and_errors():
     rng = np.random.default_rng(0)
     q, k, v = _qkv(rng, 1, 4, 4, 2, 1, 8)

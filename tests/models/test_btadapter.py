@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +94,29 @@ def test_scanned_trunk_matches_unscanned(ref) -> None:
     a = PPLLaVAVisionModel(cfg).apply({"params": vp}, x)
     b = PPLLaVAVisionModel(scfg).apply({"params": sp}, x)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+def test_rematerialised_adapter_same_values_and_gradients(ref) -> None:
+    """``remat_policy='full'`` wraps the BT-Adapter's layers in ``nn.remat`` (they are trained
+    over every frame's tokens): same parameter tree, features and gradients as the
+    reference-checked tower without remat."""
+    cfg, vp, _, items = ref
+    rcfg = _cfg(scan_layers=False, remat_policy="full")
+    assert rcfg.vision.remat_policy == "full"
+    x = jnp.asarray(items[0][3][None, :3])
+    fm = jnp.asarray([[True, True, False]])
+
+    def loss(model):
+        return lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x, fm)))
+
+    plain, remat = PPLLaVAVisionModel(cfg), PPLLaVAVisionModel(rcfg)
+    rp = nn.unbox(jax.eval_shape(lambda: remat.init(jax.random.PRNGKey(0), x, fm))["params"])
+    assert jax.tree.structure(rp) == jax.tree.structure(vp)
+    np.testing.assert_allclose(loss(remat)(vp), loss(plain)(vp), atol=1e-5, rtol=1e-6)
+    ga, gb = jax.grad(loss(remat))(vp), jax.grad(loss(plain))(vp)
+    for key in ("btadapter_S_layers_0", "btadapter_T_layers_0"):
+        for a, b in zip(jax.tree.leaves(ga[key]), jax.tree.leaves(gb[key]), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_too_many_frames_is_refused() -> None:

@@ -92,3 +92,39 @@ def _dots_of_a_full_run(enc, params, x) -> int:
     return str(jax.make_jaxpr(lambda p: enc.apply({"params": p}, x, taps=(2,)))(params)).count(
         "dot_general"
     )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "masked,causal", [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_heads_first_attention_is_the_reference(dtype, masked, causal):
+    """The CPU layout of CLIP attention (``heads_first_attention``) against
+    ``jax.nn.dot_product_attention(implementation='xla')``: values and gradients; key padding
+    with a fully masked row, causal, both."""
+    from ppllava_jax.models.encoder import heads_first_attention
+
+    ks = jax.random.split(jax.random.PRNGKey(3), 4)
+    q, k, v = (jax.random.normal(kk, (2, 9, 3, 16), dtype) for kk in ks[:3])
+    mask = None
+    if masked:
+        m = np.ones((2, 1, 1, 9), bool)
+        m[0, ..., 6:] = False
+        m[1] = False  # no visible key: the uniform average, as the reference
+        mask = jnp.asarray(m)
+
+    def ref(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+
+    def got(q, k, v):
+        return heads_first_attention(q, k, v, mask=mask, is_causal=causal)
+
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(
+        np.asarray(got(q, k, v), np.float32), np.asarray(ref(q, k, v), np.float32), atol=tol
+    )
+    w = jax.random.normal(ks[3], q.shape, jnp.float32)
+    gr = jax.grad(lambda *a: jnp.sum(ref(*a).astype(jnp.float32) * w), argnums=(0, 1, 2))
+    gg = jax.grad(lambda *a: jnp.sum(got(*a).astype(jnp.float32) * w), argnums=(0, 1, 2))
+    for a, b in zip(gg(q, k, v), gr(q, k, v), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol)

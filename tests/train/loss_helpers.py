@@ -39,3 +39,22 @@ def dpo_loss(
     terms = dpo_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     means = {k: jnp.mean(v) for k, v in terms.items()}
     return means.pop("loss"), means
+
+
+def llm_only_state(params, mode: str):
+    """A train state of ``params`` training the LLM only (DPO: with a reference, and the policy
+    moved away from it so the DPO loss has a slope)."""
+    from ppllava_jax.train.optimizer import (
+        default_optimizer_config,
+        make_optimizer,
+        trainable_predicate,
+    )
+    from ppllava_jax.train.state import create_train_state
+
+    opt = default_optimizer_config()
+    opt.trainable = "llm_only"
+    tx, _ = make_optimizer(opt, 10)
+    state = create_train_state(params, tx, trainable_predicate(opt), with_reference=mode == "dpo")
+    if mode == "dpo":
+        state = state.replace(params=jax.tree.map(lambda p: p * 1.05, state.params))
+    return state

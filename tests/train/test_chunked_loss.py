@@ -22,6 +22,7 @@ from ppllava_jax.train.state import create_train_state
 from ppllava_jax.train.step import make_grad_fn
 from ppllava_jax.train.trainer import default_config
 from tests.sft_loss import mean_loss
+from tests.train.loss_helpers import llm_only_state
 
 REF = Path(__file__).resolve().parents[1] / "fixtures/reference_ppllava"
 
@@ -194,14 +195,7 @@ def _lm(tied: bool):
 )
 def test_train_step_gradients_unchanged(tied, mode, norm):
     apply_fn, params, batch = _lm(tied)
-    cfg = default_config()
-    cfg.optimizer.trainable = "llm_only"
-    tx, _ = make_optimizer(cfg.optimizer, 10)
-    state = create_train_state(
-        params, tx, trainable_predicate(cfg.optimizer), with_reference=mode == "dpo"
-    )
-    if mode == "dpo":  # a policy away from the reference, so the DPO loss has a slope
-        state = state.replace(params=jax.tree.map(lambda p: p * 1.05, state.params))
+    state = llm_only_state(params, mode)
     kw = dict(accum_steps=2)
     if norm:
         kw.update(loss_normalization=norm, loss_group_size=1)

@@ -1,0 +1,133 @@
+"""The loss at the supervised positions only (a batch with ``target_positions``): the LM head
+and cross entropy over ``K`` gathered positions instead of all ``L``.
+
+Against the full-logits path (``token_logps`` of ``hidden @ head``): per-token log-probabilities
+and gradients (hidden states and head) with padding on either side, gaps and unsupervised rows;
+the host planner ``data.collate.target_positions``; and the train step's loss, aux and gradients
+(SFT with both normalisations, DPO; one and two micro-batches) on a tiny LLaMA, tied and untied.
+Also: one micro-batch (no accumulators) gives the gradients of the accumulating scan.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ppllava_jax.data.collate import TARGET_POSITIONS, target_positions
+from ppllava_jax.train.losses import gathered_token_logps
+from ppllava_jax.train.step import make_grad_fn
+from tests.train.loss_helpers import llm_only_state
+from tests.train.test_chunked_loss import _lm, _problem, _reference
+
+
+@pytest.mark.parametrize("multiple", [1, 4, 64])
+def test_same_logps_and_gradients(multiple):
+    rng = np.random.default_rng(multiple)
+    hidden, head, labels, mask = _problem(rng)
+    pos = jnp.asarray(target_positions(np.asarray(labels), np.asarray(mask), multiple))
+    assert pos.shape[1] <= labels.shape[1] - 1 and (pos.shape[1] % multiple == 0 or multiple > 12)
+    ref_lp, ref_m = _reference(hidden, head, labels, mask)
+    got_lp, got_m = jax.jit(gathered_token_logps)(hidden, head, labels, mask, pos)
+    assert int(got_m.sum()) == int(ref_m.sum()) > 10
+    # scatter the gathered values back to their positions: the full path's values
+    back = (
+        jnp.zeros_like(ref_lp)
+        .at[jnp.arange(4)[:, None], jnp.maximum(pos, 0)]
+        .add(jnp.where(got_m, got_lp, 0.0))
+    )
+    np.testing.assert_allclose(back, ref_lp, atol=1e-5, rtol=1e-6)
+    np.testing.assert_allclose(got_lp.sum(), ref_lp.sum(), rtol=1e-6)
+
+    weights = jnp.asarray(rng.normal(size=ref_lp.shape), jnp.float32)
+    w_at = jnp.take_along_axis(weights, jnp.maximum(pos, 0), axis=1)
+
+    def ref_loss(h, w):
+        return jnp.sum(_reference(h, w, labels, mask)[0] * weights)
+
+    def got_loss(h, w):
+        return jnp.sum(gathered_token_logps(h, w, labels, mask, pos)[0] * w_at)
+
+    ref_g = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(hidden, head)
+    got_g = jax.jit(jax.grad(got_loss, argnums=(0, 1)))(hidden, head)
+    for a, r in zip(got_g, ref_g, strict=True):
+        np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-5)
+
+
+def test_planner():
+    labels = np.full((3, 10), -100, np.int32)
+    labels[0, 6:] = 5
+    labels[2, [3, 7]] = 1
+    mask = np.ones((3, 10), np.int32)
+    mask[0, -1] = 0  # right padding: the last target is not supervised
+    pos = target_positions(labels, mask, multiple=4)
+    assert pos.shape == (3, 4) and pos.dtype == np.int32
+    np.testing.assert_array_equal(pos[0], [5, 6, 7, -1])
+    np.testing.assert_array_equal(pos[1], [-1, -1, -1, -1])
+    np.testing.assert_array_equal(pos[2], [2, 6, -1, -1])
+    assert target_positions(labels, mask, multiple=64).shape == (3, 9)  # at most L - 1
+    assert target_positions(labels, mask, count=7).shape == (3, 7)
+    with pytest.raises(ValueError, match="more than count"):
+        target_positions(labels, mask, count=2)
+
+
+def _close(got, ref, atol=2e-6, rtol=2e-4):
+    g_got, aux_got = got
+    g_ref, aux_ref = ref
+    for key in aux_ref:
+        np.testing.assert_allclose(aux_got[key], aux_ref[key], rtol=2e-5, atol=1e-6, err_msg=key)
+    leaves = jax.tree.leaves_with_path(g_ref)
+    assert max(float(jnp.abs(g).max()) for _, g in leaves) > 1e-3
+    for (path, r), a in zip(leaves, jax.tree.leaves(g_got), strict=True):
+        np.testing.assert_allclose(a, r, atol=atol, rtol=rtol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize(
+    "tied,mode,norm,accum",
+    [
+        (False, "sft", "global_token_mean", 1),
+        (False, "sft", "global_token_mean", 2),
+        (False, "sft", "per_device_mean", 2),
+        (False, "dpo", None, 1),
+        (True, "sft", "global_token_mean", 1),
+    ],
+)
+def test_train_step_gradients_unchanged(tied, mode, norm, accum):
+    apply_fn, params, batch = _lm(tied)
+    state = llm_only_state(params, mode)
+    kw = dict(accum_steps=accum)
+    if norm:
+        kw.update(loss_normalization=norm, loss_group_size=1)
+    rng = jax.random.key(0)
+    ref = jax.jit(make_grad_fn(apply_fn, mode, **kw))(state, batch, rng)
+    pos = target_positions(np.asarray(batch["labels"]), np.asarray(batch["attention_mask"]), 4)
+    assert pos.shape[1] < batch["labels"].shape[1] - 1  # fewer positions than the full path
+    gathered = {**batch, TARGET_POSITIONS: jnp.asarray(pos)}
+    got = jax.jit(make_grad_fn(apply_fn, mode, **kw))(state, gathered, rng)
+    _close(got, ref)
+
+
+def test_one_micro_batch_equals_the_accumulating_scan():
+    """``grad_accum_steps=1`` takes no accumulators; a batch given with its micro-batch axis
+    ``[2, B/2, ...]`` runs the scan: same mean gradients (global token mean)."""
+    apply_fn, params, batch = _lm(False)
+    state = llm_only_state(params, "sft")
+    rng = jax.random.key(0)
+    one = jax.jit(make_grad_fn(apply_fn, "sft", accum_steps=1))(state, batch, rng)
+    two = jax.jit(make_grad_fn(apply_fn, "sft", accum_steps=2))(state, batch, rng)
+    _close(one, two, atol=1e-6, rtol=1e-5)
+
+
+def test_the_step_reads_the_positions():
+    """Leaving a supervised position out of ``target_positions`` changes the loss: the step
+    takes the gathered path (it does not ignore the key)."""
+    apply_fn, params, batch = _lm(False)
+    state = llm_only_state(params, "sft")
+    pos = target_positions(np.asarray(batch["labels"]), np.asarray(batch["attention_mask"]), 1)
+    fewer = pos.copy()
+    fewer[0, 0] = -1
+    fn = jax.jit(make_grad_fn(apply_fn, "sft"))
+    rng = jax.random.key(0)
+    _, full = fn(state, {**batch, TARGET_POSITIONS: jnp.asarray(pos)}, rng)
+    _, cut = fn(state, {**batch, TARGET_POSITIONS: jnp.asarray(fewer)}, rng)
+    assert int(cut["num_tokens"]) == int(full["num_tokens"]) - 1
+    assert float(cut["loss_sum"]) != float(full["loss_sum"])
