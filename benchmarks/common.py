@@ -301,6 +301,7 @@ def video_sft_batch(
     frames: int,
     text_len: int,
     clip_len: int = 16,
+    clip_real: int = 0,
     newline_per_frame: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -310,7 +311,10 @@ def video_sft_batch(
     supervised, no padding. The visual tokens are the item's projector output in (t, row, col)
     order; with ``newline_per_frame`` the ``image_newline`` row follows every frame's ``h * w``
     tokens (the layout transformers' LLaVA-NeXT gives one single-view image per frame; pooling
-    'none' only). Returns the arrays with ``labels``.
+    'none' only). The CLIP prompts: ``clip_len`` random ids, or with ``clip_real`` > 0 that
+    many real tokens ending in the CLIP vocabulary's largest id (end-of-text) and padded to
+    ``clip_len`` with it, mask 0 (as CLIP's tokenizer pads to 248). Returns the arrays with
+    ``labels``.
     """
     import numpy as np
 
@@ -351,8 +355,12 @@ def video_sft_batch(
         "video_frames": np.ones((batch, frames), bool),
     }
     if cfg.pooling == "ppllava":
-        out["video_clip_ids"] = rng.integers(3, 1000, size=(batch, clip_len)).astype(np.int32)
-        out["video_clip_mask"] = np.ones((batch, clip_len), np.int32)
+        clip = rng.integers(3, 1000, size=(batch, clip_len)).astype(np.int32)
+        mask = np.ones((batch, clip_len), np.int32)
+        if 0 < clip_real < clip_len:
+            clip[:, clip_real - 1 :] = cfg.clip_text.vocab_size - 1
+            mask[:, clip_real:] = 0
+        out["video_clip_ids"], out["video_clip_mask"] = clip, mask
     return out
 
 

@@ -1,12 +1,15 @@
 """Where the time of the jitted PPLLaVA SFT train step goes, part by part (``jax.profiler``).
 
     python benchmarks/profile_step.py                    # the "small" setting (issue 15)
-    python benchmarks/profile_step.py --clip-length 48   # the CLIP prompt 48 tokens, not 248
+    python benchmarks/profile_step.py --clip-length 248  # a CLIP prompt of 248 real tokens
+    python benchmarks/profile_step.py --no-trim          # the text tower over all 248 positions
     python benchmarks/profile_step.py --smoke            # tiny (smoke test)
     python benchmarks/profile_step.py --full-logits      # LM head over every position
 
 Setting ("small"): CLIP vision 12 x 384 at 168 px (12 x 12 patches) with a depth-2 BT-Adapter,
-CLIP text tower 4 x 256 over 248 positions (the prompt ``--clip-length`` tokens), LLaMA 8 x 512
+CLIP text tower 4 x 256 over 248 positions (a prompt of ``--clip-length`` tokens, 40 by default,
+padded to 248 and cut to 64 on the host as ``train.py`` does:
+``train.batches.with_trimmed_clip_prompts``; ``--no-trim``: all 248), LLaMA 8 x 512
 with a 32,064-token vocabulary, 2 videos x 8 frames per step, prompt-guided pooling (2, 3, 3)
 (64 visual tokens per video), 63 text tokens per row; float32, scanned layers, no remat. Step:
 ``train.step.make_train_step`` (SFT, ``grad_accum_steps=1``, ``loss_chunk_size=0``) with AdamW
@@ -49,9 +52,9 @@ SIZES = {
     # vision layers x width, image px, text tower layers x width, LLM layers x width, vocab,
     # videos x frames, text tokens, CLIP positions
     "full": dict(vl=12, vw=384, img=168, tl=4, tw=256, ll=8, lw=512, vocab=32064, batch=2,
-                 frames=8, text=63, clip_pos=248, kernel=(2, 3, 3), steps=2),
+                 frames=8, text=63, clip_pos=248, clip_real=40, kernel=(2, 3, 3), steps=2),
     "smoke": dict(vl=2, vw=64, img=28, tl=1, tw=64, ll=2, lw=64, vocab=256, batch=1,
-                  frames=2, text=16, clip_pos=16, kernel=(2, 1, 1), steps=1),
+                  frames=2, text=16, clip_pos=16, clip_real=0, kernel=(2, 1, 1), steps=1),
 }  # fmt: skip
 
 # (substring of op_name, part) in order: the first match wins
@@ -133,16 +136,18 @@ def setting_config(s: dict):
     )
 
 
-def step_setup(s: dict, clip_len: int, full_logits: bool = False):
+def step_setup(s: dict, clip_real: int, full_logits: bool = False, trim: bool = True):
     """``(compiled_step, state, batch, rng)``: the SFT step of setting ``s`` compiled ahead of
-    time, its initial state (trainable set ``ppllava_sft``) and a batch with ``clip_len`` CLIP
-    prompt tokens; plus the compile seconds. The batch carries ``target_positions`` (the loss's
-    LM head at the supervised positions only) unless ``full_logits``."""
+    time, its initial state (trainable set ``ppllava_sft``) and a batch whose CLIP prompts have
+    ``clip_real`` tokens (0: all), padded to ``s["clip_pos"]``; plus the compile seconds. As
+    ``train.py`` feeds it: the prompts cut to a power of two >= 64 (unless not ``trim``), and
+    ``target_positions`` (the loss's LM head at the supervised positions only) unless
+    ``full_logits``."""
     import jax
     import ml_collections
 
-    from ppllava_jax.data.collate import TARGET_POSITIONS, target_positions
     from ppllava_jax.models.ppllava import PPLLaVA
+    from ppllava_jax.train.batches import with_target_positions, with_trimmed_clip_prompts
     from ppllava_jax.train.optimizer import (
         default_optimizer_config,
         make_optimizer,
@@ -153,10 +158,17 @@ def step_setup(s: dict, clip_len: int, full_logits: bool = False):
 
     cfg = setting_config(s)
     batch = common.video_sft_batch(
-        cfg, batch=s["batch"], frames=s["frames"], text_len=s["text"], clip_len=clip_len
+        cfg,
+        batch=s["batch"],
+        frames=s["frames"],
+        text_len=s["text"],
+        clip_len=s["clip_pos"],
+        clip_real=clip_real,
     )
     if not full_logits:
-        batch[TARGET_POSITIONS] = target_positions(batch["labels"], batch["attention_mask"])
+        batch = with_target_positions(batch)
+    if trim:
+        batch = with_trimmed_clip_prompts(batch)
     batch = jax.tree.map(jax.numpy.asarray, batch)
     model = PPLLaVA(cfg)
 
@@ -191,7 +203,8 @@ def step_setup(s: dict, clip_len: int, full_logits: bool = False):
 def main() -> int:
     ap = common.script_parser(__doc__)
     ap.add_argument("--smoke", action="store_true", help="the smallest setting (smoke test)")
-    ap.add_argument("--clip-length", type=int, default=0, help="CLIP prompt tokens (default 248)")
+    ap.add_argument("--clip-length", type=int, default=0, help="real CLIP prompt tokens (40)")
+    ap.add_argument("--no-trim", action="store_true", help="CLIP text over all 248 positions")
     ap.add_argument("--steps", type=int, default=0, help="traced steps (default 2)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     ap.add_argument("--top", type=int, default=15, help="ops listed")
@@ -200,13 +213,15 @@ def main() -> int:
     )
     args = ap.parse_args()
     s = SIZES["smoke" if args.smoke else "full"]
-    clip_len = args.clip_length or s["clip_pos"]
+    clip_len = args.clip_length or s["clip_real"] or s["clip_pos"]
     steps = args.steps or s["steps"]
     if clip_len > s["clip_pos"]:
         ap.error(f"--clip-length at most {s['clip_pos']} (the text tower's positions)")
     jax = common.setup_jax()
 
-    compiled, state, batch, rng, compile_s = step_setup(s, clip_len, args.full_logits)
+    compiled, state, batch, rng, compile_s = step_setup(
+        s, clip_len, args.full_logits, trim=not args.no_trim
+    )
     meta = op_metadata(compiled.as_text())
     common.time_calls(lambda: compiled(state, batch, rng), 0, warmup=args.warmup)
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -236,6 +251,7 @@ def main() -> int:
         "profile_step",
         **shape,
         clip_length=clip_len,
+        clip_positions_run=int(batch["video_clip_ids"].shape[1]),
         full_logits=args.full_logits,
         trainable="ppllava_sft",
         steps=steps,

@@ -14,15 +14,16 @@ loop over the samples; checked against the authors' outputs by ``tests/test_torc
 built at random with ``torch.manual_seed(0)``, saved in the authors' checkpoint layout
 (``model.safetensors`` + ``config.json`` + ``clip/config.json``) and converted with
 ``ppllava_jax.convert`` (family ``ppllava``). Default size ("small", the issue's): CLIP vision 12 x
-384 at 168 px with a depth-2 BT-Adapter, CLIP text 4 x 256 over 248 positions (248 real prompt
-tokens), LLaMA 8 x 512 with vocabulary 32,064, 2 videos x 8 frames, pooling (2,3,3) -> 64 visual
-tokens, 63 text tokens; the SFT trainable set (``ppllava_sft``: the vision trunk, the CLIP text
-tower and ``logit_scale`` frozen) on both sides. Drop-path is off on both sides (its random masks
-cannot be shared between the frameworks; every other op is deterministic), so the first step's
-losses must agree. ``--torch-lean``: the PyTorch side runs the CLIP and adapter layers only up to
-the feature layer, as the JAX side does (the authors' code runs them all);
-``--torch-checkpoint``: it recomputes the adapter layers in the backward, as the authors'
-training does.
+384 at 168 px with a depth-2 BT-Adapter, CLIP text 4 x 256 over 248 positions (a 40-token prompt
+padded to 248 as CLIP's tokenizer does: PyTorch runs all 248 as the authors' code does, the JAX
+batch is cut to 64 on the host as ``train.py`` cuts it), LLaMA 8 x 512 with vocabulary 32,064, 2
+videos x 8 frames, pooling (2,3,3) -> 64 visual tokens, 63 text tokens; the SFT trainable set
+(``ppllava_sft``: the vision trunk, the CLIP text tower and ``logit_scale`` frozen) on both sides.
+Drop-path is off on both sides (its random masks cannot be shared between the frameworks; every
+other op is deterministic), so the first step's losses must agree. ``--torch-lean``: the PyTorch
+side runs the CLIP and adapter layers only up to the feature layer, as the JAX side does (the
+authors' code runs them all); ``--torch-checkpoint``: it recomputes the adapter layers in the
+backward, as the authors' training does.
 
 Setting ``llava_next``: transformers' ``LlavaNextForConditionalGeneration`` (CLIP vision,
 ``vision_feature_layer=-2``, LLaVA MLP, LLaMA), every parameter trained, converted with family
@@ -65,13 +66,14 @@ LLAVA_SIZES = {
 }
 PPLLAVA_SIZES = {
     # vision layers x width, image px, CLIP text layers x width, LLM layers x width, vocab,
-    # videos x frames, text tokens, CLIP prompt positions (all real), pooling kernel = stride
+    # videos x frames, text tokens, CLIP prompt positions and real tokens (0: all), pooling
+    # kernel = stride
     "full": dict(vl=12, vw=384, img=168, tl=4, tw=256, ll=8, lw=512, vocab=32064, batch=2,
-                 frames=8, text=63, clip_pos=248, kernel=(2, 3, 3), rep=5),
+                 frames=8, text=63, clip_pos=248, clip_real=40, kernel=(2, 3, 3), rep=5),
     "quick": dict(vl=4, vw=192, img=84, tl=2, tw=128, ll=4, lw=256, vocab=4096, batch=2,
-                  frames=8, text=32, clip_pos=77, kernel=(2, 3, 3), rep=3),
+                  frames=8, text=32, clip_pos=77, clip_real=20, kernel=(2, 3, 3), rep=3),
     "smoke": dict(vl=2, vw=64, img=42, tl=1, tw=64, ll=2, lw=64, vocab=256, batch=2,
-                  frames=2, text=16, clip_pos=16, kernel=(2, 3, 3), rep=1),
+                  frames=2, text=16, clip_pos=16, clip_real=0, kernel=(2, 3, 3), rep=1),
 }  # fmt: skip
 
 
@@ -182,7 +184,12 @@ def ppllava_setup(s: dict, args: Any, tmp: Path) -> dict:
     assert family == "ppllava" and cfg.btadapter and cfg.pooling == "ppllava"
     b = args.batch or s["batch"]
     batch = common.video_sft_batch(
-        cfg, batch=b, frames=s["frames"], text_len=s["text"], clip_len=s["clip_pos"]
+        cfg,
+        batch=b,
+        frames=s["frames"],
+        text_len=s["text"],
+        clip_len=s["clip_pos"],
+        clip_real=s["clip_real"],
     )
     # PyTorch: the run of visual positions becomes one image token (label -100)
     vis = batch["visual_index"] >= 0
@@ -213,6 +220,7 @@ def ppllava_setup(s: dict, args: Any, tmp: Path) -> dict:
         vision=f"{s['vl']}x{s['vw']}+btadapter{cfg.btadapter_depth}",
         clip_text=f"{s['tl']}x{s['tw']}",
         clip_positions=s["clip_pos"],
+        clip_real_tokens=s["clip_real"] or s["clip_pos"],
         llm=f"{s['ll']}x{s['lw']}",
         vocab=s["vocab"],
         kernel=list(s["kernel"]),
@@ -238,7 +246,7 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from ppllava_jax.train.batches import with_target_positions
+    from ppllava_jax.train.batches import with_target_positions, with_trimmed_clip_prompts
     from ppllava_jax.train.step import make_loss_fn
 
     if args.torch_threads:
@@ -273,8 +281,11 @@ def main() -> int:
         total, aux = loss_fn(trainable, frozen, None, b, r)
         return total / jax.numpy.maximum(aux["num_tokens"], 1)
 
-    # as train.py feeds it: the loss's LM head only at the supervised positions
-    jbatch = jax.tree.map(jax.numpy.asarray, with_target_positions(batch))
+    # as train.py feeds it: the loss's LM head only at the supervised positions, the CLIP
+    # prompts' padding cut (ppllava setting: 40 real of 248 -> 64; PyTorch runs all 248)
+    jbatch = jax.tree.map(
+        jax.numpy.asarray, with_trimmed_clip_prompts(with_target_positions(batch))
+    )
     rng = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
     compiled = step.lower(state, jbatch, rng).compile()
@@ -345,6 +356,11 @@ def main() -> int:
         size=size,
         **setup["shape"],
         seq_len=int(batch["input_ids"].shape[1]),
+        **(
+            {"clip_positions_jax": int(jbatch["video_clip_ids"].shape[1])}
+            if "video_clip_ids" in jbatch
+            else {}
+        ),
         params=n_params,
         trainable_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
         dtype="float32",

@@ -163,10 +163,11 @@ def small(args, repeats: int | None) -> int:
     s = profile_step.SIZES["full"]
     repeats = repeats or 5
     cfg = profile_step.setting_config(s)
-    compiled, state, batch, rng, compile_s = profile_step.step_setup(s, s["clip_pos"])
+    compiled, state, batch, rng, compile_s = profile_step.step_setup(s, s["clip_real"])
     rows, length = batch["input_ids"].shape
     videos = [(s["batch"], s["frames"], False)]
-    fwd = flops.forward_flops(cfg, rows, length, videos, s["clip_pos"])
+    clip_run = int(batch["video_clip_ids"].shape[1])  # cut to 64 as train.py does
+    fwd = flops.forward_flops(cfg, rows, length, videos, clip_run)
     mult = flops.part_multipliers(param_paths(state.params))
     k = int(np.asarray(batch[TARGET_POSITIONS]).shape[1])
     head_step = fwd["lm_head"] * k / length  # the step's head runs over K positions per row
@@ -201,6 +202,7 @@ def small(args, repeats: int | None) -> int:
         **{k_: v for k_, v in s.items() if k_ != "steps"},
         seq_len=int(length),
         loss_positions=k,
+        clip_positions_run=clip_run,
         trainable="ppllava_sft",
         step_s=st["median_s"],
         step_min_s=st["min_s"],

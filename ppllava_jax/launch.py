@@ -23,7 +23,9 @@ SIGINT to every child (each then saves and stops with status 75, "requeue": see
 ``--grace`` seconds to end on their own, then sends them SIGTERM and, ``--kill-after`` seconds
 later, SIGKILL (to each child's whole process group, data workers included). Children die with
 the launcher (``PR_SET_PDEATHSIG``) so nothing outlives it. The exit status is the first
-failure's (75 for a requeue, 128 + signal for a child ended by a signal), 0 if all succeed.
+failure's (75 for a requeue, 128 + signal for a child ended by a signal), 0 if all succeed;
+of several children found ended at the same check (every 0.1 s), one ended by a signal counts
+as first: a killed process's peers fail within milliseconds of it (their connections close).
 Lines ``[launch] process i pid P`` name the children's process ids.
 """
 
@@ -212,10 +214,11 @@ class Launcher:
         termed = False
         while True:
             codes = [p.poll() for p in self.procs]
-            for i, c in enumerate(codes):
-                if c not in (None, 0) and first is None:
-                    first, failed_at = (i, c), time.monotonic()
-                    self.say(f"process {i} {ended(c)}; stopping the others")
+            failed = [(c >= 0, i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed and first is None:
+                _, i, c = min(failed)
+                first, failed_at = (i, c), time.monotonic()
+                self.say(f"process {i} {ended(c)}; stopping the others")
             if all(c is not None for c in codes):
                 break
             if first is not None:

@@ -525,6 +525,29 @@ def test_launcher_prefixes_output_and_stops_the_others(tmp_path):
     assert all(p.returncode is not None for p in launcher.procs)
 
 
+def test_launcher_counts_a_killed_child_first_among_simultaneous_failures():
+    """Without JAX: process 0 exits 1 (as a peer of a killed process does, its connection
+    closed) and process 1 is SIGKILLed, both before the launcher's first check: the status is
+    the kill's, not the lower process id's."""
+    import io
+
+    from ppllava_jax.launch import Launcher
+
+    code = (
+        "import os, signal, sys\n"
+        "if os.environ['JAX_PROCESS_ID'] == '1': os.kill(os.getpid(), signal.SIGKILL)\n"
+        "sys.exit(1)\n"
+    )
+    out = io.BytesIO()
+    launcher = Launcher([sys.executable, "-c", code], 2, kill_after=5, out=out)
+    launcher.start()
+    deadline = time.monotonic() + 20
+    while any(p.poll() is None for p in launcher.procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert launcher.wait() == 128 + signal.SIGKILL
+    assert "process 1 failed (signal 9); stopping the others" in out.getvalue().decode()
+
+
 @real_runs
 def test_sigterm_to_one_of_four_processes_all_save_the_same_step(preempted):
     """4 processes x 1 device, one of them preempted (SIGTERM) after step 2: every process

@@ -354,6 +354,17 @@ TARGET_POSITIONS = "target_positions"
 those positions only (``train.losses.gathered_token_logps``)."""
 
 
+def _supervised_next(labels: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """``bool[B, L-1]``: ``labels[:, l+1]`` supervised and both ``l``, ``l+1`` attended."""
+    am = np.asarray(attention_mask) != 0
+    return (np.asarray(labels)[:, 1:] != IGNORE_INDEX) & am[:, 1:] & am[:, :-1]
+
+
+def count_targets(labels: np.ndarray, attention_mask: np.ndarray) -> int:
+    """The most supervised next-token targets of one row (what ``target_positions`` lists)."""
+    return int(_supervised_next(labels, attention_mask).sum(axis=1).max(initial=0))
+
+
 def target_positions(
     labels: np.ndarray, attention_mask: np.ndarray, multiple: int = 16, count: int = 0
 ) -> np.ndarray:
@@ -364,9 +375,7 @@ def target_positions(
     the longest row's count rounded up to a multiple of ``multiple``, at most ``L - 1``. Multi-
     host training must pass one ``count`` for all hosts (every host feeds the same shapes).
     """
-    labels = np.asarray(labels)
-    am = np.asarray(attention_mask) != 0
-    sup = (labels[:, 1:] != IGNORE_INDEX) & am[:, 1:] & am[:, :-1]
+    sup = _supervised_next(labels, attention_mask)
     n = int(sup.sum(axis=1).max(initial=0))
     if count:
         if n > count:
@@ -379,6 +388,35 @@ def target_positions(
     for i, row in enumerate(sup):
         idx = np.flatnonzero(row)
         out[i, : len(idx)] = idx
+    return out
+
+
+def clip_prompt_length(batch: dict[str, np.ndarray]) -> int:
+    """The longest CLIP prompt of ``batch``: 1 + the last attended position of every group's
+    ``<group>_clip_mask`` (0 when no group has a prompt)."""
+    n = 0
+    for g in GROUPS:
+        mask = batch.get(f"{g}_clip_mask")
+        if mask is not None and mask.size:
+            real = np.asarray(mask).reshape(-1, mask.shape[-1]).any(axis=0)
+            n = max(n, int(np.flatnonzero(real)[-1]) + 1 if real.any() else 0)
+    return n
+
+
+def trim_clip_prompts(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """``batch`` with every ``<group>_clip_ids`` / ``<group>_clip_mask`` cut to ``length``
+    positions (prompts are right-padded: positions past ``clip_prompt_length`` are padding).
+
+    Exact for the prompt encoders of both families: the CLIP text tower is causal and pools at a
+    real token, SigLIP's attention masks the padding, so no real token sees a cut position."""
+    need = clip_prompt_length(batch)
+    if length < need:
+        raise ValueError(f"a CLIP prompt has {need} tokens, more than length={length}")
+    out = dict(batch)
+    for g in GROUPS:
+        for key in (f"{g}_clip_ids", f"{g}_clip_mask"):
+            if key in out:
+                out[key] = out[key][..., :length]
     return out
 
 

@@ -1,7 +1,8 @@
 """The data iterator as the trainer sees it: ``TrainBatches`` wraps the grain pipeline's
 iterator (host-only fields dropped, skipped samples counted, its position checkpointed), and
 ``common_length`` pads every host's batch to one length, ``with_target_positions`` lists the
-positions the loss reads (so the LM head runs only there)."""
+positions the loss reads (so the LM head runs only there), ``with_trimmed_clip_prompts`` cuts the
+CLIP prompts' padding."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from ppllava_jax import sharding
 from ppllava_jax.data import collate
 from ppllava_jax.data import pipeline as pl
 from ppllava_jax.models.config import PPLLaVAConfig
+
+MIN_CLIP_LENGTH = 64  # shortest trimmed CLIP prompt: lengths 64, 128, ... (few programs)
 
 
 def common_length(batch: dict[str, np.ndarray], mcfg: PPLLaVAConfig) -> dict[str, np.ndarray]:
@@ -35,10 +38,25 @@ def with_target_positions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     ``K`` is the most supervised targets of a row, rounded up to a power of two (at least 16,
     at most ``L - 1``: few compiled programs), the largest of all hosts (one global shape)."""
     labels, mask = batch["labels"], batch["attention_mask"]
-    n = int(collate.target_positions(labels, mask, multiple=1).shape[1])
+    n = collate.count_targets(labels, mask)
     k = min(max(16, 1 << max(n - 1, 0).bit_length()), labels.shape[-1] - 1)
     k = sharding.max_over_processes(k, name="target_positions")
     return {**batch, collate.TARGET_POSITIONS: collate.target_positions(labels, mask, count=k)}
+
+
+def with_trimmed_clip_prompts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``batch`` with the CLIP prompts cut to the longest real one rounded up to a power of two
+    (at least ``MIN_CLIP_LENGTH``, at most their padded length; the largest of all hosts: few
+    compiled programs, one global shape): the frozen text tower then runs over 64 positions for
+    a question of 40 tokens, not the 248 the prompts are padded to. Same outputs
+    (``collate.trim_clip_prompts``)."""
+    full = max((v.shape[-1] for k, v in batch.items() if k.endswith("_clip_ids")), default=0)
+    if not full:
+        return batch
+    n = collate.clip_prompt_length(batch)
+    k = min(max(MIN_CLIP_LENGTH, 1 << max(n - 1, 0).bit_length()), full)
+    k = sharding.max_over_processes(k, name="clip_prompt_length")
+    return collate.trim_clip_prompts(batch, k)
 
 
 class TrainBatches:

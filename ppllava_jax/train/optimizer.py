@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -263,6 +264,25 @@ def decay_mask_fn(no_decay: Iterable[str] = DEFAULT_NO_DECAY) -> Callable[[PyTre
     return mask
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Global-norm clipping as one multiplication: ``g * min(1, max_norm / ||g||)``.
+
+    The same transformation as ``optax.clip_by_global_norm`` (equal when not clipping, within an
+    ulp when clipping; PyTorch's ``clip_grad_norm_`` multiplies too). Optax's
+    ``where(norm < max, g, g / norm * max)`` makes XLA write the clipped gradient out once and
+    read both it and ``g`` in the Adam moments' loops (a divide is not duplicated into two
+    consumers); a multiplication by a scalar fuses into them. On the CPU, clipping + AdamW over
+    two 8 M-element leaves took 0.031 s instead of 0.116 s."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
     opt_cfg, total_steps: int | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -274,7 +294,7 @@ def make_optimizer(
     parts = []
     clip = float(opt_cfg.get("grad_clip_norm", 0.0) or 0.0)
     if clip > 0:
-        parts.append(optax.clip_by_global_norm(clip))
+        parts.append(clip_by_global_norm(clip))
     parts.append(
         optax.adamw(
             schedule,

@@ -37,7 +37,12 @@ from ppllava_jax.evaluate.common import results_path, scalar_metrics
 from ppllava_jax.models.config import PPLLaVAConfig
 from ppllava_jax.models.ppllava import PPLLaVA, init_params
 from ppllava_jax.train import resume_check, trainer
-from ppllava_jax.train.batches import TrainBatches, common_length, with_target_positions
+from ppllava_jax.train.batches import (
+    TrainBatches,
+    common_length,
+    with_target_positions,
+    with_trimmed_clip_prompts,
+)
 from ppllava_jax.train.checkpoint import config_to_dict
 from ppllava_jax.train.checks import check_batch, check_mode, check_multihost, check_tokenizers
 from ppllava_jax.train.metrics import MetricsWriter
@@ -238,6 +243,7 @@ def fit(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig, mesh: Any, workdir:
         trace = os.path.join(workdir, "data_trace", f"process_{jax.process_index()}.jsonl")
     params, shardings = build_params(cfg, mcfg, mesh)
     targets = with_target_positions if cfg.train.logits_at_targets_only else (lambda b: b)
+    clip = with_trimmed_clip_prompts if cfg.train.trim_clip_prompts else (lambda b: b)
     # a checkpoint of another model / trainable selection: said by name, before restoring
     resume_check.check_resume(os.path.join(workdir, "checkpoints"), params, cfg)
     result = trainer.train(
@@ -250,7 +256,7 @@ def fit(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig, mesh: Any, workdir:
         flops_per_step=step_flops(mcfg, params, cfg.optimizer),
         place_batch=lambda b: sharding.shard_batch(
             collate.globalize_visual_index(
-                targets(common_length(b, mcfg)),
+                clip(targets(common_length(b, mcfg))),
                 mcfg,
                 jax.process_index(),
                 jax.process_count(),

@@ -17,7 +17,8 @@ keeps its "chosen rows first, then the matching rejected rows" layout in every
 micro-batch). A batch that already has the micro-batch axis (``labels`` is 3-D) is used as
 is. The step scans over micro-batches summing loss numerators, token (or pair) counts and
 gradients, and divides once at the end, so k micro-batches equal one batch of k times the
-size.
+size. With one micro-batch there is no accumulator: the backward pass is seeded with
+1 / denominator, so the gradients come out as means.
 
 Loss normalisation (SFT; ``train.loss_normalization``):
 
@@ -241,11 +242,18 @@ def make_grad_fn(
         n = batch["labels"].shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
         if n == 1:  # one micro-batch: no accumulators (same values: 0 + g is g)
-            (_, aux), g = vg(
-                state.params, state.frozen, state.ref_params, first, jax.random.fold_in(rng, 0)
+            # the backward is seeded with 1 / denominator (known after the forward), so the
+            # gradients come out as means: no division pass over every gradient afterwards
+            _, pullback, aux = jax.vjp(
+                lambda p: loss_fn(
+                    p, state.frozen, state.ref_params, first, jax.random.fold_in(rng, 0)
+                ),
+                state.params,
+                has_aux=True,
             )
-            g = pin(jax.tree.map(lambda b: b.astype(jnp.float32), g))
-            return _finish(g, aux, batch, state.params)
+            denom = jnp.maximum(aux[denom_key], 1).astype(jnp.float32)
+            (g,) = pullback(jnp.asarray(1.0, jnp.float32) / denom)
+            return pin(g), _counts(aux, batch)
         aux_shape = jax.eval_shape(
             loss_fn, state.params, state.frozen, state.ref_params, first, rng
         )[1]
@@ -268,12 +276,15 @@ def make_grad_fn(
     def _finish(g, aux, batch, params):
         denom = jnp.maximum(aux[denom_key], 1).astype(jnp.float32)
         grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, params)
+        return grads, _counts(aux, batch)
+
+    def _counts(aux, batch):
         aux = dict(aux)
         aux["num_samples"] = jnp.asarray(
             batch["labels"].shape[0] * batch["labels"].shape[1], jnp.int32
         )
         aux["num_input_tokens"] = jnp.sum(batch["attention_mask"] != 0, dtype=jnp.int32)
-        return grads, aux
+        return aux
 
     return grad_fn
 

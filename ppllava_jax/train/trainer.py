@@ -72,6 +72,9 @@ def default_config() -> ml_collections.ConfigDict:
     # the LM head and cross entropy only at the supervised positions (planned on the host: the
     # batch's target_positions, train/batches.with_target_positions): same loss, less compute
     c.train.logits_at_targets_only = True
+    # cut the CLIP prompts' padding to the batch's longest prompt, rounded up to a power of two
+    # (train/batches.with_trimmed_clip_prompts): same outputs, a shorter frozen text tower
+    c.train.trim_clip_prompts = True
     c.train.seed = 0  # step rng = fold_in(key(seed), step)
     c.train.log_every = 10  # steps between metrics lines
     c.train.param_table_depth = 1  # path components per row of the parameter table

@@ -19,7 +19,13 @@ import numpy as np
 import pytest
 
 from ppllava_jax.convert.api import convert_checkpoint, load_checkpoint
-from ppllava_jax.data.collate import Media, Sample, collate
+from ppllava_jax.data.collate import (
+    Media,
+    Sample,
+    clip_prompt_length,
+    collate,
+    trim_clip_prompts,
+)
 from ppllava_jax.generate import SamplingConfig, generate
 from ppllava_jax.layout import pool_windows
 from ppllava_jax.models.longclip import extend_positions
@@ -225,3 +231,35 @@ def test_greedy_generation(converted):
     prompt = data["input_ids"].shape[1]
     np.testing.assert_array_equal(np.asarray(out["tokens"][0]), data["output_ids"][0, prompt:])
     np.testing.assert_allclose(np.asarray(out["logits"]), data["step_logits"], atol=1e-4)
+
+
+def test_trimmed_clip_prompt_padding_changes_nothing(converted):
+    """Training cuts the CLIP prompts' padding (``collate.trim_clip_prompts``): the fixture
+    sample with the shortest prompt, its prompt padded by up to 37 more positions, gives the same
+    logits with the padding cut, and both match the authors' logits."""
+    cfg, params = converted
+
+    def real(s):  # right-padded prompts: the real tokens come first
+        return len(s.clip_ids) if s.clip_mask is None else int(np.sum(s.clip_mask != 0))
+
+    cases = []
+    for name in ("forward_train_batch", "forward_infer_batch"):
+        data = _load(name)
+        cases += [(real(s), name, i, s) for i, s in enumerate(_samples(data, cfg, False))]
+    need, name, i, sample = min(cases, key=lambda c: c[0])
+    pad = min(37, cfg.clip_text.max_position_embeddings - need)
+    assert pad > 0, "every prompt fills the prompt encoder's positions: nothing to cut"
+    padded = collate([sample], cfg, clip_length=need + pad)
+    assert clip_prompt_length(padded) == need
+    trimmed = trim_clip_prompts(padded, need)
+    key = next(k for k in padded if k.endswith("_clip_ids"))
+    assert padded[key].shape[-1] == need + pad and trimmed[key].shape[-1] == need
+    model = PPLLaVA(cfg)
+    fwd = jax.jit(lambda p, b: model.apply({"params": p}, b)["logits"])
+    a, b = np.asarray(fwd(params, padded)), np.asarray(fwd(params, trimmed))
+    m = padded["attention_mask"][0].astype(bool)
+    np.testing.assert_allclose(b[0][m], a[0][m], atol=1e-5)
+    data = _load(name)
+    ref, n = data["logits"][i], int(m.sum())
+    ref_i = ref[:n] if _padding_side(data) == "right" else ref[ref.shape[0] - n :]
+    np.testing.assert_allclose(b[0][m], ref_i, atol=1e-4, err_msg=f"{name} sample {i}")

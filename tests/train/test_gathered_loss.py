@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ppllava_jax.data.collate import TARGET_POSITIONS, target_positions
+from ppllava_jax.data.collate import TARGET_POSITIONS, count_targets, target_positions
 from ppllava_jax.train.losses import gathered_token_logps
 from ppllava_jax.train.step import make_grad_fn
 from tests.train.loss_helpers import llm_only_state
@@ -68,6 +68,24 @@ def test_planner():
     assert target_positions(labels, mask, count=7).shape == (3, 7)
     with pytest.raises(ValueError, match="more than count"):
         target_positions(labels, mask, count=2)
+    assert count_targets(labels, mask) == 3
+
+
+def test_training_batches_list_a_power_of_two_of_targets():
+    """``with_target_positions``: K = the longest row's targets rounded up to a power of two, at
+    least 16, at most L - 1; every supervised position listed once, in order."""
+    from ppllava_jax.train.batches import with_target_positions
+
+    for length, n, k in ((64, 3, 16), (64, 17, 32), (64, 33, 63), (12, 5, 11)):
+        labels = np.full((2, length), -100, np.int32)
+        labels[1, length - n :] = 7
+        mask = np.ones((2, length), np.int32)
+        out = with_target_positions({"labels": labels, "attention_mask": mask})
+        pos = out[TARGET_POSITIONS]
+        assert pos.shape == (2, k), (length, n, pos.shape)
+        np.testing.assert_array_equal(pos[0], -1)
+        np.testing.assert_array_equal(pos[1, :n], np.arange(length - n - 1, length - 1))
+        np.testing.assert_array_equal(pos[1, n:], -1)
 
 
 def _close(got, ref, atol=2e-6, rtol=2e-4):
@@ -131,3 +149,27 @@ def test_the_step_reads_the_positions():
     _, cut = fn(state, {**batch, TARGET_POSITIONS: jnp.asarray(fewer)}, rng)
     assert int(cut["num_tokens"]) == int(full["num_tokens"]) - 1
     assert float(cut["loss_sum"]) != float(full["loss_sum"])
+
+
+def test_training_batches_cut_the_clip_prompt_padding():
+    """``with_trimmed_clip_prompts``: every group's prompts cut to the longest real one rounded
+    up to a power of two (at least ``MIN_CLIP_LENGTH``, at most the padded length)."""
+    from ppllava_jax.data.collate import clip_prompt_length, trim_clip_prompts
+    from ppllava_jax.train.batches import MIN_CLIP_LENGTH, with_trimmed_clip_prompts
+
+    for full, longest, k in ((248, 40, 64), (248, 65, 128), (248, 130, 248), (32, 10, 32)):
+        ids = np.arange(1, 2 * full + 1, dtype=np.int32).reshape(2, full)
+        mask = np.zeros((2, full), np.int32)
+        mask[0, :longest], mask[1, :3] = 1, 1
+        img = np.zeros((1, full), np.int32)
+        batch = {"video_clip_ids": ids, "video_clip_mask": mask}
+        batch |= {"image_clip_ids": img, "image_clip_mask": img, "input_ids": np.ones((2, 5))}
+        assert clip_prompt_length(batch) == longest
+        out = with_trimmed_clip_prompts(batch)
+        assert k == full or k >= MIN_CLIP_LENGTH
+        for key in ("video_clip_ids", "video_clip_mask", "image_clip_ids", "image_clip_mask"):
+            assert out[key].shape == (batch[key].shape[0], k), (full, longest, key)
+            np.testing.assert_array_equal(out[key], batch[key][:, :k])
+        assert out["input_ids"] is batch["input_ids"]
+    with pytest.raises(ValueError, match="more than length=39"):
+        trim_clip_prompts(batch | {"video_clip_mask": np.ones((2, 248), np.int32)}, 39)

@@ -1,6 +1,7 @@
 """Trainable/frozen selection by path, split/merge, weight-decay mask, schedules."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -120,3 +121,30 @@ def test_schedules():
     cfg.schedule = "bogus"
     with pytest.raises(ValueError, match="cosine"):
         make_schedule(cfg, 10)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_clipping_equals_optax_and_torch(max_norm):
+    """``clip_by_global_norm`` (a multiplication, for XLA's fusion) against optax's and
+    PyTorch's ``clip_grad_norm_``, clipping (0.5) and not (1e3: unchanged bit for bit)."""
+    import optax
+    import torch
+
+    from ppllava_jax.train.optimizer import clip_by_global_norm
+
+    rng = np.random.default_rng(0)
+    g = {"a": rng.standard_normal((7, 5)).astype(np.float32), "b": {"c": rng.standard_normal(9)}}
+    g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g)
+    got, _ = clip_by_global_norm(max_norm).update(g, optax.EmptyState())
+    ref, _ = optax.clip_by_global_norm(max_norm).update(g, optax.EmptyState())
+    ts = [torch.tensor(np.asarray(x)) for x in jax.tree.leaves(g)]
+    for t in ts:
+        t.grad = t.clone()
+    torch.nn.utils.clip_grad_norm_(ts, max_norm)
+    for a, r, t in zip(jax.tree.leaves(got), jax.tree.leaves(ref), ts, strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-6, atol=0)
+        np.testing.assert_allclose(a, t.grad.numpy(), rtol=2e-6, atol=0)
+        if max_norm > 100:
+            np.testing.assert_array_equal(a, r)
+    norm = float(optax.tree.norm(got))
+    assert norm == pytest.approx(min(max_norm, float(optax.tree.norm(g))), rel=1e-6)
