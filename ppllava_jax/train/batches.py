@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from ppllava_jax import sharding
-from ppllava_jax.data import collate
+from ppllava_jax.data import clip_prompts, collate
 from ppllava_jax.data import pipeline as pl
 from ppllava_jax.models.config import PPLLaVAConfig
 
@@ -49,14 +49,14 @@ def with_trimmed_clip_prompts(batch: dict[str, np.ndarray]) -> dict[str, np.ndar
     (at least ``MIN_CLIP_LENGTH``, at most their padded length; the largest of all hosts: few
     compiled programs, one global shape): the frozen text tower then runs over 64 positions for
     a question of 40 tokens, not the 248 the prompts are padded to. Same outputs
-    (``collate.trim_clip_prompts``)."""
+    (``clip_prompts.trim_clip_prompts``)."""
     full = max((v.shape[-1] for k, v in batch.items() if k.endswith("_clip_ids")), default=0)
     if not full:
         return batch
-    n = collate.clip_prompt_length(batch)
+    n = clip_prompts.clip_prompt_length(batch)
     k = min(max(MIN_CLIP_LENGTH, 1 << max(n - 1, 0).bit_length()), full)
     k = sharding.max_over_processes(k, name="clip_prompt_length")
-    return collate.trim_clip_prompts(batch, k)
+    return clip_prompts.trim_clip_prompts(batch, k)
 
 
 class TrainBatches:

@@ -19,13 +19,8 @@ import numpy as np
 import pytest
 
 from ppllava_jax.convert.api import convert_checkpoint, load_checkpoint
-from ppllava_jax.data.collate import (
-    Media,
-    Sample,
-    clip_prompt_length,
-    collate,
-    trim_clip_prompts,
-)
+from ppllava_jax.data.clip_prompts import clip_prompt_length, trim_clip_prompts
+from ppllava_jax.data.collate import Media, Sample, collate
 from ppllava_jax.generate import SamplingConfig, generate
 from ppllava_jax.layout import pool_windows
 from ppllava_jax.models.longclip import extend_positions
@@ -234,7 +229,7 @@ def test_greedy_generation(converted):
 
 
 def test_trimmed_clip_prompt_padding_changes_nothing(converted):
-    """Training cuts the CLIP prompts' padding (``collate.trim_clip_prompts``): the fixture
+    """Training cuts the CLIP prompts' padding (``clip_prompts.trim_clip_prompts``): the fixture
     sample with the shortest prompt, its prompt padded by up to 37 more positions, gives the same
     logits with the padding cut, and both match the authors' logits."""
     cfg, params = converted

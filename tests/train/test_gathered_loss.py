@@ -154,7 +154,7 @@ def test_the_step_reads_the_positions():
 def test_training_batches_cut_the_clip_prompt_padding():
     """``with_trimmed_clip_prompts``: every group's prompts cut to the longest real one rounded
     up to a power of two (at least ``MIN_CLIP_LENGTH``, at most the padded length)."""
-    from ppllava_jax.data.collate import clip_prompt_length, trim_clip_prompts
+    from ppllava_jax.data.clip_prompts import clip_prompt_length, trim_clip_prompts
     from ppllava_jax.train.batches import MIN_CLIP_LENGTH, with_trimmed_clip_prompts
 
     for full, longest, k in ((248, 40, 64), (248, 65, 128), (248, 130, 248), (32, 10, 32)):
