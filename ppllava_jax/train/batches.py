@@ -30,6 +30,13 @@ def common_length(batch: dict[str, np.ndarray], mcfg: PPLLaVAConfig) -> dict[str
     return collate.pad_length(batch, length, pad)
 
 
+def _agreed_size(n: int, smallest: int, largest: int, name: str) -> int:
+    """``n`` rounded up to a power of two, at least ``smallest``, at most ``largest``: the
+    largest of all hosts (few compiled programs, one global shape)."""
+    k = min(max(smallest, 1 << max(n - 1, 0).bit_length()), largest)
+    return sharding.max_over_processes(k, name=name)
+
+
 def with_target_positions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``batch`` + ``int32[B, K]`` ``target_positions`` (``collate.target_positions``): the
     train step then applies the LM head and the cross entropy at those K positions only, not at
@@ -39,8 +46,7 @@ def with_target_positions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     at most ``L - 1``: few compiled programs), the largest of all hosts (one global shape)."""
     labels, mask = batch["labels"], batch["attention_mask"]
     n = collate.count_targets(labels, mask)
-    k = min(max(16, 1 << max(n - 1, 0).bit_length()), labels.shape[-1] - 1)
-    k = sharding.max_over_processes(k, name="target_positions")
+    k = _agreed_size(n, 16, labels.shape[-1] - 1, "target_positions")
     return {**batch, collate.TARGET_POSITIONS: collate.target_positions(labels, mask, count=k)}
 
 
@@ -54,8 +60,7 @@ def with_trimmed_clip_prompts(batch: dict[str, np.ndarray]) -> dict[str, np.ndar
     if not full:
         return batch
     n = clip_prompts.clip_prompt_length(batch)
-    k = min(max(MIN_CLIP_LENGTH, 1 << max(n - 1, 0).bit_length()), full)
-    k = sharding.max_over_processes(k, name="clip_prompt_length")
+    k = _agreed_size(n, MIN_CLIP_LENGTH, full, "clip_prompt_length")
     return clip_prompts.trim_clip_prompts(batch, k)
 
 
