@@ -19,9 +19,12 @@ def process_barrier(name: str, timeout_s: float = 3600.0) -> None:
     service (gRPC, ``timeout_s``) rather than a device collective: gloo creates its context for
     a set of devices on their first collective and gives up when the processes arrive more
     than 30 s apart (one still compiling, loading or decoding), so call this before a first
-    collective that may be reached at different times. Each ``name`` is used once per run."""
+    collective that may be reached at different times. A ``name`` may be used again: each call
+    is its own barrier (``name``'s call number is part of it), so every process must make the
+    same sequence of calls for each ``name``."""
     if jax.process_count() == 1:
         return
+    name = f"{name}:{_next_call('barrier', name)}"
     client = _client()
     if client is None:  # not started by jax.distributed (cannot happen with process_count > 1)
         from jax.experimental import multihost_utils
@@ -38,7 +41,14 @@ def _client() -> Any:
     return distributed.global_state.client
 
 
-_calls: dict[str, int] = {}  # max_over_processes calls so far, by name
+_calls: dict[tuple[str, str], int] = {}  # calls so far, by (kind, name)
+
+
+def _next_call(kind: str, name: str) -> int:
+    """This process's call number (0, 1, ...) of ``kind`` under ``name``."""
+    k = _calls.get((kind, name), 0)
+    _calls[(kind, name)] = k + 1
+    return k
 
 
 def max_over_processes(value: int, name: str = "max", timeout_s: float = 3600.0) -> int:
@@ -58,8 +68,7 @@ def max_over_processes(value: int, name: str = "max", timeout_s: float = 3600.0)
         from jax.experimental import multihost_utils
 
         return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
-    k = _calls.get(name, 0)
-    _calls[name] = k + 1
+    k = _next_call("max", name)
     me, n = jax.process_index(), jax.process_count()
     client.key_value_set(f"ppllava/{name}/{k}/{me}", str(int(value)))
     values = [

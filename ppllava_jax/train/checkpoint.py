@@ -36,7 +36,6 @@ from etils import epath
 from ppllava_jax.train.state import TrainState
 
 PyTree = Any
-_opened: dict[str, int] = {}  # Checkpointers opened so far in this process, by directory
 
 
 # ----------------------------------------------------------------------------- data state
@@ -184,10 +183,8 @@ class Checkpointer:
                 self.directory.mkdir(parents=True, exist_ok=True)
             from ppllava_jax.sharding import process_barrier
 
-            # a barrier name is used once: the n-th Checkpointer of this directory in the run
-            # (every process opens the same ones: train/resume_check.py)
-            n = _opened[str(self.directory)] = _opened.get(str(self.directory), 0) + 1
-            process_barrier(f"checkpoint_dir:{self.directory}:{n}")
+            # every process opens the same Checkpointers (train/resume_check.py)
+            process_barrier(f"checkpoint_dir:{self.directory}")
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config", "meta")
         )
