@@ -33,7 +33,10 @@ def setup_jax(compilation_cache: bool = False) -> Any:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import jax
 
-    jax.config.update("jax_enable_compilation_cache", compilation_cache)
+    try:
+        jax.config.update("jax_enable_compilation_cache", compilation_cache)
+    except AttributeError:  # a JAX without that option caches nothing unless told where
+        pass
     return jax
 
 
@@ -472,6 +475,25 @@ def sft_step(cfg: Any, *, lr: float = 1e-5, trainable: str = "all", deterministi
     apply_fn = sft_apply_fn(cfg, deterministic=deterministic)
     step = make_train_step(apply_fn, config, "sft", tx=tx, schedule=schedule)
     return (lambda params: create_train_state(params, tx, pred)), jax.jit(step, donate_argnums=(0,))
+
+
+def sft_step_flops(cfg: Any, state: Any, batch: dict, frames: int) -> tuple[float, dict]:
+    """Model FLOPs of one SFT step of ``state`` (its trainable set) on a ``video_sft_batch``
+    (one video of ``frames`` frames per row; the loss's LM head at the batch's
+    ``target_positions`` when it has them) and the forward's FLOPs by part (``flops``)."""
+    import numpy as np
+
+    from ppllava_jax import flops
+    from ppllava_jax.data.collate import TARGET_POSITIONS
+    from ppllava_jax.train.optimizer import param_paths
+
+    rows, length = batch["input_ids"].shape
+    clip_len = int(batch["video_clip_ids"].shape[1]) if "video_clip_ids" in batch else 0
+    fwd = flops.forward_flops(cfg, rows, length, [(rows, frames, False)], clip_len)
+    mult = flops.part_multipliers(param_paths(state.params))
+    k = int(np.shape(batch[TARGET_POSITIONS])[1]) if TARGET_POSITIONS in batch else length
+    step = sum(fwd[n] * mult[n] for n, _ in flops.PARTS if n != "lm_head")
+    return float(step + fwd["lm_head"] * k / length * mult["lm_head"]), fwd
 
 
 def random_params(cfg: Any, seed: int = 0) -> Any:

@@ -1,13 +1,16 @@
-"""Cached decoding speed of the demo model: prefill time and tokens per second at batch 1 and 8.
+"""Cached decoding speed: prefill time and tokens per second at batch 1 and 8, with the decoder's
+layers as ``evaluate.model_setup.load_setup`` answers (per layer) and as training stores them
+(scanned: stacked, sliced per layer inside the decoding loop).
 
-    python benchmarks/decode.py            # 64 new tokens, batch 1 and 8
-    python benchmarks/decode.py --quick    # 32 new tokens
-    python benchmarks/decode.py --smoke    # 4 new tokens, batch 2
+    python benchmarks/decode.py                                  # the demo model, 64 new tokens
+    python benchmarks/decode.py --llm-layers 8 --llm-width 768   # a wider decoder
+    python benchmarks/decode.py --quick                          # 32 new tokens
+    python benchmarks/decode.py --smoke                          # 4 new tokens, batch 2
 
-Model: the ``model`` section of ``configs/demo.py`` (CLIP 4 x 96 + BT-Adapter depth 2 on 64 px
-frames, prompt-guided pooling (2, 2, 2), LLaMA 4 x 128, vocab 513), random weights, float32.
-Prompt per row: an 8-frame video (64 visual tokens) between ``bos`` + 7 and 40 text tokens,
-left-padded by ``data.collate`` to a 128-token bucket.
+Model: the ``model`` section of ``configs/demo.py`` (random weights, float32), its LLaMA
+optionally ``--llm-layers`` deep and ``--llm-width`` wide (heads of 64, MLP 8/3 x). Both layouts
+hold the same numbers (``convert.api.unstack_layers``). Prompt per row: an 8-frame video
+between ``bos`` + 7 and 40 text tokens, left-padded by ``data.collate`` to a 128-token bucket.
 
 - ``prefill_s``: the jitted ``PPLLaVA.prefill`` (vision tower, projector, merge, LLM over the
   prompt, KV cache filled), median after warm-up.
@@ -15,7 +18,7 @@ left-padded by ``data.collate`` to a 128-token bucket.
   ``while_loop``; EOS disabled so all N tokens are produced).
 - ``decode_tokens_per_s`` = B x N / (generate_s - prefill_s): new tokens per second of the cached
   decoding loop; ``ms_per_step`` = its per-step latency.
-Compile times apart; batch sizes round-robin per repeat.
+Compile times apart; layouts and batch sizes round-robin per repeat.
 """
 
 from __future__ import annotations
@@ -32,22 +35,50 @@ SIZES = {
     "smoke": dict(new=4, batches=(2,), rep=1),
 }
 FRAMES = 8
+LAYOUTS = ("per_layer", "scanned")  # as load_setup answers (unstacked) / as training stores
 
 
 def main() -> int:
     ap = common.base_parser(__doc__)
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="per_layer and/or scanned")
+    ap.add_argument("--llm-layers", type=int, default=0, help="decoder layers (default demo's)")
+    ap.add_argument("--llm-width", type=int, default=0, help="decoder width (heads of 64)")
     args, size, s, repeats = common.parse_size(ap, SIZES)
+    layouts = [x for x in args.layouts.split(",") if x]
+    if not layouts or set(layouts) - set(LAYOUTS):
+        ap.error(f"--layouts: a comma-separated list of {', '.join(LAYOUTS)}")
     jax = common.setup_jax()
+    import dataclasses
+
     import numpy as np
 
+    from ppllava_jax.convert.api import unstack_layers, with_runtime
     from ppllava_jax.data.collate import Media, Planner, Sample, collate
     from ppllava_jax.generate import SamplingConfig
     from ppllava_jax.models.ppllava import PPLLaVA
 
-    cfg, demo = common.demo_model_config()
+    cfg, _ = common.demo_model_config()
+    llm = cfg.llm
+    if args.llm_width:
+        w_ = args.llm_width
+        heads = max(w_ // 64, 1)
+        llm = dataclasses.replace(
+            llm,
+            hidden_size=w_,
+            intermediate_size=int(round(w_ * 8 / 3 / 64)) * 64,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            head_dim=0,
+        )
+    if args.llm_layers:
+        llm = dataclasses.replace(llm, num_hidden_layers=args.llm_layers)
+    cfg = with_runtime(dataclasses.replace(cfg, llm=llm), scan_layers=True)
     sc = SamplingConfig(max_new_tokens=s["new"], eos_token_id=-1, pad_token_id=cfg.pad_token_id)
-    model = PPLLaVA(cfg)
-    params = common.random_params(cfg)
+    stacked = common.random_params(cfg)
+    models = {
+        "scanned": (PPLLaVA(cfg), stacked),
+        "per_layer": (PPLLaVA(with_runtime(cfg, scan_layers=False)), unstack_layers(stacked)),
+    }
     size_px = cfg.vision.image_size
     t, h, w = Planner(cfg).item_grid("video", FRAMES)
     rng_np = np.random.default_rng(0)
@@ -70,15 +101,18 @@ def main() -> int:
             )
         batch = collate(samples, cfg, padding_side="left", buckets=[128, 256])
         batch = {k: jax.numpy.asarray(v) for k, v in batch.items() if k != "labels"}
-        runs[bsz] = common.generate_run(model, params, batch, sc)
+        for layout in layouts:
+            model, params = models[layout]
+            runs[(layout, bsz)] = common.generate_run(model, params, batch, sc)
     common.time_generate_runs(runs, args.warmup, repeats)
-    for bsz, r in runs.items():
+    for (layout, bsz), r in runs.items():
         sg, sp = common.summary(r["tg"]), common.summary(r["tp"])
         dec = sg["median_s"] - sp["median_s"]  # <= 0 only when noise swamps a tiny run
         common.emit(
             "decode",
             size=size,
-            model="configs/demo.py",
+            model=f"configs/demo.py, LLaMA {llm.num_hidden_layers} x {llm.hidden_size}",
+            layers=layout,
             batch=bsz,
             frames=FRAMES,
             visual_tokens=t * h * w,

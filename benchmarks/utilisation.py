@@ -155,24 +155,18 @@ def small(args, repeats: int | None) -> int:
     jax = common.setup_jax()
     import numpy as np
 
-    from ppllava_jax import flops
     from ppllava_jax.data.collate import TARGET_POSITIONS
     from ppllava_jax.models.ppllava import PPLLaVA
-    from ppllava_jax.train.optimizer import merge_params, param_paths
+    from ppllava_jax.train.optimizer import merge_params
 
     s = profile_step.SIZES["full"]
     repeats = repeats or 5
     cfg = profile_step.setting_config(s)
     compiled, state, batch, rng, compile_s = profile_step.step_setup(s, s["clip_real"])
-    rows, length = batch["input_ids"].shape
-    videos = [(s["batch"], s["frames"], False)]
+    length = batch["input_ids"].shape[1]
     clip_run = int(batch["video_clip_ids"].shape[1])  # cut to 64 as train.py does
-    fwd = flops.forward_flops(cfg, rows, length, videos, clip_run)
-    mult = flops.part_multipliers(param_paths(state.params))
+    step_flops, fwd = common.sft_step_flops(cfg, state, batch, s["frames"])
     k = int(np.asarray(batch[TARGET_POSITIONS]).shape[1])
-    head_step = fwd["lm_head"] * k / length  # the step's head runs over K positions per row
-    step_flops = sum(fwd[n] * mult[n] for n, _ in flops.PARTS if n != "lm_head")
-    step_flops += head_step * mult["lm_head"]
 
     model = PPLLaVA(cfg)
     params = merge_params(state.params, state.frozen)

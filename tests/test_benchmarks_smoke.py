@@ -16,6 +16,15 @@ MACHINE = {"cpu", "cores", "load_1_5_15"}
 
 # script -> {bench name: keys every line of that bench must have}
 EXPECTED = {
+    "accelerator": {  # no accelerator_error: every part runs (on the CPU: the xla kernels)
+        "accelerator_start": {"parts", "dtype"},
+        "accelerator_probe": {"attention_impl", "shapes"},
+        "matmul": {"n", "median_s", "flops_per_s"},
+        "accelerator_step": {"step_s", "flops_step", "fraction_of_matmul", "mfu", "first_losses"},
+        "accelerator_generate": {"pooling", "batch", "answer_s", "decode_tokens_per_s"},
+        "accelerator_answer_ratio": {"answer_s", "none_over_ppllava"},
+        "accelerator_done": {"seconds"},
+    },
     "train_step": {
         "train_step": {
             "side",
@@ -64,7 +73,7 @@ EXPECTED = {
         "pooling_op_ratio": {"jax_s", "torch_s", "torch_over_jax", "max_abs_diff", "allclose"},
     },
     "decode": {
-        "decode": {"batch", "prefill_s", "generate_s", "decode_tokens_per_s", "new_tokens"},
+        "decode": {"batch", "layers", "prefill_s", "generate_s", "decode_tokens_per_s"},
     },
     "data": {
         "data": {"num_workers", "samples_per_s", "first_batch_s", "samples"},

@@ -167,3 +167,32 @@ def test_stream_and_mesh_match_generate(tiny):
     greedy = _gen(model, params, batch, SamplingConfig(max_new_tokens=N_NEW, eos_token_id=-1))
     np.testing.assert_array_equal(out["tokens"], greedy["tokens"])
     assert jnp.asarray(out["lengths"]).shape == (2,)
+
+
+def test_unstacked_layers_answer_the_same(tiny):
+    """``convert.api.unstack_layers`` (what ``load_setup`` answers with): the scanned
+    checkpoint's layers split into the unscanned model's tree, same logits and tokens."""
+    import flax.linen as nn
+    from flax import traverse_util
+
+    from ppllava_jax.convert.api import unstack_layers, with_runtime
+    from ppllava_jax.models.ppllava import abstract_params
+
+    cfg, params, model = tiny
+    assert cfg.scan_layers
+    flat_cfg = with_runtime(cfg, scan_layers=False)
+    flat = unstack_layers(params)
+    want = traverse_util.flatten_dict(nn.unbox(abstract_params(flat_cfg)))
+    got = traverse_util.flatten_dict(flat)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+    q = params["language_model"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    np.testing.assert_array_equal(
+        flat["language_model"]["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"], q[1]
+    )
+    samples = [_sample(cfg, n, 10 + i) for i, n in enumerate((5, 9))]
+    batch = _batch(cfg, samples)
+    sc = SamplingConfig(max_new_tokens=N_NEW, eos_token_id=-1, return_logits=True)
+    a = _gen(model, params, batch, sc)
+    b = _gen(PPLLaVA(flat_cfg), flat, batch, sc)
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    np.testing.assert_allclose(a["logits"], b["logits"], rtol=1e-5, atol=1e-5)

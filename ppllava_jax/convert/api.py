@@ -131,6 +131,28 @@ def scan_layout(params: Any) -> bool | None:
     return None
 
 
+def unstack_layers(params: Any) -> Any:
+    """The per-layer layout (``layers_i``) of a tree with stacked ``layers`` (a model with
+    ``scan_layers=True``): each stacked subtree split along its leading axis, the rest as it is.
+    A model with ``scan_layers=False`` takes the result (the same numbers:
+    ``layers.stack_layers``). Works on NumPy and (sharded) JAX arrays alike."""
+    if not isinstance(params, dict):
+        return params
+    out: dict[str, Any] = {}
+    for key, node in params.items():
+        if _SCANNED.match(key) and isinstance(node, dict):
+            leaves = traverse_util.flatten_dict(node)
+            n = {int(a.shape[0]) for a in leaves.values()}
+            if len(n) != 1:
+                raise ValueError(f"{key}: stacked leaves of different lengths {sorted(n)}")
+            for i in range(n.pop()):
+                row = {k: a[i] for k, a in leaves.items()}
+                out[f"{key}_{i}"] = traverse_util.unflatten_dict(row)
+        else:
+            out[key] = unstack_layers(node)
+    return out
+
+
 def checkpoint_layout(ckpt_dir: str | os.PathLike) -> bool | None:
     """Whether a converted directory stores scanned layers (True), per-layer ones (False), or
     no repeated layers (None), read from the orbax metadata (no array is loaded). Raises

@@ -12,7 +12,11 @@ plus the tokenizers copied in)::
     DIR/inference.json       optional: {"template": "plain_v1", "num_frames": 8, ...}
                              defaults for the evaluation / chat flags
 
-:func:`load_setup` checks the directory (``checkpoint_check``) before anything is restored;
+:func:`load_setup` checks the directory (``checkpoint_check``) before anything is restored, and
+answers with per-layer weights (``scan_layers=False``; a scanned checkpoint is unstacked once on
+load, ``convert.api.unstack_layers``): in the cached decoding loop a scanned model slices each
+layer's weights out of the stacks into new buffers at every token (XLA's CPU backend does it:
+1.5x slower decoding, ``benchmarks/README.md``), an unscanned one reads them in place;
 :func:`place_batch` puts a host batch on the mesh; :func:`video_buckets` gives the merged-length
 buckets of a video prompt; :meth:`Setup.sampling` the decoding settings with the checkpoint's
 stop and pad tokens; :meth:`Setup.relevance` the prompt-to-patch relevance of a placed batch.
@@ -29,6 +33,7 @@ import jax
 import numpy as np
 
 from ppllava_jax import sharding
+from ppllava_jax.convert.api import unstack_layers, with_runtime
 from ppllava_jax.data import collate as col
 from ppllava_jax.evaluate import checkpoint_check
 from ppllava_jax.generate import PROMPT_BUCKETS, SamplingConfig, prompt_buckets
@@ -170,6 +175,8 @@ def load_setup(
         tokenizer_legacy = defaults.get("tokenizer_legacy", True)
     m = local_mesh(mesh)
     cfg, params, _ = sharding.restore_params_onto_mesh(checkpoint, m, **runtime)
+    if cfg.scan_layers:  # answering reads every layer once a token: per-layer weights (below)
+        params, cfg = unstack_layers(params), with_runtime(cfg, scan_layers=False)
     tok = _need_dir(tokenizer or os.path.join(checkpoint, "tokenizer"), "tokenizer", "--tokenizer")
     ctok = clip_tokenizer or os.path.join(checkpoint, "clip_tokenizer")
     if cfg.pooling == "ppllava":

@@ -9,7 +9,9 @@ implementations compute the same function:
 - ``blockwise``: online-softmax attention in pure JAX with a custom VJP, O(S) memory
   (``models/blockwise.py``).
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation='cudnn')``, NVIDIA flash attention
-  (bf16/fp16 inputs, head dim <= 128 and a multiple of 8; JAX raises otherwise).
+  (bf16/fp16 inputs, head dim <= 128 and a multiple of 8; JAX raises otherwise), at any length
+  and with any mask (``cudnn_attention``: the kernel's backward takes only even lengths, its
+  mask only the full ``[., ., T, S]`` shape).
 - ``splash``: the Pallas TPU splash-attention kernel
   (``jax.experimental.pallas.ops.tpu.splash_attention``). Takes the causal flag and a key padding
   mask (``key_mask``, as segment ids), not a dense ``mask``; TPU only.
@@ -102,6 +104,8 @@ def dot_product_attention(
         )
     if mask is not None and mask.ndim < 4:
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=impl
     )
@@ -136,6 +140,67 @@ def choose_impl(
     ):
         return "cudnn"
     return "xla" if b * n * t * s * 4 <= AUTO_XLA_MAX_SCORE_BYTES else "blockwise"
+
+
+# -- cuDNN flash attention (NVIDIA) ---------------------------------------------------------------
+
+
+def cudnn_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    implementation: str = "cudnn",
+) -> Array:
+    """cuDNN's fused attention at any sequence length and with any mask (shapes as
+    ``dot_product_attention``; ``mask`` 4-d, broadcastable to ``[B, N, T, S]``).
+
+    JAX's cuDNN kernel trains only even query and key lengths (``Unsupported sequence length``:
+    577 CLIP tokens, one decoded token) and takes a mask only with the full query and key
+    lengths (a key mask ``[B, 1, 1, S]`` fails). So an odd ``T`` gets one zero query row (its
+    output sliced off, its mask row that of a query seeing every real key), an odd ``S`` one zero
+    key that nothing sees (masked out, or without a mask by the kernel's own padding,
+    ``key_value_seq_lengths``), and the mask is broadcast to ``[B|1, N|1, T, S]``. Each real
+    query attends to exactly its keys: same outputs and gradients. A query row that sees no
+    key at all (left padding) is given every key (not the reference's uniform average: such
+    rows are never read, and no row of the kernel is then fully masked). ``implementation='xla'``
+    runs the same padding through the reference kernel (how the CPU tests check it)."""
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    pt, ps = t % 2, s % 2
+    q = jnp.pad(q, ((0, 0), (0, pt), (0, 0), (0, 0))) if pt else q
+    if ps:
+        k = jnp.pad(k, ((0, 0), (0, ps), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, ps), (0, 0), (0, 0)))
+    lengths = {}
+    if mask is not None:
+        mask = jnp.broadcast_to(mask.astype(bool), (*mask.shape[:2], t, s))
+        if is_causal:
+            mask, is_causal = mask & jnp.tril(jnp.ones((t, s), bool)), False
+        # a row that sees no key (left padding) sees every key: the kernel's masked scores are
+        # never all of a row, and that row's output is never read
+        mask = mask | ~jnp.any(mask, -1, keepdims=True)
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pt), (0, 0)), constant_values=True)
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, ps)), constant_values=False)
+    elif ps:
+        lengths = dict(
+            query_seq_lengths=jnp.full((b,), t + pt, jnp.int32),
+            key_value_seq_lengths=jnp.full((b,), s, jnp.int32),
+        )
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        is_causal=is_causal,
+        scale=scale,
+        implementation=implementation,
+        **lengths,
+    )
+    return out[:, :t] if pt else out
 
 
 # -- Pallas TPU splash attention -----------------------------------------------------------------

@@ -221,6 +221,89 @@ def test_dispatch_and_errors():
     )
 
 
+CUDNN_CASES = {  # (b, t, s, n, k, h, is_causal, mask kind): the shapes the kernel refuses
+    "odd_both_no_mask": (2, 9, 9, 2, 2, 8, False, None),  # CLIP's 577 tokens
+    "odd_keys_causal_gqa": (2, 6, 7, 4, 2, 8, True, None),  # kernel padding hides the key
+    "key_mask_odd": (3, 5, 5, 2, 2, 8, False, "keys"),  # the BT-Adapter's [B*P, 1, 1, T]
+    "dense_slots_odd": (2, 11, 11, 4, 1, 8, False, "slots"),  # LLaMA, both sides padded
+    "causal_and_key_mask": (2, 7, 7, 2, 2, 8, True, "keys"),  # CLIP text: causal + padding
+    "decode_one_query": (2, 1, 13, 4, 2, 8, False, "decode"),  # a cached step: T = 1
+    "even_causal_per_head": (2, 8, 8, 2, 2, 8, True, "heads"),
+}
+
+
+def _cudnn_case(name, rng):
+    b, t, s, n, kh, h, causal, kind = CUDNN_CASES[name]
+    q, k, v = _qkv(rng, b, t, s, n, kh, h)
+    mask = None
+    if kind == "keys":
+        km = np.ones((b, s), bool)
+        km[0, -2:] = False  # padded frames last
+        km[1, 1:] = False
+        mask = jnp.asarray(km[:, None, None, :])
+    elif kind == "slots":
+        mask = _slot_mask(b, t, s, 3, 2)
+    elif kind == "decode":  # query in slot 9 of 13, row 0 left-padded by 4
+        mask = _slot_mask(b, t, s, 4, 0, q_start=9)
+    elif kind == "heads":
+        mask = jnp.asarray(rng.random((1, n, t, s)) < 0.7)
+    return q, k, v, mask, causal
+
+
+@pytest.mark.parametrize("name", sorted(CUDNN_CASES))
+def test_cudnn_padding_and_mask_shape_change_nothing(name):
+    """``cudnn_attention``'s even-length padding and full-shape mask (run through the reference
+    kernel here; the GPU run is ``benchmarks/accelerator.py``'s probe) give the reference's
+    outputs and gradients on every row that sees a key."""
+    rng = np.random.default_rng(3)
+    q, k, v, mask, causal = _cudnn_case(name, rng)
+    b, t, n, _ = q.shape
+    visible = jnp.ones((b, n, t, k.shape[1]), bool) if mask is None else mask
+    if causal:
+        visible = visible & jnp.tril(jnp.ones((t, k.shape[1]), bool))
+    rows = jnp.any(jnp.broadcast_to(visible, (b, n, t, k.shape[1])), -1)  # [B, N, T]
+    weight = jnp.moveaxis(rows, 1, 2)[..., None].astype(jnp.float32)  # [B, T, N, 1]
+    g = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * weight
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) * g)
+
+    ref = lambda q, k, v: dot_product_attention(q, k, v, mask=mask, is_causal=causal)  # noqa: E731
+    got = lambda q, k, v: attention.cudnn_attention(  # noqa: E731
+        q, k, v, mask=mask, is_causal=causal, implementation="xla"
+    )
+    np.testing.assert_allclose(got(q, k, v) * weight, ref(q, k, v) * weight, atol=2e-6)
+    assert got(q, k, v).shape == q.shape and bool(jnp.all(jnp.isfinite(got(q, k, v))))
+    for a, e in zip(
+        jax.grad(lambda *x: loss(got, *x), argnums=(0, 1, 2))(q, k, v),
+        jax.grad(lambda *x: loss(ref, *x), argnums=(0, 1, 2))(q, k, v),
+    ):
+        np.testing.assert_allclose(a, e, atol=2e-6)
+
+
+def test_cudnn_impl_dispatches_with_merged_masks(monkeypatch):
+    """``impl='cudnn'`` goes through ``cudnn_attention`` with ``key_mask`` merged into a 4-d
+    mask (the CPU has no cuDNN: the kernel is swapped for the reference inside it)."""
+    seen = {}
+
+    def fake(q, k, v, *, mask=None, is_causal=False, scale=None):
+        seen["mask"] = None if mask is None else mask.shape
+        return attention.__dict__["_real_cudnn"](
+            q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation="xla"
+        )
+
+    monkeypatch.setitem(attention.__dict__, "_real_cudnn", attention.cudnn_attention)
+    monkeypatch.setattr(attention, "cudnn_attention", fake)
+    rng = np.random.default_rng(0)
+    q, k, v = _qkv(rng, 2, 7, 7, 4, 2, 8)
+    km = np.ones((2, 7), bool)
+    km[1, -3:] = False
+    kw = dict(is_causal=True, key_mask=jnp.asarray(km))
+    got = dot_product_attention(q, k, v, impl="cudnn", **kw)
+    np.testing.assert_allclose(got, dot_product_attention(q, k, v, **kw), atol=2e-6)
+    assert seen["mask"] == (2, 1, 1, 7)
+
+
 def test_splash_kernel_in_interpreter():
     """The TPU splash kernel (run by the Pallas interpreter) computes the reference's attention
     for causal GQA with key padding (real rows only: splash leaves no-key rows undefined)."""
