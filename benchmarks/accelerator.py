@@ -33,6 +33,8 @@ either way. ``--budget-s`` skips the parts that would start after that many seco
   tower + BT-Adapter, projector, merge, prefill, N greedy cached steps, EOS off) one 32-frame
   336 px video with the whole LLaMA-7B (32 layers, bf16 parameters and compute, random weights),
   pooling ``ppllava`` (1,024 visual tokens) vs ``none`` (all 18,432): ``none_over_ppllava``.
+  The decoder's weights per layer, as ``evaluate.model_setup.load_setup`` answers (``--layers
+  scanned``: stacked, as training stores them; the H100 figures of session 7 are scanned).
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=0, help="start no part after this")
     ap.add_argument("--no-fallback", action="store_true", help="no xla rerun of a failed part")
     ap.add_argument("--decode-batches", default="", help="batch sizes of the decoding rate")
+    ap.add_argument(
+        "--layers", default="per_layer", choices=("per_layer", "scanned"), help="generate part"
+    )
     args, size, s, repeats = common.parse_size(ap, {**SIZES, "quick": SIZES["smoke"]})
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
@@ -351,18 +356,20 @@ def _prompts(cfg, frames: int, batch: int, clip_len: int, seed: int = 0):
 
 def _generation(args, s: dict, pooling: str, batches, *, dtype: str, impl: str, prefill: bool):
     """``{batch: (generate summary, prefill summary or None, info)}`` for the 7B model."""
+    import dataclasses
+
+    from ppllava_jax.convert.api import unstack_layers, with_runtime
     from ppllava_jax.generate import SamplingConfig
     from ppllava_jax.models.ppllava import PPLLaVA
 
     runtime = dict(dtype=dtype, param_dtype=dtype, scan_layers=True, attention_impl=impl)
-    cfg = model_config(s, s["answer_llm"], **runtime)
-    import dataclasses
-
-    cfg = dataclasses.replace(cfg, pooling=pooling)
+    cfg = dataclasses.replace(model_config(s, s["answer_llm"], **runtime), pooling=pooling)
     new = args.new_tokens or s["new"]
     sc = SamplingConfig(max_new_tokens=new, eos_token_id=-1, pad_token_id=cfg.pad_token_id)
-    model = PPLLaVA(cfg)
     params = common.random_params(cfg)
+    if args.layers == "per_layer":  # as evaluate.model_setup.load_setup answers
+        params, cfg = unstack_layers(params), with_runtime(cfg, scan_layers=False)
+    model = PPLLaVA(cfg)
     out = {}
     for bsz in batches:
         batch = _prompts(cfg, s["frames"], bsz, s["clip_real"])
@@ -371,7 +378,7 @@ def _generation(args, s: dict, pooling: str, batches, *, dtype: str, impl: str, 
         out[bsz] = (
             common.summary(run["tg"]),
             common.summary(run["tp"]) if prefill else None,
-            {**run["info"], "new_tokens": new, "model": _model_name(cfg)},
+            {**run["info"], "new_tokens": new, "model": _model_name(cfg), "layers": args.layers},
         )
         del run
         gc.collect()
