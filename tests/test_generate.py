@@ -196,3 +196,39 @@ def test_unstacked_layers_answer_the_same(tiny):
     b = _gen(PPLLaVA(flat_cfg), flat, batch, sc)
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
     np.testing.assert_allclose(a["logits"], b["logits"], rtol=1e-5, atol=1e-5)
+
+
+FAMILY_DIRS = {  # the fixture sets of both families, as the parity tests find them
+    "vicuna": ("PPLLAVA_REFERENCE_DIR", "reference_ppllava"),
+    "qwen": ("PPLLAVA_QWEN_REFERENCE_DIR", "reference_ppllava_qwen"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_DIRS))
+def test_unstack_layers_fits_the_unscanned_tree(family):
+    """Both families' scanned trees (CLIP / SigLIP towers, LLaMA / Qwen2, the BT-Adapter's own
+    per-layer names) unstack into exactly the unscanned model's tree."""
+    import json
+    import os
+
+    import flax.linen as nn
+    from flax import traverse_util
+
+    from ppllava_jax.convert.api import unstack_layers, with_runtime
+    from ppllava_jax.convert.ppllava_config import ppllava_config_from_hf
+    from ppllava_jax.models.ppllava import abstract_params
+
+    var, default = FAMILY_DIRS[family]
+    ref = Path(os.environ.get(var, REF.parent / default))
+    clip = ref / "clip/config.json"
+    cfg = ppllava_config_from_hf(
+        json.loads((ref / "config.json").read_text()),
+        json.loads(clip.read_text()) if clip.exists() else None,
+        scan_layers=True,
+    )
+    stacked = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nn.unbox(abstract_params(cfg)))
+    got = traverse_util.flatten_dict(unstack_layers(stacked))
+    want = traverse_util.flatten_dict(
+        nn.unbox(abstract_params(with_runtime(cfg, scan_layers=False)))
+    )
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}

@@ -16,7 +16,7 @@ plus the tokenizers copied in)::
 answers with per-layer weights (``scan_layers=False``; a scanned checkpoint is unstacked once on
 load, ``convert.api.unstack_layers``): in the cached decoding loop a scanned model slices each
 layer's weights out of the stacks into new buffers at every token (XLA's CPU backend does it:
-1.5x slower decoding, ``benchmarks/README.md``), an unscanned one reads them in place;
+up to 1.7x slower decoding, ``benchmarks/README.md``), an unscanned one reads them in place;
 :func:`place_batch` puts a host batch on the mesh; :func:`video_buckets` gives the merged-length
 buckets of a video prompt; :meth:`Setup.sampling` the decoding settings with the checkpoint's
 stop and pad tokens; :meth:`Setup.relevance` the prompt-to-patch relevance of a placed batch.
