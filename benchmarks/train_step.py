@@ -33,6 +33,12 @@ patched to 1 view), so each frame is P patch tokens + 1 ``image_newline``; our s
 ``video_pixels [B,T,S,S,3]`` with a merge layout putting the newline after every frame: the same
 merged sequence.
 
+The JAX model's repeated layers (``--layers``, the runtime field ``scan_layers``): ``per_layer``
+(default; the converted checkpoint unstacked, ``convert.api.unstack_layers``) or ``scanned``
+(stacked under ``nn.scan``: compile time flat in depth, what the 7B recipes use; on the CPU each
+step then copies every layer's weights out of the stacks and fills the stacked gradients with
+zeros first, ~5% of this step). Same numbers either way.
+
 Step, both settings: mean next-token cross entropy over the supervised tokens, global-norm
 clipping at 1.0, AdamW (lr 1e-5, betas 0.9/0.999, eps 1e-8, no weight decay), float32. JAX:
 ``common.sft_step`` (``train.step.make_train_step`` + ``train.optimizer.make_optimizer``, jitted,
@@ -238,6 +244,12 @@ def main() -> int:
     ap.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     ap.add_argument("--torch-lean", action="store_true", help="ppllava: skip unused layers")
     ap.add_argument("--torch-checkpoint", action="store_true", help="ppllava: remat adapter")
+    ap.add_argument(
+        "--layers",
+        choices=("per_layer", "scanned"),
+        default="per_layer",
+        help="the JAX model's repeated layers: one per layer, or stacked under nn.scan",
+    )
     args = ap.parse_args()
     size = common.size_of(args)
     s = (PPLLAVA_SIZES if args.setting == "ppllava" else LLAVA_SIZES)[size]
@@ -246,6 +258,7 @@ def main() -> int:
     import numpy as np
     import torch
 
+    from ppllava_jax.convert.api import unstack_layers, with_runtime
     from ppllava_jax.train.batches import with_target_positions, with_trimmed_clip_prompts
     from ppllava_jax.train.step import make_loss_fn
 
@@ -262,7 +275,10 @@ def main() -> int:
         )
     load_s = time.perf_counter() - t_load
     cfg, batch, model_t = setup["cfg"], setup["batch"], setup["model_t"]
-    params = jax.tree.map(jax.numpy.asarray, setup["params"])
+    params = setup["params"]
+    if args.layers == "per_layer" and cfg.scan_layers:  # converted checkpoints are scanned
+        params, cfg = unstack_layers(params), with_runtime(cfg, scan_layers=False)
+    params = jax.tree.map(jax.numpy.asarray, params)
     inputs_t = {
         k: ([x.to(dev) for x in v] if isinstance(v, list) and torch.is_tensor(v[0]) else v)
         for k, v in setup["inputs_t"].items()
@@ -364,6 +380,7 @@ def main() -> int:
         params=n_params,
         trainable_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
         dtype="float32",
+        layers=args.layers,
     )
     for side, first_s, loss in (("jax", t4 - t3, loss_j), ("torch", t5 - t4, loss_t)):
         st, sf = med[side], med[f"{side}_fwd"]

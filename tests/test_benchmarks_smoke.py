@@ -98,6 +98,7 @@ def _env() -> dict:
 # extra runs of a script: (script, arguments besides --smoke)
 VARIANTS = [(script, ()) for script in sorted(EXPECTED)] + [
     ("train_step", ("--setting", "llava_next")),  # the LLaVA-NeXT comparison (default: PPLLaVA)
+    ("train_step", ("--layers", "scanned")),  # the JAX layers stacked (default: per layer)
 ]
 
 
@@ -132,7 +133,9 @@ def test_benchmark_script_prints_json(script, extra):
         assert ratio["same_loss"], ratio  # both sides computed the same model
         # ... and made the same first update (gradients, clipping, AdamW)
         assert ratio["loss_second_step_abs_diff"] <= 1e-3 * max(1.0, ratio["loss_torch"]), ratio
-        assert ratio["setting"] == (extra[1] if extra else "ppllava"), ratio
+        opts = dict(zip(extra[::2], extra[1::2]))
+        assert ratio["setting"] == opts.get("--setting", "ppllava"), ratio
+        assert ratio["layers"] == opts.get("--layers", "per_layer"), ratio
     if script == "pooling_op":
         ratio = next(json.loads(ln) for ln in lines if '"pooling_op_ratio"' in ln)
         assert ratio["allclose"] and ratio["max_abs_diff"] < 1e-4, ratio
