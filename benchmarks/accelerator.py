@@ -5,6 +5,8 @@ time to answer a 32-frame video with pooled vs all visual tokens, and cached dec
     python benchmarks/accelerator.py --parts step     # one part (probe, step, generate)
     python benchmarks/accelerator.py --smoke          # tiny shapes, any backend (smoke test)
 
+(``--quick`` is ``--smoke`` here: the figures exist only at the 7B shapes.)
+
 Every part prints its JSON lines as soon as it is measured; a part that fails prints one
 ``accelerator_error`` line (the exception, the attention implementation it ran) and is run
 once more with the reference ``attention_impl='xla'`` (unless that failed); the next part runs
@@ -58,10 +60,11 @@ PARTS = ("probe", "step", "generate")
 
 
 def model_config(s: dict, llm_layers: int, **runtime):
-    """The 7B architecture (``PPLLaVAConfig()`` defaults, vocabulary 32,064) with ``llm_layers``
-    decoder layers and the ``runtime`` fields; ``--smoke``: a tiny model of the same parts."""
+    """The 7B recipes' model (``configs/common.vicuna7b_model``) with ``llm_layers`` decoder
+    layers and the ``runtime`` fields; ``--smoke``: a tiny model of the same parts."""
+    from configs import common as recipes
     from ppllava_jax.convert.api import with_runtime
-    from ppllava_jax.models.config import LlamaConfig, PPLLaVAConfig
+    from ppllava_jax.train.model_config import preset_model_config
 
     if s["tiny"]:
         cfg = common.ppllava_config(
@@ -75,7 +78,9 @@ def model_config(s: dict, llm_layers: int, **runtime):
             clip_positions=32,
         )
     else:
-        cfg = PPLLaVAConfig(llm=LlamaConfig(num_hidden_layers=llm_layers, vocab_size=32064))
+        m = recipes.vicuna7b_model()
+        m.llm_layers = llm_layers
+        cfg = preset_model_config(m)
     return with_runtime(cfg, **runtime)
 
 
