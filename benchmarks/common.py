@@ -33,10 +33,7 @@ def setup_jax(compilation_cache: bool = False) -> Any:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import jax
 
-    try:
-        jax.config.update("jax_enable_compilation_cache", compilation_cache)
-    except AttributeError:  # a JAX without that option caches nothing unless told where
-        pass
+    jax.config.update("jax_enable_compilation_cache", compilation_cache)
     return jax
 
 
