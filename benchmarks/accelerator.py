@@ -363,7 +363,7 @@ def _generation(args, s: dict, pooling: str, batches, *, dtype: str, impl: str, 
     """``{batch: (generate summary, prefill summary or None, info)}`` for the 7B model."""
     import dataclasses
 
-    from ppllava_jax.convert.api import unstack_layers, with_runtime
+    from ppllava_jax.convert.api import per_layer
     from ppllava_jax.generate import SamplingConfig
     from ppllava_jax.models.ppllava import PPLLaVA
 
@@ -373,7 +373,7 @@ def _generation(args, s: dict, pooling: str, batches, *, dtype: str, impl: str, 
     sc = SamplingConfig(max_new_tokens=new, eos_token_id=-1, pad_token_id=cfg.pad_token_id)
     params = common.random_params(cfg)
     if args.layers == "per_layer":  # as evaluate.model_setup.load_setup answers
-        params, cfg = unstack_layers(params), with_runtime(cfg, scan_layers=False)
+        cfg, params = per_layer(cfg, params)
     model = PPLLaVA(cfg)
     out = {}
     for bsz in batches:

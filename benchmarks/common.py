@@ -245,14 +245,10 @@ def ppllava_config(
         projection_dim=text_width,
         eos_token_id=2,
     )
-    inter = int(round(llm_width * 8 / 3 / 64)) * 64
     llm = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=llm_width,
-        intermediate_size=inter,
+        **llm_width_fields(llm_width),
         num_hidden_layers=llm_layers,
-        num_attention_heads=heads(llm_width),
-        num_key_value_heads=heads(llm_width),
         max_position_embeddings=max_positions,
         pad_token_id=0,
     )
@@ -276,6 +272,18 @@ def ppllava_config(
         dtype=dtype,
         scan_layers=scan_layers,
         remat_policy=remat_policy,
+    )
+
+
+def llm_width_fields(width: int) -> dict[str, int]:
+    """The ``LlamaConfig`` fields of a ``width``-wide decoder in the benchmarks: heads of 64,
+    as many key/value heads, an MLP of ~8/3 x the width (a multiple of 64)."""
+    heads = max(width // 64, 1)
+    return dict(
+        hidden_size=width,
+        intermediate_size=int(round(width * 8 / 3 / 64)) * 64,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
     )
 
 

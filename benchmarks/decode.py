@@ -52,7 +52,7 @@ def main() -> int:
 
     import numpy as np
 
-    from ppllava_jax.convert.api import unstack_layers, with_runtime
+    from ppllava_jax.convert.api import per_layer, with_runtime
     from ppllava_jax.data.collate import Media, Planner, Sample, collate
     from ppllava_jax.generate import SamplingConfig
     from ppllava_jax.models.ppllava import PPLLaVA
@@ -60,25 +60,14 @@ def main() -> int:
     cfg, _ = common.demo_model_config()
     llm = cfg.llm
     if args.llm_width:
-        w_ = args.llm_width
-        heads = max(w_ // 64, 1)
-        llm = dataclasses.replace(
-            llm,
-            hidden_size=w_,
-            intermediate_size=int(round(w_ * 8 / 3 / 64)) * 64,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            head_dim=0,
-        )
+        llm = dataclasses.replace(llm, **common.llm_width_fields(args.llm_width), head_dim=0)
     if args.llm_layers:
         llm = dataclasses.replace(llm, num_hidden_layers=args.llm_layers)
     cfg = with_runtime(dataclasses.replace(cfg, llm=llm), scan_layers=True)
     sc = SamplingConfig(max_new_tokens=s["new"], eos_token_id=-1, pad_token_id=cfg.pad_token_id)
     stacked = common.random_params(cfg)
-    models = {
-        "scanned": (PPLLaVA(cfg), stacked),
-        "per_layer": (PPLLaVA(with_runtime(cfg, scan_layers=False)), unstack_layers(stacked)),
-    }
+    flat_cfg, flat = per_layer(cfg, stacked)
+    models = {"scanned": (PPLLaVA(cfg), stacked), "per_layer": (PPLLaVA(flat_cfg), flat)}
     size_px = cfg.vision.image_size
     t, h, w = Planner(cfg).item_grid("video", FRAMES)
     rng_np = np.random.default_rng(0)

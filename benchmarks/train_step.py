@@ -258,7 +258,7 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from ppllava_jax.convert.api import unstack_layers, with_runtime
+    from ppllava_jax.convert.api import per_layer
     from ppllava_jax.train.batches import with_target_positions, with_trimmed_clip_prompts
     from ppllava_jax.train.step import make_loss_fn
 
@@ -276,8 +276,8 @@ def main() -> int:
     load_s = time.perf_counter() - t_load
     cfg, batch, model_t = setup["cfg"], setup["batch"], setup["model_t"]
     params = setup["params"]
-    if args.layers == "per_layer" and cfg.scan_layers:  # converted checkpoints are scanned
-        params, cfg = unstack_layers(params), with_runtime(cfg, scan_layers=False)
+    if args.layers == "per_layer":  # converted checkpoints are scanned
+        cfg, params = per_layer(cfg, params)
     params = jax.tree.map(jax.numpy.asarray, params)
     inputs_t = {
         k: ([x.to(dev) for x in v] if isinstance(v, list) and torch.is_tensor(v[0]) else v)

@@ -153,6 +153,15 @@ def unstack_layers(params: Any) -> Any:
     return out
 
 
+def per_layer(cfg: Any, params: Any) -> tuple[Any, Any]:
+    """``(cfg, params)`` of a model with its repeated layers one per layer: a scanned model's
+    config with ``scan_layers=False`` and its parameters unstacked (``unstack_layers``); an
+    unscanned model as it is."""
+    if not cfg.scan_layers:
+        return cfg, params
+    return with_runtime(cfg, scan_layers=False), unstack_layers(params)
+
+
 def checkpoint_layout(ckpt_dir: str | os.PathLike) -> bool | None:
     """Whether a converted directory stores scanned layers (True), per-layer ones (False), or
     no repeated layers (None), read from the orbax metadata (no array is loaded). Raises

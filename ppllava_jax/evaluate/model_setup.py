@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from ppllava_jax import sharding
-from ppllava_jax.convert.api import unstack_layers, with_runtime
+from ppllava_jax.convert.api import per_layer
 from ppllava_jax.data import collate as col
 from ppllava_jax.evaluate import checkpoint_check
 from ppllava_jax.generate import PROMPT_BUCKETS, SamplingConfig, prompt_buckets
@@ -175,8 +175,7 @@ def load_setup(
         tokenizer_legacy = defaults.get("tokenizer_legacy", True)
     m = local_mesh(mesh)
     cfg, params, _ = sharding.restore_params_onto_mesh(checkpoint, m, **runtime)
-    if cfg.scan_layers:  # answering reads every layer once a token: per-layer weights (below)
-        params, cfg = unstack_layers(params), with_runtime(cfg, scan_layers=False)
+    cfg, params = per_layer(cfg, params)  # answering reads every layer once a token (above)
     tok = _need_dir(tokenizer or os.path.join(checkpoint, "tokenizer"), "tokenizer", "--tokenizer")
     ctok = clip_tokenizer or os.path.join(checkpoint, "clip_tokenizer")
     if cfg.pooling == "ppllava":
