@@ -39,6 +39,7 @@ from ppllava_jax.sharding.params import (
     param_shardings,
     place,
     sharded_init,
+    unboxed_values,
     unnamed_params,
 )
 from ppllava_jax.sharding.report import (

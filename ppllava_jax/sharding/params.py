@@ -64,6 +64,14 @@ def is_boxed(x: Any) -> bool:
     return isinstance(x, nn.LogicallyPartitioned)
 
 
+def unboxed_values(tree: Any) -> Any:
+    """The plain leaves of a boxed tree, without the sharding constraint ``nn.unbox`` applies
+    inside a mesh context (which an abstract ``ShapeDtypeStruct`` leaf cannot take)."""
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if is_boxed(x) else x, tree, is_leaf=is_boxed
+    )
+
+
 def _dedup(names: Sequence[str | None]) -> tuple[str | None, ...]:
     """A name repeated within one array (the patch kernel's ``("patch", "patch", ...)``) is
     kept on its first dimension only: one mesh axis cannot split two dimensions."""

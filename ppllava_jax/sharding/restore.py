@@ -8,14 +8,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 from jax.sharding import Mesh
 
 from ppllava_jax.convert import params_io
 from ppllava_jax.convert.api import converted_config
 from ppllava_jax.sharding.mesh import LOGICAL_RULES
-from ppllava_jax.sharding.params import param_shardings
+from ppllava_jax.sharding.params import param_shardings, unboxed_values
 
 
 def restore_onto_mesh(
@@ -32,7 +31,7 @@ def restore_onto_mesh(
     shardings = param_shardings(abstract_boxed, mesh, rules, strict=strict)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nn.unbox(abstract_boxed),
+        unboxed_values(abstract_boxed),
         shardings,
     )
     return params_io.load_params(ckpt_dir, target), shardings

@@ -2,8 +2,10 @@
 
 Three ways, tried in order by ``model_config``:
 
-- ``init_from``: the ``config.json`` of a directory written by ``convert_torch_weights.py``
-  (runtime fields ``dtype``, ``scan_layers``, ``remat_policy``, ``attention_impl`` from ``model``);
+- ``init_from``: the ``config.json`` of an export or a directory written by
+  ``convert_torch_weights.py``, or the model of a training checkpoint step's saved run config
+  (``train/init_from.py``; runtime fields ``dtype``, ``scan_layers``, ``remat_policy``,
+  ``attention_impl`` from ``model``);
 - ``model.preset``: the 7B recipes (``preset_model_config``), also what ``python -m
   ppllava_jax.plan`` compiles;
 - otherwise the ``model`` section's own fields (the demo), ``vision`` / ``clip_text`` / ``llm``
@@ -20,6 +22,7 @@ from ppllava_jax.convert import params_io
 from ppllava_jax.convert.api import with_runtime
 from ppllava_jax.convert.ppllava_config import ppllava_config_from_dict, ppllava_config_from_hf
 from ppllava_jax.models.config import LlamaConfig, PPLLaVAConfig, ppllava_qwen7b_config
+from ppllava_jax.train import init_from
 
 RUNTIME_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_impl")
 
@@ -57,10 +60,15 @@ def init_from_config(path: str, model: Any) -> PPLLaVAConfig:
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> PPLLaVAConfig:
-    """The ``PPLLaVAConfig`` of ``init_from``'s config.json (runtime fields from ``model``), of a
+    """The ``PPLLaVAConfig`` of ``init_from`` (runtime fields from ``model``), of a
     ``model.preset`` (the 7B recipes), or of the ``model`` section's fields (the demo)."""
     if cfg.get("init_from"):
-        return init_from_config(cfg.init_from, cfg.model)
+        start = init_from.locate(cfg.init_from)
+        if start.kind == "converted":
+            return init_from_config(start.path, cfg.model)
+        saved = init_from.saved_run_config(start)
+        rt = {k: cfg.model[k] for k in RUNTIME_FIELDS if k in cfg.model}
+        return with_runtime(model_config(saved), **rt)
     if cfg.model.get("preset"):
         return preset_model_config(cfg.model)
     return ppllava_config_from_dict(cfg.model.to_dict())
