@@ -79,5 +79,6 @@ __all__ = [
     "shard_batch",
     "sharded_init",
     "sharding_report",
+    "unboxed_values",
     "unnamed_params",
 ]
