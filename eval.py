@@ -35,6 +35,11 @@ another ``--out``).
 Data parallel over all devices (``--mesh``) and hosts (each host its own shard of questions;
 ``--out`` on a shared disk).
 
+Unreadable videos and malformed annotation items (a missing field, a wrong type) are skipped,
+logged and listed in the results file (``missing_ids``; ``bad_annotations`` with file, item and
+reason); when more than ``--max_missing`` (default 5%) of the questions have no answer, eval.py
+exits with status 1 after writing the results.
+
 A mistake (a missing checkpoint or data, a checkpoint that is not a PPLLaVA one or whose
 parameters do not fit its config.json, a bad flag) is printed as one ``error: ...`` line without
 a traceback (``PPLLAVA_TRACEBACK=1`` shows it).
@@ -69,6 +74,16 @@ flags.DEFINE_integer(
     0,
     "frames per video (0: benchmark default: 32; videomme 32 short / "
     "--num_frames_long medium+long; synthetic 8)",
+)
+flags.DEFINE_float(
+    "max_missing",
+    0.05,
+    "the share of questions (0..1) that may go without an answer: unreadable videos and "
+    "malformed annotation items (a missing field, a wrong type) are skipped, logged, counted and "
+    "listed in the results file (missing_ids, bad_annotations); above this share eval.py exits "
+    "with status 1 and one error line after writing the results (1: never)",
+    lower_bound=0.0,
+    upper_bound=1.0,
 )
 flags.DEFINE_integer("num_frames_long", 64, "videomme, --num_frames 0: frames of medium / long")
 flags.DEFINE_integer("batch_size", 0, "questions per batch per host (0: max(8, local devices))")
@@ -137,7 +152,7 @@ def main(argv: list[str]) -> None:
         "subtitle_dir", "use_subtitles", "split", "tokenizer", "clip_tokenizer", "template", "mesh",
         "dtype", "num_workers", "save_attention", "max_attention", "no_progress",
         "tokenizer_legacy", "mvbench_system", "qa_dataset", "vcg_system", "vcg_legacy_labels",
-        "fresh",
+        "fresh", "max_missing",
     ]  # fmt: skip
     command_line.report_user_errors(
         cli.main,

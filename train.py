@@ -13,6 +13,14 @@ unknown config field, a missing file, a bad setting or unusable data) is printed
 SIGTERM (preemption) or Ctrl-C saves a checkpoint and stops with exit status 75 (EX_TEMPFAIL:
 requeue the job; the same command resumes); a second Ctrl-C aborts at once, without saving.
 ``ppllava_jax/train/preemption.py`` says how to make SLURM and Kubernetes requeue on 75.
+
+One run per work directory: a second one on a directory in use stops, naming the other process
+(``<workdir>/train.lock``). A loss or gradient norm that became NaN/infinite, a checkpoint that
+could not be written (a full disk) or a resume over another model or other data stops the run
+with one ``error:`` line (exit status 1) and nothing non-finite saved or exported; a damaged
+checkpoint is set aside and the run resumes from the one before it
+(``--config.train.allow_data_change=True`` resumes over changed ``data.sources``, restarting the
+data order).
 """
 
 import sys

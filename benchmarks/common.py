@@ -429,57 +429,61 @@ def time_generate_runs(runs: dict, warmup: int, repeats: int) -> None:
 
 
 def sft_apply_fn(cfg: Any, *, deterministic: bool = False) -> Callable[..., dict]:
-    """The ``apply_fn`` of ``train.step.make_train_step`` for ``PPLLaVA(cfg)``: the batch without
-    ``labels``, dropout / drop-path keyed by ``rng`` in training unless ``deterministic`` (then
-    training runs exactly the inference forward); extra keywords (``return_logits``) passed on."""
+    """The trainer's ``apply_fn`` (``train.program.make_apply``) for ``PPLLaVA(cfg)``: the batch
+    without ``labels``, dropout / drop-path keyed by ``rng`` in training unless
+    ``deterministic`` (then training runs exactly the inference forward); extra keywords
+    (``return_logits``) passed on."""
     from ppllava_jax.models.ppllava import PPLLaVA
+    from ppllava_jax.train.program import make_apply
 
-    model = PPLLaVA(cfg)
-
-    def apply_fn(p, batch, *, train, rng, **kw):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        det = deterministic or not train
-        return model.apply({"params": p}, inputs, deterministic=det, rngs={"dropout": rng}, **kw)
-
-    return apply_fn
+    return make_apply(PPLLaVA(cfg), deterministic)
 
 
-def sft_step(cfg: Any, *, lr: float = 1e-5, trainable: str = "all", deterministic: bool = False):
-    """``(init_state, step_fn)`` for SFT of the ``trainable`` parameters (a preset of
-    ``train.optimizer``: ``all``, ``ppllava_sft``, ...) with this project's optimizer (AdamW,
-    constant ``lr``, no weight decay, global-norm clipping at 1.0) and train step
-    (``deterministic``: see ``sft_apply_fn``).
+def sft_config(lr: float = 1e-5, trainable: str = "all", **train: Any) -> Any:
+    """The ``optimizer`` and ``train`` sections of the benchmarks' SFT step: AdamW, constant
+    ``lr``, no weight decay, global-norm clipping at 1.0 over the ``trainable`` parameters (a
+    preset of ``train.optimizer``: ``all``, ``ppllava_sft``, ...), 1000 steps, one micro-batch;
+    ``train`` sets further ``train`` fields (``loss_chunk_size``, ``logits_at_targets_only``)."""
+    from ppllava_jax.train.optimizer import default_optimizer_config
+    from ppllava_jax.train.trainer import default_config
 
-    ``init_state(params) -> TrainState`` (traceable: ``jax.eval_shape`` gives an abstract state);
-    ``step_fn = jax.jit(make_train_step(...), donate_argnums=0)``, called as
-    ``step_fn(state, batch, rng) -> (state, metrics)``.
-    """
-    import jax
-    import ml_collections
-
-    from ppllava_jax.train.optimizer import (
-        default_optimizer_config,
-        make_optimizer,
-        trainable_predicate,
-    )
-    from ppllava_jax.train.state import create_train_state
-    from ppllava_jax.train.step import make_train_step
-
-    opt = default_optimizer_config()
+    config = default_config()
+    opt = config.optimizer = default_optimizer_config()
     opt.lr = lr
     opt.schedule = "constant"
     opt.warmup_steps = 0
     opt.trainable = trainable
     opt.weight_decay = 0.0
     opt.grad_clip_norm = 1.0
-    config = ml_collections.ConfigDict(
-        {"optimizer": opt, "train": {"total_steps": 1000, "grad_accum_steps": 1}}
-    )
-    tx, schedule = make_optimizer(opt, 1000)
-    pred = trainable_predicate(opt)
-    apply_fn = sft_apply_fn(cfg, deterministic=deterministic)
-    step = make_train_step(apply_fn, config, "sft", tx=tx, schedule=schedule)
-    return (lambda params: create_train_state(params, tx, pred)), jax.jit(step, donate_argnums=(0,))
+    config.train.update(dict(total_steps=1000, grad_accum_steps=1, **train))
+    return config
+
+
+def sft_program(cfg: Any, config: Any, *, deterministic: bool = False) -> Any:
+    """``(setup, compiled_step)``: the trainer's set-up (optimizer, trainable split; one device)
+    and ``CompiledStep`` (``train.program.make_apply`` of ``PPLLaVA(cfg)``) for ``config``
+    (``sft_config``)."""
+    from ppllava_jax.train.compiled_step import CompiledStep
+    from ppllava_jax.train.optimizer import make_optimizer, trainable_predicate
+    from ppllava_jax.train.start import Setup
+
+    tx, schedule = make_optimizer(config.optimizer, int(config.train.total_steps))
+    setup = Setup("sft", tx, schedule, trainable_predicate(config.optimizer), None)
+    step = CompiledStep(sft_apply_fn(cfg, deterministic=deterministic), config, setup, None, print)
+    return setup, step
+
+
+def sft_step(cfg: Any, *, lr: float = 1e-5, trainable: str = "all", deterministic: bool = False):
+    """``(init_state, step_fn)`` for SFT of the ``trainable`` parameters with the trainer's
+    optimizer and step (``sft_config``, ``sft_program``; ``deterministic``: see
+    ``sft_apply_fn``).
+
+    ``init_state(params) -> TrainState`` (traceable: ``jax.eval_shape`` gives an abstract state);
+    ``step_fn``: the trainer's jitted step (state donated), called as
+    ``step_fn(state, batch, rng) -> (state, metrics)``.
+    """
+    setup, step = sft_program(cfg, sft_config(lr, trainable), deterministic=deterministic)
+    return setup.create, step.jitted
 
 
 def sft_step_flops(cfg: Any, state: Any, batch: dict, frames: int) -> tuple[float, dict]:

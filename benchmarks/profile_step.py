@@ -12,8 +12,9 @@ padded to 248 and cut to 64 on the host as ``train.py`` does:
 ``train.batches.with_trimmed_clip_prompts``; ``--no-trim``: all 248), LLaMA 8 x 512
 with a 32,064-token vocabulary, 2 videos x 8 frames per step, prompt-guided pooling (2, 3, 3)
 (64 visual tokens per video), 63 text tokens per row; float32, scanned layers, no remat. Step:
-``train.step.make_train_step`` (SFT, ``grad_accum_steps=1``, ``loss_chunk_size=0``) with AdamW
-(constant lr 1e-5, no weight decay, global-norm clipping at 1.0) over the trainable set
+the trainer's (``train.program``, ``common.sft_program``: ``train.step.make_train_step``, SFT,
+``grad_accum_steps=1``, ``loss_chunk_size=0``, the host batch prepared as ``train.py`` does)
+with AdamW (constant lr 1e-5, no weight decay, global-norm clipping at 1.0) over the trainable set
 ``ppllava_sft`` (``train.optimizer.trainable_predicate``), random weights, state not donated;
 the batch carries ``target_positions`` (``data.collate.target_positions``: the loss's LM head
 runs at the 64 supervised positions of each row, not all 127; ``--full-logits``: every one).
@@ -139,24 +140,22 @@ def setting_config(s: dict):
 def step_setup(s: dict, clip_real: int, full_logits: bool = False, trim: bool = True):
     """``(compiled_step, state, batch, rng)``: the SFT step of setting ``s`` compiled ahead of
     time, its initial state (trainable set ``ppllava_sft``) and a batch whose CLIP prompts have
-    ``clip_real`` tokens (0: all), padded to ``s["clip_pos"]``; plus the compile seconds. As
-    ``train.py`` feeds it: the prompts cut to a power of two >= 64 (unless not ``trim``), and
-    ``target_positions`` (the loss's LM head at the supervised positions only) unless
-    ``full_logits``."""
+    ``clip_real`` tokens (0: all), padded to ``s["clip_pos"]``; plus the compile seconds. The
+    trainer's step, apply and host batch preparation (``train.program``, as ``train.py`` feeds
+    it): the prompts cut to a power of two >= 64 (unless not ``trim``) and ``target_positions``
+    (the loss's LM head at the supervised positions only) unless ``full_logits``. The state is
+    not donated (the timed calls reuse it)."""
     import jax
-    import ml_collections
 
-    from ppllava_jax.models.ppllava import PPLLaVA
-    from ppllava_jax.train.batches import with_target_positions, with_trimmed_clip_prompts
-    from ppllava_jax.train.optimizer import (
-        default_optimizer_config,
-        make_optimizer,
-        trainable_predicate,
-    )
-    from ppllava_jax.train.state import create_train_state
-    from ppllava_jax.train.step import make_train_step
+    from ppllava_jax.train.program import prepare_batch, step_rng
 
     cfg = setting_config(s)
+    config = common.sft_config(
+        trainable="ppllava_sft",
+        loss_chunk_size=0,
+        logits_at_targets_only=not full_logits,
+        trim_clip_prompts=trim,
+    )
     batch = common.video_sft_batch(
         cfg,
         batch=s["batch"],
@@ -165,36 +164,11 @@ def step_setup(s: dict, clip_real: int, full_logits: bool = False, trim: bool = 
         clip_len=s["clip_pos"],
         clip_real=clip_real,
     )
-    if not full_logits:
-        batch = with_target_positions(batch)
-    if trim:
-        batch = with_trimmed_clip_prompts(batch)
-    batch = jax.tree.map(jax.numpy.asarray, batch)
-    model = PPLLaVA(cfg)
-
-    def apply_fn(p, b, *, train, rng, **kw):
-        inputs = {k: v for k, v in b.items() if k != "labels"}
-        return model.apply(
-            {"params": p}, inputs, deterministic=not train, rngs={"dropout": rng}, **kw
-        )
-
-    opt = default_optimizer_config()
-    opt.lr = 1e-5
-    opt.schedule = "constant"
-    opt.warmup_steps = 0
-    opt.trainable = "ppllava_sft"
-    opt.weight_decay = 0.0
-    opt.grad_clip_norm = 1.0
-    config = ml_collections.ConfigDict(
-        {
-            "optimizer": opt,
-            "train": {"total_steps": 1000, "grad_accum_steps": 1, "loss_chunk_size": 0},
-        }
-    )
-    tx, schedule = make_optimizer(opt, 1000)
-    step = jax.jit(make_train_step(apply_fn, config, "sft", tx=tx, schedule=schedule))
-    state = create_train_state(common.random_params(cfg), tx, trainable_predicate(opt))
-    rng = jax.random.PRNGKey(0)
+    batch = jax.tree.map(jax.numpy.asarray, prepare_batch(batch, config, cfg))
+    setup, compiled_step = common.sft_program(cfg, config)
+    step = jax.jit(compiled_step.step_fn)
+    state = setup.create(common.random_params(cfg))
+    rng = step_rng(0, 0)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, rng).compile()
     return compiled, state, batch, rng, time.perf_counter() - t0

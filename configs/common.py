@@ -146,6 +146,9 @@ def demo_task() -> ml_collections.ConfigDict:
     c.synthetic.num_train = 3000  # training clips
     c.synthetic.num_eval = 300  # held-out clips
     c.synthetic.qtypes = synthetic.DEFAULT_QTYPES  # colour, first_colour, last_colour
+    # training clips that also get a 2-3 turn conversation (train.json, beside their one-turn
+    # question); every held-out clip gets one (eval_multiturn.json)
+    c.synthetic.multiturn_fraction = synthetic.MULTITURN_FRACTION
     c.synthetic.frames = 16  # frames per clip
     c.synthetic.size = DEMO_SIZE  # clip width = height
     c.synthetic.seed = 0
@@ -167,9 +170,11 @@ def demo_task() -> ml_collections.ConfigDict:
     c.data.num_workers = 0
     c.data.prefetch_batches = 2
 
-    # -- evaluation at the end of training: held-out multiple choice accuracy
+    # -- evaluation at the end of training: held-out multiple choice accuracy, and the later
+    # turns of the held-out conversations asked as the chat asks them
     c.eval = ml_collections.ConfigDict()
-    c.eval.split = "eval"  # synthetic split scored at the end ("" = none)
+    c.eval.split = "eval"  # synthetic split scored at the end ("" = none: nothing scored)
+    c.eval.multiturn_split = synthetic.MULTITURN_SPLIT  # scored with it ("" = not)
     c.eval.batch_size = 48
     c.eval.max_new_tokens = 4
 

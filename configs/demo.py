@@ -3,9 +3,11 @@
     python train.py --config configs/demo.py --workdir runs/demo
 
 creates the dataset in ``runs/demo/data`` when missing (coloured shapes moving in short mp4
-clips; multiple-choice questions, two of three types need the temporal order), trains every part
-of a small PPLLaVA (vision tower with BT-Adapter, prompt-guided pooling, LLaMA decoder) and
-reports the held-out multiple-choice accuracy at the end (chance: 25%).
+clips; multiple-choice questions, two of three types need the temporal order, and 2-3 turn
+conversations about a share of the clips), trains every part of a small PPLLaVA (vision tower
+with BT-Adapter, prompt-guided pooling, LLaMA decoder) and reports two held-out accuracies at the
+end: multiple choice (``results_eval.json``, chance 25%) and the later turns of conversations
+asked as the chat asks them (``results_eval_multiturn.json``).
 Any field can be overridden: ``--config.train.total_steps=200``.
 """
 

@@ -106,7 +106,12 @@ class Chat:
     def reset(self) -> None:
         self.history = []
 
-    def _batch(self, question: str) -> dict[str, np.ndarray]:
+    def prompt_batch(self, question: str) -> dict[str, np.ndarray]:
+        """The model input (``collate``'s batch of one, left-padded) asking ``question`` after
+        the history, the oldest turns dropped until it fits; ``last_prompt`` is then its
+        text. The prompt is ``templates.encode_conversation`` of the history and the open
+        turn (as the synthetic set's conversations and their scorer render them), the CLIP
+        prompt the question alone."""
         from ppllava_jax.data import collate as col
 
         cfg = self.cfg
@@ -162,7 +167,7 @@ class Chat:
         """Yield the answer's text as it grows; the turn is then kept in the history."""
         from ppllava_jax.evaluate.model_setup import place_batch
 
-        batch = self._batch(question)
+        batch = self.prompt_batch(question)
         placed = place_batch(batch, self.setup.mesh)
         self.rng, sub = jax.random.split(self.rng)
         ids: list[int] = []

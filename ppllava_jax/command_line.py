@@ -267,16 +267,43 @@ def parse_flags(argv: list[str]) -> list[str]:
     argv = [argv[0], *flag_spellings(argv[1:], known)] if argv else argv
     prog = os.path.basename(argv[0]) if argv else "the command"
     try:
-        return fv(argv)
+        rest = fv(argv)
     except SystemExit as e:  # absl's help flags exit 1 after printing the help
         if any(a in HELP_FLAGS for a in argv[1:]):
             sys.exit(0)
         raise e
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        msgs = config_override_errors(argv) or [_flag_message(str(e))]
+    except Exception as e:  # a config file's own error (SyntaxError, ...) is reported too
+        msgs = config_file_errors(argv)
+        flag_error = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+        if not msgs and not isinstance(e, flag_error):
+            raise
+        msgs = msgs or config_override_errors(argv) or [_flag_message(str(e))]
         for m in msgs[:-1]:
             print_error(m)
         usage_error(msgs[-1], prog)
+    # a config file that does not load: config_flags defers the error to the first use of the
+    # config (after a command has made its directories): said here, before anything runs
+    broken = [n for n in fv if type(fv[n].value).__name__ == "_ErrorConfig"]
+    if broken:
+        usage_error(config_file_errors(argv, broken[0])[0], prog)
+    return rest
+
+
+def config_file_errors(argv: Sequence[str], flag: str = "config") -> list[str]:
+    """The message for a ``--{flag}`` config file of ``argv`` that is missing or does not load
+    (a one-element list), else []."""
+    spec = _config_file(argv, flag)
+    if not spec:
+        return []
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        return [f"--{flag} {path}: no such config file (the recipes are configs/*.py)"]
+    try:
+        _load_config(spec)
+    except Exception as e:  # noqa: BLE001 - any error of the user's file is reported
+        text = str(e).strip().splitlines()
+        return [f"--{flag} {spec}: cannot load it ({type(e).__name__}: {text[0] if text else ''})"]
+    return []
 
 
 def _flag_message(text: str) -> str:

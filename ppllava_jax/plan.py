@@ -8,9 +8,14 @@ here before JAX is imported, so this module imports nothing from JAX at the top)
 PPLLaVA config of the file's ``model`` section (7B: CLIP ViT-L/14-336 24 layers + BT-Adapter
 depth 4, CLIP text 12 layers / 248 positions, Vicuna-7B 32 layers, vocab 32064), the train state
 (trainable / frozen split and AdamW moments of the trainable set, docs/MODEL.md §7) and a batch of
-``per-device x data-parallel ranks`` 32-frame 336px videos with merged sequences of
-``batch.max_length`` tokens, all as abstract arrays with their shardings; then
-``jax.jit(train_step).lower(...).compile()`` ahead of time and prints, per device: parameter
+``per-device x data-parallel ranks x train.grad_accum_steps`` 32-frame 336px videos with merged
+sequences of ``batch.max_length`` tokens, all as abstract arrays with their shardings. The step
+is the trainer's own (``train.program.train_program``: ``train.py``'s set-up, apply and
+``CompiledStep``) and the batch is what ``train.py`` feeds it (``train.program``: collated as the
+pipeline does, with the loss's ``target_positions`` when ``train.logits_at_targets_only``, CLIP
+prompts trimmed when ``train.trim_clip_prompts``; every text token after the video supervised
+and whole CLIP prompts unless ``--targets`` / ``--clip-tokens`` say how many a row has). It
+lowers and compiles that step ahead of time and prints, per device: parameter
 bytes (trainable + frozen), optimizer-state bytes, the batch, the compiler's temporary memory
 (``memory_analysis()``), their total, and FLOPs per step (``cost_analysis()`` and the analytic
 count of ``ppllava_jax.flops`` for what the recipe trains), as a table and one JSON line per
@@ -67,6 +72,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hbm-gib", type=float, default=None, help="device memory to check against")
     p.add_argument("--max-length", type=int, default=None, help="merged sequence length")
     p.add_argument("--frames", type=int, default=None, help="frames per video")
+    p.add_argument(
+        "--targets",
+        type=int,
+        default=0,
+        help="supervised tokens per row (the loss's target_positions; default: every text "
+        "token after the video, the most a row holds)",
+    )
+    p.add_argument(
+        "--clip-tokens",
+        type=int,
+        default=0,
+        help="real CLIP prompt tokens (train.py trims the prompts to them, rounded up to a "
+        "power of two >= 64; default: the whole prompt length)",
+    )
     p.add_argument("--llm-layers", type=int, default=None, help="LLM depth (experiments)")
     p.add_argument(
         "--cpu-scheduler",
@@ -151,33 +170,15 @@ def parse_mesh(text: str) -> dict[str, int]:
     return out
 
 
-def abstract_batch_arrays(cfg: Any, batch: int, length: int, frames: int, clip_len: int) -> dict:
-    """``ShapeDtypeStruct``s of a video-only SFT batch in ``data.collate`` format."""
+def _nbytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of ``tree``'s ``ShapeDtypeStruct``s (each by its sharding)."""
     import jax
     import numpy as np
 
-    s = cfg.vision.image_size
-    sd = jax.ShapeDtypeStruct
-    txt = {k: sd((batch, length), np.int32) for k in ("input_ids", "visual_index", "positions")}
-    return {
-        **txt,
-        "attention_mask": sd((batch, length), np.int32),
-        "labels": sd((batch, length), np.int32),
-        "video_pixels": sd((batch, frames, s, s, 3), np.float32),
-        "video_frames": sd((batch, frames), np.bool_),
-        "video_clip_ids": sd((batch, clip_len), np.int32),
-        "video_clip_mask": sd((batch, clip_len), np.int32),
-    }
-
-
-def _nbytes_per_device(tree: Any, shardings: Any) -> int:
-    import jax
-    import numpy as np
-
-    total = 0
-    for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
-        total += int(np.prod(s.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
-    return total
+    return sum(
+        int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
+        for a in jax.tree.leaves(tree)
+    )
 
 
 def planned_model(config: Any) -> Any:
@@ -192,8 +193,10 @@ def planned_model(config: Any) -> Any:
 
 def plan_shape(config: Any) -> dict[str, int]:
     """The planned batch: ``max_length`` (merged tokens per row), ``per_device`` (rows per
-    data-parallel rank), ``frames`` (per video) and ``clip_length`` (CLIP prompt tokens): the
-    ``batch`` section's, the frames and prompt length of a preset from its ``model`` section."""
+    data-parallel rank and micro-batch), ``frames`` (per video) and ``clip_length`` (CLIP prompt
+    positions): the ``batch`` section's, the frames and prompt length of a preset from its
+    ``model`` section; ``targets`` (supervised tokens per row) and ``clip_tokens`` (real CLIP
+    prompt tokens) 0: the most a row holds (``train.program.planned_host_batch``)."""
     b = config.get("batch")
     if b is None:
         raise ValueError(
@@ -206,7 +209,30 @@ def plan_shape(config: Any) -> dict[str, int]:
         "per_device": int(b.per_device),
         "frames": int(src.num_frames),
         "clip_length": int(src.clip_length),
+        "targets": 0,
+        "clip_tokens": 0,
     }
+
+
+def planned_program(config: Any, mesh: Any, per_device: int, shape: dict[str, int]) -> Any:
+    """The trainer's step and its abstract arguments (``train.program.train_program``) for
+    ``per_device`` rows per data-parallel rank and micro-batch, ``train.grad_accum_steps``
+    micro-batches, of ``planned_host_batch`` rows of ``shape`` (``plan_shape``)."""
+    from ppllava_jax.train import program
+
+    cfg = planned_model(config)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    host = program.planned_host_batch(
+        config,
+        cfg,
+        rows=per_device * dp * program.micro_batches(config),
+        length=shape["max_length"],
+        frames=shape["frames"],
+        clip_length=shape["clip_length"],
+        targets=shape.get("targets", 0),
+        clip_tokens=shape.get("clip_tokens", 0),
+    )
+    return program.train_program(config, cfg, mesh, host)
 
 
 def plan_one(
@@ -218,75 +244,40 @@ def plan_one(
     show_params: bool = False,
     processes: int = 1,
 ) -> dict:
-    """Lower and compile the train step for one batch size; returns the figures (bytes per
-    device, FLOPs) and ``hosts`` (``sharding.host_layout`` for ``processes`` hosts: each one's
-    devices and the rows of the global batch it feeds, ``data.batch_size`` = rows per host)
-    as a dict. ``shape``: ``plan_shape(config)`` (with the command line's changes)."""
+    """Lower and compile the trainer's step (``planned_program``) for one batch size; returns
+    the figures (bytes per device, FLOPs) and ``hosts`` (``sharding.host_layout`` for
+    ``processes`` hosts: each one's devices and the rows of the global batch it feeds,
+    ``data.batch_size`` = rows per host) as a dict. ``shape``: ``plan_shape(config)`` (with the
+    command line's changes)."""
     import flax.linen as nn
     import jax
     import numpy as np
 
     from ppllava_jax import flops, sharding
-    from ppllava_jax.models.ppllava import PPLLaVA, abstract_params
-    from ppllava_jax.train.optimizer import make_optimizer, param_paths, trainable_predicate
-    from ppllava_jax.train.state import create_train_state, state_shardings
-    from ppllava_jax.train.step import make_train_step
+    from ppllava_jax.data.collate import TARGET_POSITIONS
+    from ppllava_jax.models.ppllava import abstract_params
+    from ppllava_jax.train.optimizer import param_paths
 
     t0 = time.perf_counter()
     cfg = planned_model(config)
     shape = shape or plan_shape(config)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    global_batch = per_device * dp
-    length, frames, clip_len = shape["max_length"], shape["frames"], shape["clip_length"]
-
-    boxed = abstract_params(cfg)
+    prog = planned_program(config, mesh, per_device, shape)
+    host = prog.host_batch
+    global_batch, length = (int(n) for n in host["input_ids"].shape)
     if global_batch % processes:
         raise ValueError(
             f"a global batch of {global_batch} rows does not split over {processes} processes"
         )
     report = sharding.sharding_report(
-        boxed, mesh, processes=processes, rows_per_host=global_batch // processes
+        abstract_params(cfg), mesh, processes=processes, rows_per_host=global_batch // processes
     )
     if show_params:
         print(sharding.format_report(report))
     if report["unnamed"]:
         raise ValueError(f"parameters without logical axis names: {report['unnamed']}")
-    p_sh = sharding.param_shardings(boxed, mesh)
-    params_abs = nn.unbox(boxed)
-
-    tx, schedule = make_optimizer(config.optimizer, int(config.train.total_steps))
-    pred = trainable_predicate(config.optimizer)
-    st_sh = state_shardings(p_sh, tx, pred, params_abstract=params_abs)
-    st_abs = jax.eval_shape(lambda p: create_train_state(p, tx, pred), params_abs)
-    st_in = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), st_abs, st_sh
-    )
-    batch_abs = sharding.abstract_batch(
-        abstract_batch_arrays(cfg, global_batch, length, frames, clip_len), mesh
-    )
-    rep = sharding.replicated(mesh)
-    rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep)
-
-    model = PPLLaVA(cfg)
-
-    def apply_fn(params, batch, *, train, rng, **kw):  # kw: return_logits (loss_chunk_size)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}  # the step computes the loss
-        return model.apply(
-            {"params": params}, inputs, deterministic=not train, rngs={"dropout": rng}, **kw
-        )
-
-    step = make_train_step(
-        apply_fn, config, "sft", tx=tx, schedule=schedule, param_shardings=st_sh.params
-    )
-    jitted = jax.jit(
-        step,
-        in_shardings=(st_sh, {k: v.sharding for k, v in batch_abs.items()}, rep),
-        out_shardings=(st_sh, rep),
-        donate_argnums=(0,),
-    )
     with sharding.mesh_context(mesh):
         t1 = time.perf_counter()
-        lowered = jitted.lower(st_in, batch_abs, rng)
+        lowered = prog.lower()
         t2 = time.perf_counter()
         compiled = lowered.compile()
         t3 = time.perf_counter()
@@ -295,54 +286,46 @@ def plan_one(
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    params_b = _nbytes_per_device(st_abs.params, st_sh.params) + _nbytes_per_device(
-        st_abs.frozen, st_sh.frozen
-    )
-    opt_b = _nbytes_per_device(st_abs.opt_state, st_sh.opt_state)
-    batch_b = sum(
-        int(np.prod(v.sharding.shard_shape(v.shape))) * np.dtype(v.dtype).itemsize
-        for v in batch_abs.values()
-    )
+    st = prog.state
     arg_b = int(getattr(mem, "argument_size_in_bytes", 0))
     out_b = int(getattr(mem, "output_size_in_bytes", 0))
     alias_b = int(getattr(mem, "alias_size_in_bytes", 0))
     temp_b = int(getattr(mem, "temp_size_in_bytes", 0))
-    code_b = int(getattr(mem, "generated_code_size_in_bytes", 0))
-    total = arg_b + out_b - alias_b + temp_b
     n_dev = mesh.devices.size
-    flops_xla = float(cost.get("flops", 0.0)) if cost else 0.0
-    trained = [p for p in param_paths(params_abs) if pred(p)]
-    flops_model = flops.train_flops(
-        cfg, global_batch, length, [(global_batch, frames, False)], clip_len, trained
-    )
-    trainable_n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(st_abs.params))
-    frozen_n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(st_abs.frozen))
+    pred = prog.setup.predicate
+    trained = [p for p in param_paths(nn.unbox(abstract_params(cfg))) if pred(p)]
+    count = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))  # noqa: E731
     return {
         "devices": int(n_dev),
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "mode": prog.setup.mode,
         "batch_per_device": per_device,
+        "grad_accum_steps": int(config.train.get("grad_accum_steps", 1)),
         "global_batch": global_batch,
         "seq_len": length,
-        "frames": frames,
+        "frames": int(host["video_pixels"].shape[1]),
+        "target_positions": int(host[TARGET_POSITIONS].shape[1]) if TARGET_POSITIONS in host else 0,
+        "clip_positions": int(host["video_clip_ids"].shape[1]) if "video_clip_ids" in host else 0,
         "remat": cfg.remat_policy,
         "attention": cfg.attention_impl,
         "loss_chunk_size": int(config.train.get("loss_chunk_size", 0)),
         "scan": cfg.scan_layers,
         "dtype": cfg.dtype,
         "cpu_scheduler": cpu_scheduler(),
-        "trainable_params": trainable_n,
-        "frozen_params": frozen_n,
-        "params_bytes": params_b,
-        "opt_state_bytes": opt_b,
-        "batch_bytes": batch_b,
+        "trainable_params": count(st.params),
+        "frozen_params": count(st.frozen),
+        "params_bytes": _nbytes_per_device(st.params) + _nbytes_per_device(st.frozen),
+        "opt_state_bytes": _nbytes_per_device(st.opt_state),
+        "batch_bytes": _nbytes_per_device(prog.batch),
         "argument_bytes": arg_b,
         "output_bytes": out_b,
         "alias_bytes": alias_b,
         "temp_bytes": temp_b,
-        "code_bytes": code_b,
-        "total_bytes": total,
-        "flops_per_device_xla": flops_xla,
-        "flops_per_device_model": flops_model / n_dev,
+        "code_bytes": int(getattr(mem, "generated_code_size_in_bytes", 0)),
+        "total_bytes": arg_b + out_b - alias_b + temp_b,
+        "flops_per_device_xla": float(cost.get("flops", 0.0)) if cost else 0.0,
+        # the trainer's count (MFU): the prepared batch, trimmed CLIP prompts included
+        "flops_per_device_model": flops.batch_train_flops(cfg, host, trained) / n_dev,
         "fallbacks": len(report["fallbacks"]),
         "processes": processes,
         "rows_per_host": global_batch // processes,
@@ -403,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         shape["max_length"] = args.max_length
     if args.frames is not None:
         shape["frames"] = args.frames
+    shape["targets"], shape["clip_tokens"] = args.targets, args.clip_tokens
     mesh_shape = parse_mesh(args.mesh) if args.mesh else dict(config.mesh.to_dict())
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[: args.devices])
     sizes = args.batch_per_device or str(shape["per_device"])
@@ -424,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r), flush=True)
     r0 = rows[0]
     print(
-        f"\nPPLLaVA SFT plan: {r0['devices']} devices, mesh {r0['mesh']}, "
-        f"{r0['frames']} frames x {r0['seq_len']} tokens, {r0['dtype']} compute, "
+        f"\nPPLLaVA {r0['mode'].upper()} plan: {r0['devices']} devices, mesh {r0['mesh']}, "
+        f"{r0['frames']} frames x {r0['seq_len']} tokens ({r0['target_positions']} loss "
+        f"positions, CLIP prompts of {r0['clip_positions']}), {r0['dtype']} compute, "
         f"remat={r0['remat']}, scan={r0['scan']}, attention={r0['attention']}, "
         f"loss_chunk_size={r0['loss_chunk_size']}; trainable {r0['trainable_params'] / 1e9:.2f}B, "
         f"frozen {r0['frozen_params'] / 1e9:.2f}B parameters"
@@ -445,4 +430,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command_line.report_user_errors(main))

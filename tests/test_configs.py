@@ -30,10 +30,10 @@ RECIPES_7B = [n for n in CONFIGS if n.startswith("ppllava_vicuna7b")]
 
 def _start_point(tmp_path, preset: str = "") -> str:
     """A directory with the config.json that ``convert_torch_weights.py --source
-    llava-v1.6-vicuna-7b-hf --clip clip-vit-large-patch14-336`` writes (7B defaults), no
-    parameters: ``run.model_config`` reads only the config."""
+    llava-v1.6-vicuna-7b-hf --clip clip-vit-large-patch14-336`` writes (7B defaults) and an empty
+    ``params/``: ``run.model_config`` reads only the config."""
     d = tmp_path / "start"
-    d.mkdir()
+    (d / "params").mkdir(parents=True)
     qwen = preset == "ppllava_qwen7b"  # the Qwen2 + SigLIP start point (LLaVA-OneVision)
     hf = ppllava_config_to_hf(ppllava_qwen7b_config() if qwen else PPLLaVAConfig())
     (d / "config.json").write_text(json.dumps({"family": "ppllava", "config": hf}))

@@ -133,6 +133,14 @@ def test_demo_trains_resumes_and_scores(tmp_path):
     assert "tokenizer_legacy" in inference and inference["tokenizer_legacy"] is None
     res = json.loads((work / "results_eval.json").read_text())
     assert res["summary"]["num_questions"] == 8 and len(res["records"]) == 8
+    # the held-out conversations' later turns, scored beside it (one conversation per clip)
+    convs = json.loads((work / "data" / "eval_multiturn.json").read_text())
+    later = sum(len(c["QA"]) - 1 for c in convs)
+    assert len(convs) == 8 and out["eval_multiturn_num_questions"] == later
+    res = json.loads((work / "results_eval_multiturn.json").read_text())
+    assert len(res["records"]) == later and {r["turn"] for r in res["records"]} <= {2, 3}
+    multi = [r for r in lines if "eval_multiturn/accuracy" in r]
+    assert len(multi) == 1 and multi[0]["eval_multiturn/accuracy"] == out["eval_multiturn_accuracy"]
     # no scratch left: the scoring's answers files go once the results are written
     assert sorted(p.name for p in work.iterdir()) == [
         "checkpoints",
@@ -141,6 +149,7 @@ def test_demo_trains_resumes_and_scores(tmp_path):
         "final",
         "metrics.jsonl",
         "results_eval.json",
+        "results_eval_multiturn.json",
         "tensorboard",
     ]
 
@@ -158,9 +167,11 @@ def test_demo_trains_resumes_and_scores(tmp_path):
 def test_outputs_message_names_the_files(tmp_path):
     summary = {"step": 4, "final": str(tmp_path / "final"), "eval_accuracy": 0.75}
     summary["eval_num_questions"] = 8
-    text = run.outputs_message(str(tmp_path), summary, "eval")
+    summary.update(eval_multiturn_accuracy=0.5, eval_multiturn_num_questions=12)
+    text = run.outputs_message(str(tmp_path), summary, "eval", "eval_multiturn")
     assert f"{tmp_path / 'final'}" in text and f"{tmp_path / 'results_eval.json'}" in text
     assert "accuracy 75.0% of 8 questions" in text
+    assert f"{tmp_path / 'results_eval_multiturn.json'}, accuracy 50.0% of 12 questions" in text
     assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in text
 
 

@@ -37,6 +37,8 @@ LAYER_OF = {
     "plan": "command line",
     "chat": "command line",
     "demo": "command line",
+    "demo_engine": "command line",
+    "demo_page": "command line",
     "launch": "command line",
     "command_line": "command line",
 }

@@ -1,9 +1,11 @@
 """``python -m ppllava_jax.plan`` on a small model: the figures it reports against an independent
 count (parameters from the abstract tree, bytes from the shapes), the per-device memory fields,
-and the ``--processes`` host layout."""
+and the ``--processes`` host layout; the program it compiles against the one ``train.py``
+compiles for the demo (same arguments, same computation)."""
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +15,15 @@ import jax
 import numpy as np
 import pytest
 
+from configs import demo
+from ppllava_jax import plan, sharding
+from ppllava_jax.data import clip_prompts, collate
 from ppllava_jax.models.ppllava import abstract_params
+from ppllava_jax.train import program, run
+from ppllava_jax.train.compiled_step import CompiledStep
 from ppllava_jax.train.model_config import model_config
 from ppllava_jax.train.optimizer import split_params, trainable_predicate
+from tests.test_demo import _small
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,12 +79,19 @@ def _counts(config_file):
     return n(trainable), n(frozen)
 
 
+# one visual token per frame (pooling kernel (1, 4, 4) over the 4 x 4 patch grid); every text
+# token after the video supervised: 43 targets, rounded up to 64 and capped at LENGTH - 1
+TARGETS = LENGTH - 1
+
+
 def _batch_bytes(rows):
-    """Bytes of ``rows`` rows of the planned video batch (plan.abstract_batch_arrays)."""
+    """Bytes of ``rows`` rows of the planned video batch (``train.program.planned_host_batch``
+    as ``train.py`` prepares it: with the loss's target positions)."""
     text = 5 * rows * LENGTH * 4  # input_ids, visual_index, positions, attention_mask, labels
+    targets = rows * TARGETS * 4  # target_positions
     video = rows * FRAMES * SIZE * SIZE * 3 * 4 + rows * FRAMES  # float32 pixels + bool frames
-    clip = 2 * rows * CLIP * 4  # CLIP prompt ids and mask
-    return text + video + clip
+    clip = 2 * rows * CLIP * 4  # CLIP prompt ids and mask (16 positions: nothing to trim)
+    return text + targets + video + clip
 
 
 def test_figures_match_an_independent_count_and_host_layout(config_file):
@@ -100,6 +115,7 @@ def test_figures_match_an_independent_count_and_host_layout(config_file):
     assert 8 * trainable <= r["opt_state_bytes"] <= 8 * trainable + 64
     assert r["batch_bytes"] == _batch_bytes(ROWS)  # each device: its rank's rows
     assert r["global_batch"] == 2 * ROWS and r["seq_len"] == LENGTH and r["frames"] == FRAMES
+    assert (r["target_positions"], r["clip_positions"], r["mode"]) == (TARGETS, CLIP, "sft")
     for k in ("argument_bytes", "output_bytes", "temp_bytes"):
         assert r[k] > 0, k
     assert r["total_bytes"] == (
@@ -123,7 +139,9 @@ def test_figures_match_an_independent_count_and_host_layout(config_file):
 def test_overrides_chunked_loss_blockwise_attention_and_scheduler(config_file):
     """``--set``, ``--attention`` and ``--cpu-scheduler`` reach the planned program: the row
     reports them, and the chunked loss (``train.loss_chunk_size``, which needs the model's
-    ``return_logits=False``) and blockwise attention compile in the planner."""
+    ``return_logits=False``; without ``train.logits_at_targets_only``, whose batch's
+    ``target_positions`` take the gathered LM head instead) and blockwise attention compile in
+    the planner."""
     (r,), out = _plan(
         config_file,
         "--devices",
@@ -132,6 +150,8 @@ def test_overrides_chunked_loss_blockwise_attention_and_scheduler(config_file):
         "fsdp=1",
         "--set",
         "train.loss_chunk_size=16",
+        "--set",
+        "train.logits_at_targets_only=False",
         "--attention",
         "blockwise",
         "--cpu-scheduler",
@@ -143,6 +163,7 @@ def test_overrides_chunked_loss_blockwise_attention_and_scheduler(config_file):
         "concurrency",
     )
     assert "attention=blockwise, loss_chunk_size=16" in out
+    assert r["target_positions"] == 0  # the batch has none: the step chunks the loss
     (r,), _ = _plan(config_file, "--devices", "1", "--mesh", "fsdp=1")
     assert r["cpu_scheduler"] == "memory"  # the default: memory-minimising schedule
 
@@ -162,3 +183,102 @@ def test_set_field_parses_literals_and_names_unknown_fields():
         set_field(c, "optim.lr=1")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         set_field(c, "train.loss_chunk_size")
+
+
+class _Lowered(Exception):
+    """Stops the trainer once its first step is lowered."""
+
+
+def _main_function(text: str) -> list[str]:
+    """The lines of the ``main`` function of a lowered program's StableHLO text (its signature:
+    every argument's and result's type, sharding and donation; its body), with the numbers
+    the lowering appends to private functions' names (an order artefact) removed."""
+    text = re.sub(r"(@[A-Za-z_]\w*?)_\d+\b", r"\1", text)
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "func.func public @main" in line)
+    end = lines.index("  }", start)
+    return lines[start : end + 1]
+
+
+def _args(lowered) -> list[tuple]:
+    """(path, shape, dtype, donated) of every argument of a lowered program."""
+    leaves = jax.tree_util.tree_flatten_with_path(lowered.args_info)[0]
+    return [(jax.tree_util.keystr(p), a.shape, str(a.dtype), a.donated) for p, a in leaves]
+
+
+def test_planned_step_is_the_trainers(tmp_path, monkeypatch):
+    """The planner lowers the program ``train.py`` runs: the demo trained through
+    ``run.resolve`` / ``run.fit`` (its data pipeline, parameters on the 8-device mesh, the
+    trainer's compiled step) is stopped at the lowering of its first step; the planner's program
+    for a batch of that shape (the same supervised-target count and CLIP prompt length) has the
+    same arguments (state, batch with ``target_positions``, step key: shapes, dtypes, shardings,
+    donation), the same results and the same body."""
+    seen = {}
+
+    def lower_and_stop(self, state, batch, rng, host_batch, step):
+        seen["lowered"], seen["host"] = self.jitted.lower(state, batch, rng), host_batch
+        raise _Lowered
+
+    monkeypatch.setattr(CompiledStep, "get", lower_and_stop)
+    cfg = _small(demo.get_config(), 1)
+    cfg.synthetic.num_train = 8
+    work = str(tmp_path / "run")
+    cfg, mcfg, mesh = run.resolve(cfg, work)
+    with sharding.mesh_context(mesh), pytest.raises(_Lowered):
+        run.fit(cfg, mcfg, mesh, work)
+    host, trained = seen["host"], seen["lowered"]
+
+    shape = {
+        "max_length": host["input_ids"].shape[1],
+        "frames": host["video_pixels"].shape[1],
+        "clip_length": host["video_clip_ids"].shape[1],
+        "targets": collate.count_targets(host["labels"], host["attention_mask"]),
+        "clip_tokens": clip_prompts.clip_prompt_length(host),
+    }
+    per_device = host["input_ids"].shape[0] // mesh.devices.size
+    planned = plan.planned_program(cfg, mesh, per_device, shape)
+    with sharding.mesh_context(mesh):
+        lowered = planned.lower()
+    assert "[0][1]['target_positions']" in {a[0] for a in _args(trained)}  # (state, batch, rng)
+    assert _args(lowered) == _args(trained)
+    a, b = _main_function(trained.as_text()), _main_function(lowered.as_text())
+    assert a[0] == b[0]  # the signature: shardings and donation of every argument and result
+    assert a == b
+    # the planned batch is what train.py's pipeline collated, as train.py prepares it
+    assert {k: v.shape for k, v in planned.host_batch.items()} == {
+        k: v.shape for k, v in program.prepare_batch(host, cfg, mcfg).items()
+    }
+
+
+def test_planned_host_batch_micro_batches_fixed_groups_and_dpo():
+    """The pipeline's layout without data: ``train.grad_accum_steps`` micro-batches, every row's
+    targets by default, a fixed empty group, DPO pairs sharing their video; pixel arrays are
+    views (no memory of their size)."""
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(demo.get_config().to_dict())
+    mcfg = model_config(cfg)
+    cfg.train.grad_accum_steps = 2
+    cfg.data.fixed_groups = ("video", "multi")
+    cfg.data.max_images = 3
+    kw = dict(rows=4, length=64, frames=8, clip_length=32)
+    b = program.planned_host_batch(cfg, mcfg, **kw)
+    # 8 frames pooled to 8 visual tokens: 64 - 1 - 8 = 55 supervised tokens per row
+    assert collate.count_targets(b["labels"], b["attention_mask"]) == 55
+    assert b["input_ids"].shape == (4, 64) and b["video_pixels"].shape == (4, 8, 48, 48, 3)
+    assert b["multi_pixels"].shape == (4, 3, 48, 48, 3) and not b["multi_frames"].any()
+    assert b["video_pixels"].strides == (0,) * 5  # a view of one zero
+    # micro-batch j = rows j, j + 2: its rows point into its own pool of 2 videos x 8 tokens
+    assert b["visual_index"].max() == 2 * 8 - 1
+    prepared = program.prepare_batch(b, cfg, mcfg)
+    assert prepared["target_positions"].shape == (4, 63)  # 55 -> 64, capped at L - 1
+    assert prepared["video_clip_ids"].shape == (4, 32)  # 32 positions: nothing to trim
+    few = program.prepare_batch(
+        program.planned_host_batch(cfg, mcfg, **kw, targets=5, clip_tokens=3), cfg, mcfg
+    )
+    assert few["target_positions"].shape == (4, 16)
+    cfg.train.mode = "dpo"
+    d = program.planned_host_batch(cfg, mcfg, **kw)
+    assert d["input_ids"].shape == (4, 64) and d["video_pixels"].shape[0] == 2  # 2 pairs
+    with pytest.raises(ValueError, match="no text after"):
+        program.planned_host_batch(cfg, mcfg, rows=2, length=9, frames=8, clip_length=32)

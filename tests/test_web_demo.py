@@ -1,13 +1,17 @@
 """The web demo in a real headless browser (Debian's chromium driven by selenium).
 
-`python -m ppllava_jax.demo` serves a tiny random checkpoint on 127.0.0.1 (a free port); the
-browser uploads a file that is no video (an error in the page), uploads a synthetic clip, asks
-two questions (the answers must be what `Chat` answers with the history kept, streamed: the
-page shows growing prefixes), reads the heatmap gallery (each frame's picture must be the
-relevance of the question computed here by the model's own forward pass), asks a question
-too long for the context (an error in the page, the conversation kept), and picks a sample
-video. Skipped only where chromium, chromedriver, selenium or gradio are missing and
-PPLLAVA_REQUIRE_BROWSER is unset (`.ci/run` sets it and installs them).
+`python -m ppllava_jax.demo` serves a tiny random checkpoint on 127.0.0.1 (a free port), once
+it compiled the answering path (the console says how long it took). The browser picks a sample
+video, uploads a file that is no video (the sample list is cleared; an error under the chat at
+once), uploads a synthetic clip, asks two questions (the answers must be what `Chat` answers
+with the history kept, streamed: the page shows growing prefixes; the first answer compiles
+nothing), reads the heatmap gallery (each frame's picture must be the relevance of the question
+computed here by the model's own forward pass; the pictures and their colour legend inside the
+gallery's column, a picture's preview too), asks a question too long for the context (an error
+right under the chat, in view, the conversation kept), and picks a sample video again.
+Screenshots of the page are left in the test's temporary directory. Skipped only where
+chromium, chromedriver, selenium or gradio are missing and PPLLAVA_REQUIRE_BROWSER is unset
+(`.ci/run` sets it and installs them).
 """
 
 import io
@@ -107,6 +111,9 @@ class Server:
         for line in self.proc.stdout:
             self.log.append(line)
             self.lines.put(line)
+
+    def output(self) -> str:
+        return "".join(self.log)
 
     def wait_url(self, timeout: float) -> str:
         end = time.monotonic() + timeout
@@ -208,6 +215,37 @@ class Page:
         inp[0].send_keys(str(path))
         self.wait(lambda: path.name in self.status(), 60, f"{path.name} in the status")
 
+    def rect(self, css: str) -> dict:
+        """The bounding box of the first element matching ``css`` (left, right, top, bottom in
+        the viewport) and the viewport's height (``view``)."""
+        return self.d.execute_script(
+            """const r = document.querySelector(arguments[0]).getBoundingClientRect();
+            return {left: r.left, right: r.right, top: r.top, bottom: r.bottom,
+                    view: window.innerHeight};""",
+            css,
+        )
+
+    def sample(self) -> str:
+        """The sample list's shown value ('' when none is picked)."""
+        return self.d.execute_script("return document.querySelector('#demo-samples input').value")
+
+    def pick_sample(self, name: str) -> None:
+        self.find("#demo-samples input").click()
+        self.wait(
+            lambda: self.d.find_elements(self.By.CSS_SELECTOR, f"[aria-label='{name}']"),
+            30,
+            "the sample list",
+        )[0].click()
+        self.wait(lambda: name in self.status(), 60, f"{name} in the status")
+
+    def error_under_chat(self) -> None:
+        """The status line shows an error, framed, right under the conversation and in view."""
+        chat, status = self.rect("#demo-chat"), self.rect("#demo-status")
+        cls = self.d.execute_script("return document.querySelector('#demo-status').className")
+        assert "demo-error" in cls.split(), cls
+        assert 0 <= status["top"] - chat["bottom"] < 40, (chat, status)
+        assert 0 <= status["top"] and status["bottom"] <= status["view"], status
+
     def messages(self) -> list[tuple[str, str]]:
         return self.d.execute_script(
             "return [...document.querySelectorAll('#demo-chat [data-testid=user],"
@@ -289,6 +327,7 @@ def test_web_demo_in_a_browser(tmp_path):
     chrome, chromedriver = _browser()
     from PIL import Image
 
+    from ppllava_jax.evaluate import heatmap
     from tests.evaluate.tiny import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "data"))
@@ -299,24 +338,40 @@ def test_web_demo_in_a_browser(tmp_path):
     d = None
     try:
         a1, a2, pics = _expected(ckpt, clip)  # while the server starts
-        url = server.wait_url(240)
+        url = server.wait_url(600)
+        # compiled before the page was served, and the console said how long it took
+        out = server.output()
+        warm = re.search(r"Warm-up done in [0-9.]+ s", out)
+        assert warm and out.index(warm.group(0)) < out.index("Serving the demo"), out[-3000:]
         d = _driver(chrome, chromedriver, tmp_path)
         page = Page(d)
         d.get(url)
         page.wait(lambda: "Pick a sample" in page.status(), 60, "the page")
         assert d.title == "PPLLaVA video chat"
 
-        # a file that is no video: an error in the page, no conversation
+        # a sample, then an upload: the sample list no longer names the video talked about
+        page.pick_sample("eval_00000.mp4")
+        assert page.sample() == "eval_00000.mp4"
+        # a file that is no video: said at once, under the chat; no conversation
         page.upload(bad)
-        s = page.ask(Q1)
+        assert page.sample() == ""
+        s = page.status()
         assert s.startswith("Error:") and "not_a_video.mp4" in s and "Cannot read" in s, s
         assert str(tmp_path) not in s  # the server's paths stay on the server
+        page.error_under_chat()
+        page.find("#demo-reset").click()  # and asked about all the same: the same error
+        page.wait(lambda: page.status() == "New conversation.", 30, "a new conversation")
+        s = page.ask(Q1)
+        assert s.startswith("Error:") and "not_a_video.mp4" in s and "Cannot read" in s, s
         assert page.messages() == []
+        d.save_screenshot(str(tmp_path / "1_not_a_video.png"))
 
-        # the synthetic clip, two questions: streamed, history kept, Chat's answers
+        # the synthetic clip, two questions: streamed, history kept, Chat's answers, and
+        # nothing left to compile (the warm-up did it)
         page.upload(clip)
         s = page.ask(Q1)
         assert s.startswith("Answered") and "1 turn in the context" in s, s
+        assert "compiling" not in s, s
         msgs = page.messages()
         assert [r for r, _ in msgs] == ["user", "bot"] and msgs[0][1].strip() == Q1
         assert _norm(msgs[1][1]) == _norm(a1), (msgs, a1)
@@ -325,9 +380,11 @@ def test_web_demo_in_a_browser(tmp_path):
         assert all(_norm(a1).startswith(t) for t in growing), growing
         s = page.ask(Q2)
         assert s.startswith("Answered") and "2 turns in the context" in s, s
+        assert "compiling" not in s, s  # the same prompt length
         msgs = page.messages()
         assert [r for r, _ in msgs] == ["user", "bot", "user", "bot"], msgs
         assert msgs[2][1].strip() == Q2 and _norm(msgs[3][1]) == _norm(a2), (msgs, a2)
+        d.save_screenshot(str(tmp_path / "2_answers.png"))
 
         # the heatmap gallery: one picture per sampled frame, Q2's relevance over it
         srcs = d.execute_script(
@@ -341,21 +398,60 @@ def test_web_demo_in_a_browser(tmp_path):
             assert got.shape == want.shape, (i, got.shape, want.shape)
             diff = np.abs(got - want.astype(np.int16))
             assert diff.mean() < 0.5 and diff.max() <= 8, (i, diff.mean(), diff.max())
+        # ... all inside the gallery's column, the colour legend under it (the colour map's
+        # ends, low to high, and what they mean)
+        box = page.rect("#demo-heatmap")
+        pictures = d.execute_script(
+            """return [...document.querySelectorAll('#demo-heatmap img')].map(e => {
+              const r = e.getBoundingClientRect(); return [r.left, r.right]; });"""
+        )
+        inside = [box["left"] <= x0 and x1 <= box["right"] for x0, x1 in pictures]
+        assert all(inside), (box, pictures)
+        scrolled = d.execute_script(  # nothing in the gallery wider than its box, to scroll
+            """return [...document.querySelectorAll('#demo-heatmap, #demo-heatmap *')]
+              .filter(e => e.scrollWidth > e.clientWidth + 1
+                           && ['auto', 'scroll'].includes(getComputedStyle(e).overflowX))
+              .map(e => [e.className, e.scrollWidth, e.clientWidth]);"""
+        )
+        assert scrolled == [], scrolled
+        legend = page.rect("#demo-legend")
+        assert box["left"] - 1 <= legend["left"] and legend["right"] <= box["right"] + 1, legend
+        assert box["bottom"] <= legend["top"] and legend["bottom"] <= legend["view"], legend
+        text = d.execute_script("return document.querySelector('#demo-legend').innerText")
+        assert "low relevance" in text and "high relevance" in text, text
+        bar = d.execute_script(
+            "return getComputedStyle(document.querySelector('#demo-legend .demo-legend-bar'))"
+            ".backgroundImage"
+        )
+        lo, hi = (f"rgb({r}, {g}, {b})" for r, g, b in heatmap.colormap(np.array([0.0, 1.0])))
+        assert bar.startswith("linear-gradient") and bar.index(lo) < bar.rindex(hi), bar
+        # a picture opened stays in the gallery (no other window, nothing over the page)
+        d.find_elements(page.By.CSS_SELECTOR, "#demo-heatmap img")[0].click()
+        big = page.wait(
+            lambda: d.execute_script(
+                """const i = [...document.querySelectorAll('#demo-heatmap img')]
+                  .map(e => e.getBoundingClientRect()).sort((a, b) => b.width - a.width)[0];
+                return i.width > 150 && [i.left, i.right, i.top, i.bottom];"""
+            ),
+            30,
+            "the picture's preview",
+        )
+        assert len(d.window_handles) == 1
+        assert box["left"] <= big[0] and big[1] <= box["right"], (box, big)
+        assert box["top"] <= big[2] and big[3] <= box["bottom"], (box, big)
+        d.save_screenshot(str(tmp_path / "3_preview.png"))
 
-        # a question too long for the context: an error, the conversation and server intact
+        # a question too long for the context: an error under the chat, in view; the
+        # conversation and the server intact
         s = page.ask("What colour is the square " + "and the circle " * 300 + "?")
         assert s.startswith("Error:") and "does not fit in the model's context" in s, s
         assert "shorter question" in s and "--" not in s, s  # the page's settings, not flags
         assert len(page.messages()) == 4
+        page.error_under_chat()
+        d.save_screenshot(str(tmp_path / "4_too_long.png"))
 
-        # a sample video: a new conversation about it
-        page.find("#demo-samples input").click()
-        page.wait(
-            lambda: d.find_elements(page.By.CSS_SELECTOR, "[aria-label='eval_00000.mp4']"),
-            30,
-            "the sample list",
-        )[0].click()
-        page.wait(lambda: "eval_00000.mp4" in page.status(), 60, "the sample")
+        # a sample video again: a new conversation about it
+        page.pick_sample("eval_00000.mp4")
         assert page.messages() == []
         s = page.ask(Q1)
         assert s.startswith("Answered") and "1 turn in the context" in s, s
@@ -365,3 +461,93 @@ def test_web_demo_in_a_browser(tmp_path):
             d.quit()
         server.stop()
     assert server.proc.returncode is not None
+
+
+def _gradio():
+    """gradio (the demo extra), or skip (fail under PPLLAVA_REQUIRE_BROWSER)."""
+    try:
+        import gradio
+    except ImportError:
+        if os.environ.get("PPLLAVA_REQUIRE_BROWSER"):
+            pytest.fail("the web demo's tests need gradio (pip install -e '.[demo]')")
+        pytest.skip("the web demo's tests need gradio (pip install -e '.[demo]')")
+    return gradio
+
+
+def test_compile_clock_measures_jax_compiling():
+    import jax
+
+    from ppllava_jax.demo_engine import CompileClock
+
+    clock = CompileClock()
+    span = "/jax/core/compile/test_span"
+    jax.monitoring.record_event_time_span(span, 10.0, 12.0)
+    jax.monitoring.record_event_time_span(span, 11.0, 13.0)  # overlapping: counted once
+    jax.monitoring.record_event_time_span("/jax/other/event", 0.0, 100.0)  # not compiling
+    assert clock.seconds_since(9.0) == 3.0 and clock.seconds_since(11.5) == 1.5
+    t = time.time()
+    f = jax.jit(lambda x: x * 3.0 + 1.0)
+    f(np.ones(5, np.float32)).block_until_ready()
+    assert clock.seconds_since(t) > 0
+    t = time.time()
+    f(np.zeros(5, np.float32)).block_until_ready()  # compiled already
+    assert clock.seconds_since(t) == 0
+
+
+def test_with_ticks_reports_waiting_and_hands_on_errors():
+    from ppllava_jax.demo_engine import with_ticks
+
+    release = threading.Event()
+
+    def pieces():
+        yield "a"
+        assert release.wait(60)  # until the reader has seen a tick
+        yield "b"
+        raise ValueError("too long")
+
+    got = []
+    with pytest.raises(ValueError, match="too long"):
+        for item in with_ticks(pieces(), 0.01):
+            got.append(item)
+            if item is None:
+                release.set()
+    assert got[0] == "a" and got[-1] == "b" and None in got[1:-1], got
+    assert set(got[1:-1]) == {None}, got
+
+
+class _CompilingEngine:
+    """An engine whose first answer compiles a program and whose next ones do not."""
+
+    warm_up_s = 12.0
+
+    def __init__(self):
+        import jax
+
+        from ppllava_jax.demo_engine import CompileClock
+
+        self.clock = CompileClock()
+        self.program = jax.jit(lambda x: x * 2.0 + 1.0)
+
+    def read_video(self, video, num_frames):
+        pass
+
+    def ask(self, video, turns, question, *, result, **settings):
+        self.program(np.ones(3, np.float32)).block_until_ready()
+        yield "an answer"
+        turns.append(question)
+
+
+def test_status_says_when_an_answer_compiled():
+    _gradio()
+    from ppllava_jax.demo import Handlers
+
+    handlers = Handlers(_CompilingEngine())
+    state = None
+    statuses = []
+    for question in ("first?", "second?"):
+        *_, (msgs, _, status, state, box) = handlers.on_ask(question, "clip.mp4", 8, 6, 0.0, state)
+        statuses.append(status["value"])
+    first, second = statuses
+    assert first.startswith("Answered") and "s of it compiling for these settings" in first
+    assert second.startswith("Answered") and "compiling" not in second, second
+    assert [m["content"] for m in msgs] == ["first?", "an answer", "second?", "an answer"]

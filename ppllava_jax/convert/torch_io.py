@@ -7,13 +7,17 @@ when it is opened; tensors are memory-mapped and copied out one at a time, bfloa
 ml_dtypes), so reading never holds more than the tensor asked for.
 
 A damaged file (zero bytes, text, truncated, a bad header) raises ``CheckpointError`` naming the
-file and, where known, the tensor.
+file and, where known, the tensor. A ``.bin`` is loaded with ``weights_only=True``: one that holds
+other Python objects is refused (unpickling them runs code from the file), with what to do
+instead (:func:`refused_pickle_message`), never with a hint to unpickle it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -44,6 +48,21 @@ _DAMAGED = "the file is damaged or incomplete: download or export it again"
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file cannot be read as asked."""
+
+
+def refused_pickle_message(path: str | os.PathLike, torch_message: str) -> str:
+    """One line for a ``.bin`` that ``torch.load(weights_only=True)`` refuses: it holds Python
+    objects besides tensors, which are not unpickled here (that would run code from the file).
+    Says what to do instead of torch's own hint (``weights_only=False``, unsafe)."""
+    found = re.search(r"GLOBAL (\S+)", torch_message)
+    what = f" (e.g. {found.group(1)})" if found else ""
+    return (
+        f"{path} holds Python objects besides tensors{what}; they are not unpickled, since "
+        "unpickling runs code from the file. If you trust its source, re-save its tensors as "
+        "safetensors in a separate environment (transformers: "
+        "model.save_pretrained(DIR, safe_serialization=True); or safetensors.torch.save_file "
+        "of the state dict as DIR/model.safetensors) and pass that DIR as --source"
+    )
 
 
 def _reason(e: BaseException) -> str:
@@ -113,8 +132,14 @@ class TorchCheckpoint(Mapping):
             mmap = zipfile.is_zipfile(f)
             sd = torch.load(f, map_location="cpu", mmap=mmap, weights_only=True)
         except Exception as e:  # RuntimeError, OSError, EOFError, UnpicklingError, ...
+            refused = isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower()
+            if refused and re.search(r"GLOBAL \S+", str(e)):
+                raise CheckpointError(refused_pickle_message(f, str(e))) from None
+            # torch's first line of a refusal advises weights_only=False: its detail instead
+            found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e)) if refused else None
+            reason = found.group(1).strip() if found else _reason(e)
             raise CheckpointError(
-                f"{f} is not a readable PyTorch checkpoint ({_reason(e)}); {_DAMAGED}"
+                f"{f} is not a readable PyTorch checkpoint ({reason}); {_DAMAGED}"
             ) from None
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]

@@ -164,6 +164,22 @@ class SkipCounter:
         log.warning("skipping sample: %s", err)
 
 
+def read_json_list(path: str | os.PathLike) -> list:
+    """The JSON list in ``path``; AnnotationError naming the file when it is missing, is no
+    JSON or holds something else than a list (the evaluation readers use it too)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise AnnotationError(path, None, "annotation file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise AnnotationError(path, None, f"cannot parse JSON ({e})") from e
+    if not isinstance(raw, list):
+        raise AnnotationError(path, None, f"expected a JSON list, got {type(raw).__name__}")
+    return raw
+
+
 def load_annotation_file(
     path: str | os.PathLike,
     data_root: str = "",
@@ -182,15 +198,7 @@ def load_annotation_file(
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise AnnotationError(path, None, "annotation file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise AnnotationError(path, None, f"cannot parse JSON ({e})") from e
-    if not isinstance(raw, list):
-        raise AnnotationError(path, None, f"expected a JSON list, got {type(raw).__name__}")
+    raw = read_json_list(path)
     out = []
     for i, r in enumerate(raw):
         try:

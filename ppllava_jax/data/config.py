@@ -9,6 +9,7 @@ naming the model field.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -73,9 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.training = True  # CLIP prompt = whole conversation (train) or the question (eval)
     # conversation: as `training` says (the original recipe: the conversation, answers included,
     # when training: with text_encoding='original' the original's process_qa text, role strings,
-    # <image>\n, </s> and the system instruction included); question: always the first
-    # question. A model whose projector and text tower train from scratch learns to read the
-    # answer out of a conversation prompt (the pooling weights depend on it), which is absent
+    # <image>\n, </s> and the system instruction included); question: always the last
+    # question (the one the chat pools the video for when it is asked). A model whose
+    # projector and text tower train from scratch learns to read the answer out of a
+    # conversation prompt (the pooling weights depend on it), which is absent
     # at evaluation: the demo uses "question".
     c.clip_prompt = "conversation"
     # Training samples: original = the authors' Interleave_sft_dataset (plain_v1 / vicuna_v1:
@@ -165,7 +167,12 @@ def validate_config(cfg: ml_collections.ConfigDict, model_cfg: Any) -> None:
         raise ValueError(f"data.{field}: {msg}")
 
     if not cfg.sources and not cfg.array_record:
-        bad("sources", "no annotation files given (or set data.array_record)")
+        bad(
+            "sources",
+            'no annotation files given: set --config.data.sources=\'[{"path": FILE, '
+            '"data_root": MEDIA_DIR}]\' (the format: examples/my_videos/train.json, README '
+            "'Fine-tune on your own videos'), or data.array_record",
+        )
     k = int(cfg.get("micro_batches", 1))
     if k < 1 or int(cfg.batch_size) % k:
         bad(
@@ -199,9 +206,14 @@ def validate_config(cfg: ml_collections.ConfigDict, model_cfg: Any) -> None:
     for f in ("num_workers", "read_threads", "worker_buffer", "prefetch_batches", "num_epochs"):
         if int(cfg[f]) < 0:
             bad(f, f"must be >= 0, got {cfg[f]}")
-    buckets = list(cfg.buckets)
-    if not buckets or any(int(b) <= 0 for b in buckets):
-        bad("buckets", f"need positive lengths, got {buckets}")
+    buckets = list(cfg.buckets) if isinstance(cfg.buckets, (list, tuple)) else [cfg.buckets]
+    whole = [b for b in buckets if isinstance(b, numbers.Integral) and not isinstance(b, bool)]
+    if not buckets or len(whole) < len(buckets) or min(whole) <= 0:
+        bad(
+            "buckets",
+            f"{buckets}: give positive whole token lengths, e.g. "
+            "--config.data.buckets='[512, 1024, 2048]'",
+        )
     if cfg.max_length > max(buckets):
         bad(
             "max_length",

@@ -17,8 +17,8 @@ has one per image). The text is split at the image placeholders, as LLaVA's
 token is supervised exactly when its characters overlap an answer (or its end token).
 
 The CLIP prompt is the whole conversation (questions and answers, in order, without role
-markers) in training and the question alone in evaluation, tokenized by a CLIP tokenizer
-and padded/truncated to ``clip_max_length`` (248) with a mask.
+markers) in training and the question alone (the last turn's) in evaluation, tokenized by a
+CLIP tokenizer and padded/truncated to ``clip_max_length`` (248) with a mask.
 
 The original's training samples (``Interleave_sft_dataset``) are encoded by
 :mod:`ppllava_jax.data.original_text`.
@@ -243,11 +243,12 @@ def tokenize_with_labels(
 
 
 def clip_text_of(turns: Sequence[Turn], training: bool) -> str:
-    """Text for the CLIP prompt: the whole conversation (training) or the first question."""
+    """Text for the CLIP prompt: the whole conversation (training) or the question being asked,
+    the last turn's (the chat's rule: each turn pools the video for what is asked now)."""
     if training:
         texts = [x for t in turns for x in (t.q, t.a) if x]
     else:
-        texts = [turns[0].q]
+        texts = [turns[-1].q]
     s = " ".join(x.replace(IMAGE_PLACEHOLDER, " ") for x in texts)
     return re.sub(r"\s+", " ", s).strip()
 

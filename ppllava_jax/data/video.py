@@ -8,7 +8,9 @@ of an evaluation question's :class:`~ppllava_jax.data.frame_index.FrameRule`.
 
 Only the sampled frames are converted to RGB and kept; the decoder seeks over long gaps and
 otherwise decodes and drops, so a long video never sits in memory. Any problem with a file
-raises :class:`~ppllava_jax.data.errors.MediaError` naming it.
+raises :class:`~ppllava_jax.data.errors.MediaError` naming it, before anything is decoded when
+the file is no video at all: a text file (FFmpeg would draw it as ANSI art), a still image, an
+audio file with or without a cover picture.
 """
 
 from __future__ import annotations
@@ -73,7 +75,37 @@ def _stack(path: str, decoded: dict, keys: Sequence) -> np.ndarray:
 # PyAV videos
 
 
+# FFmpeg demuxers that draw a text file as pictures (ANSI art, BBS art): a ``.txt`` would be
+# "decoded" frame by frame
+TEXT_DEMUXERS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
+# demuxers of one still picture (``jpeg_pipe``, ``png_pipe``, ...; ``image2`` for patterns)
+STILL_IMAGE_DEMUXERS = ("image2", "_pipe")
+_ATTACHED_PIC = 1024  # AV_DISPOSITION_ATTACHED_PIC: an audio file's cover picture
+
+
+def _check_video(container) -> str:
+    """The reason ``container`` holds no real video (text drawn as pictures, a still image, a
+    cover picture alone, no picture at all), else ""."""
+    names = set(container.format.name.split(","))
+    if names & TEXT_DEMUXERS:
+        return (
+            f"not a video but a text file (FFmpeg's {container.format.name!r} demuxer would "
+            "draw its characters as pictures); give a video file, GIF or frame folder"
+        )
+    streams = [s for s in container.streams.video if not int(s.disposition) & _ATTACHED_PIC]
+    if not streams:
+        what = "only a cover picture" if container.streams.video else "no video stream"
+        kinds = sorted({s.type for s in container.streams})
+        return f"not a video: {container.format.name} file with {what} (streams: {kinds or 'none'})"
+    if any(n == STILL_IMAGE_DEMUXERS[0] or n.endswith(STILL_IMAGE_DEMUXERS[1]) for n in names):
+        codec = streams[0].codec_context.name
+        return f"not a video but a still image ({codec}); give it as an image, not a video"
+    return ""
+
+
 def _open(path: str):
+    """(PyAV container, its first real video stream) of a video file; MediaError naming the
+    file when it is missing, unreadable or not a video (:func:`_check_video`)."""
     import av
 
     if not os.path.exists(path):
@@ -82,10 +114,12 @@ def _open(path: str):
         container = av.open(path, metadata_errors="ignore")
     except Exception as e:  # av.error.* and OSError: unreadable or not a media file
         raise MediaError(path, f"cannot open video ({type(e).__name__}: {e})") from e
-    if not container.streams.video:
+    why = _check_video(container)
+    if why:
         container.close()
-        raise MediaError(path, "no video stream")
-    return container
+        raise MediaError(path, why)
+    stream = next(s for s in container.streams.video if not int(s.disposition) & _ATTACHED_PIC)
+    return container, stream
 
 
 def _stream_fps(stream) -> float:
@@ -97,9 +131,8 @@ def _stream_fps(stream) -> float:
 
 def _count_frames(path: str) -> int:
     """Exact frame count by demuxing (no decoding), for containers that do not store it."""
-    container = _open(path)
+    container, stream = _open(path)
     try:
-        stream = container.streams.video[0]
         return sum(1 for p in container.demux(stream) if p.size > 0)
     except Exception as e:
         raise MediaError(path, f"cannot read packets ({type(e).__name__}: {e})") from e
@@ -110,9 +143,8 @@ def _count_frames(path: str) -> int:
 def video_info(path: str | os.PathLike) -> tuple[int, float]:
     """(number of frames, fps) of a video file, without decoding it."""
     path = os.fspath(path)
-    container = _open(path)
+    container, stream = _open(path)
     try:
-        stream = container.streams.video[0]
         fps = _stream_fps(stream)
         n = int(stream.frames or 0)
     finally:
@@ -126,11 +158,10 @@ def video_info(path: str | os.PathLike) -> tuple[int, float]:
 
 def _decode_selected(path: str, wanted: np.ndarray, fps: float) -> dict[int, np.ndarray]:
     """Decode the frames at sorted unique indices ``wanted``; returns {index: uint8[H,W,3]}."""
-    container = _open(path)
+    container, stream = _open(path)
     out: dict[int, np.ndarray] = {}
     targets = sorted(int(i) for i in wanted)
     try:
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         tb = float(stream.time_base) if stream.time_base else 1.0 / fps
         t0 = stream.start_time if stream.start_time is not None else None

@@ -5,18 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ppllava_jax.evaluate.common import Question, mc_record, mc_summary
+from ppllava_jax.evaluate.common import BadItem, Question, mc_record, mc_summary
 
 
 class Benchmark:
     """A benchmark: its questions, how an answer is recorded, how records are summarised.
 
     Subclasses set ``name`` and implement :meth:`questions` (see ``common.Question`` for the
-    contract); template multiple-choice ones keep the default :meth:`record` /
-    :meth:`summarize` (accuracy overall and per ``group_key``). Exact benchmarks score each
-    record with both verdicts (``scoring``: ``verdict_original`` / ``verdict_strict``) and
-    summarize with ``scoring.two_verdict_summary`` (``accuracy_original`` /
-    ``accuracy_strict``).
+    contract), built with a ``common.ItemReader`` whose malformed items they keep in
+    ``self._bad_items`` (:meth:`bad_items`). Template multiple-choice ones keep the default
+    :meth:`record` / :meth:`summarize` (accuracy overall and per ``group_key``). Exact
+    benchmarks score each record with both verdicts (``scoring``: ``verdict_original`` /
+    ``verdict_strict``) and summarize with ``scoring.two_verdict_summary``
+    (``accuracy_original`` / ``accuracy_strict``).
     """
 
     name = "benchmark"
@@ -25,6 +26,11 @@ class Benchmark:
 
     def questions(self) -> list[Question]:
         raise NotImplementedError
+
+    def bad_items(self) -> list[BadItem]:
+        """The annotation items the last :meth:`questions` skipped (missing fields, wrong
+        types), one per question id they would have had."""
+        return list(getattr(self, "_bad_items", ()))
 
     def record(self, q: Question, prediction: str, decoded: str = "") -> dict[str, Any]:
         """The answer record of ``q`` (one JSON line of the answers file).

@@ -8,6 +8,9 @@ from ppllava_jax.evaluate.base import Benchmark
 from ppllava_jax.evaluate.model_setup import FROM_CHECKPOINT, load_setup
 
 BENCHMARKS = ("mvbench", "videomme", "openqa", "vcgbench", "synthetic")
+# the share of questions that may go unanswered (unreadable videos, malformed annotation items)
+# before eval.py fails (``--max_missing``)
+DEFAULT_MAX_MISSING = 0.05
 
 
 def make_benchmark(name: str, data: str, **kw: Any) -> Benchmark:
@@ -79,10 +82,15 @@ def main(
     config: Any = None,
     **kw: Any,
 ) -> dict[str, Any] | None:
-    """Evaluate ``checkpoint`` on ``benchmark``; see eval.py for the flags."""
+    """Evaluate ``checkpoint`` on ``benchmark``; see eval.py for the flags. ``max_missing``
+    (default :data:`DEFAULT_MAX_MISSING`): a ``runner.MissingAnswersError`` after the results
+    are written when a larger share of the questions has no answer."""
     from ppllava_jax import sharding
     from ppllava_jax.evaluate import runner
 
+    max_missing = float(kw.get("max_missing", DEFAULT_MAX_MISSING))
+    if not 0.0 <= max_missing <= 1.0:
+        raise ValueError(f"--max_missing={max_missing:g}: give a share between 0 and 1")
     sharding.maybe_initialize_distributed()
     template = kw.get("template", "")
     mesh = kw.get("mesh") or None
@@ -105,7 +113,7 @@ def main(
     if not num_frames and benchmark == "synthetic":
         num_frames = setup.defaults.get("num_frames", 0)
     bench = make_benchmark(benchmark, data, **{**kw, "num_frames": num_frames})
-    return runner.run(
+    result = runner.run(
         bench,
         setup,
         out,
@@ -117,3 +125,6 @@ def main(
         progress=not kw.get("no_progress", False),
         fresh=bool(kw.get("fresh", False)),
     )
+    if result is not None:  # after the results are written: they name what is missing
+        runner.check_missing(result, out, max_missing)
+    return result

@@ -1,15 +1,18 @@
-"""What every benchmark shares: questions (the evaluation contract), answer records,
-multiple-choice scoring, tables."""
+"""What every benchmark shares: questions (the evaluation contract), malformed annotation items
+(skipped and named), answer records, multiple-choice scoring, tables."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ppllava_jax.data.video import FrameRule
 from ppllava_jax.evaluate.extract import extract_letter
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,8 @@ class Question:
     the checkpoint's conversation template and tokenized as in training), optional
     ``system`` and ``answer_prefix``, ``num_frames`` and ``bound`` (frames at segment
     centres, ``video.sample_indices(mode='middle')``); the CLIP text is then the question.
+    ``history`` holds a template question's earlier turns, ``(question, answer)`` pairs, which
+    stand before ``prompt`` as the chat renders a conversation (``ppllava_jax.chat``).
 
     The runner calls ``bench.record(q, reply, decoded=...)`` for exact questions, where
     ``reply`` is the generated text and ``decoded`` the whole sequence (prompt ids +
@@ -69,6 +74,7 @@ class Question:
     num_frames: int = 0
     bound: tuple[float, float] | None = None
     system: str | None = None
+    history: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.prompt_text:
@@ -97,6 +103,90 @@ class Question:
     def frame_count(self) -> int:
         """T, the frames read for this question."""
         return int(self.frames.num_segments) if self.frames is not None else int(self.num_frames)
+
+
+@dataclasses.dataclass(frozen=True)
+class BadItem:
+    """A question of an annotation file that could not be built (a missing field, a wrong
+    type): skipped and reported, as an unreadable video is.
+
+    Attributes:
+      qid: the question id it would have had (the id field when readable, else
+        ``<file name>:<index>``).
+      path: the annotation file; index: the item's position in it; reason: what is wrong.
+    """
+
+    qid: str
+    path: str
+    index: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path} [item {self.index}, question {self.qid}]: {self.reason}"
+
+
+class ItemError(ValueError):
+    """A malformed annotation item (the message says which field and what is wrong)."""
+
+
+# what building one item's questions raises on a malformed item (KeyError: a missing field;
+# ItemError is a ValueError)
+ITEM_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
+def item_reason(e: BaseException) -> str:
+    """What is wrong with an item, from the error building its question raised."""
+    if isinstance(e, KeyError):
+        return f"field {e.args[0]!r} is missing" if e.args else "a field is missing"
+    if isinstance(e, ItemError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def field(item: Any, key: str, kinds: type | tuple[type, ...] = str) -> Any:
+    """``item[key]``, checked: ItemError when ``item`` is no object, the field is missing or
+    null, or its value is not one of ``kinds`` (bool is no number)."""
+    if not isinstance(item, Mapping):
+        raise ItemError(f"an item must be an object, got {type(item).__name__}")
+    if key not in item or item[key] is None:
+        raise ItemError(f"field {key!r} is missing")
+    v = item[key]
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ItemError(f"field {key!r} must be of type {names}, got {type(v).__name__} {v!r:.60}")
+    return v
+
+
+class ItemReader:
+    """Builds the questions of a benchmark's annotation items one item at a time; an item
+    whose building raises one of :data:`ITEM_ERRORS` is skipped, logged and kept in ``bad``
+    (one :class:`BadItem` per question id it would have had)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.questions: list[Question] = []
+        self.bad: list[BadItem] = []
+
+    def add(
+        self,
+        path: str,
+        index: int,
+        qids: Sequence[str],
+        build: Callable[..., Question | Sequence[Question]],
+        *args: Any,
+        **kw: Any,
+    ) -> None:
+        """The questions ``build(*args, **kw)`` returns (one or a list), or, when it raises,
+        ``qids`` as bad items."""
+        try:
+            got = build(*args, **kw)
+        except ITEM_ERRORS as e:
+            bad = [BadItem(str(q), os.fspath(path), int(index), item_reason(e)) for q in qids]
+            self.bad += bad
+            log.warning("%s: skipping a malformed annotation item: %s", self.name, bad[0])
+            return
+        self.questions += [got] if isinstance(got, Question) else list(got)
 
 
 def mc_record(q: Question, prediction: str) -> dict[str, Any]:
@@ -147,8 +237,8 @@ def scalar_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The numbers of a summary for TensorBoard / ``metrics.jsonl``: the overall accuracies
     (``accuracy``; exact benchmarks ``accuracy_original`` and ``accuracy_strict``), each
     group's as ``<accuracy name>/<group>``, and the counts ``correct``, ``answered``,
-    ``num_questions``, ``num_missing``, ``unparsed`` (those present)."""
-    counts = ("correct", "answered", "num_questions", "num_missing", "unparsed")
+    ``num_questions``, ``num_missing``, ``bad_annotations``, ``unparsed`` (those present)."""
+    counts = ("correct", "answered", "num_questions", "num_missing", "bad_annotations", "unparsed")
     out: dict[str, float] = {}
     for k, v in summary.items():
         if (k.startswith("accuracy") or k in counts) and isinstance(v, (int, float)):
@@ -198,7 +288,7 @@ def format_table(summary: dict[str, Any], title: str) -> str:
                 lines.append(f"{k}: {summary[k]}")
     elif "accuracy" in summary:
         lines.append(row("overall", {**summary, "total": summary["answered"]}))
-    for k in ("num_questions", "num_missing", "unparsed", "answered"):
+    for k in ("num_questions", "num_missing", "bad_annotations", "unparsed", "answered"):
         if k in summary and not ("accuracy" in summary and k == "answered"):
             lines.append(f"{k}: {summary[k]}")
     for k, v in summary.items():

@@ -34,15 +34,15 @@ A JSON file that is not in the task table is a task named after the file with it
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ppllava_jax.data.annotations import read_json_list
 from ppllava_jax.data.video import FrameRule
 from ppllava_jax.evaluate import scoring
 from ppllava_jax.evaluate.base import Benchmark
-from ppllava_jax.evaluate.common import Question
+from ppllava_jax.evaluate.common import ItemReader, Question, field
 from ppllava_jax.evaluate.conversation import MVBENCH_SYSTEM, one_turn_prompt, reply_after
 
 # task -> (video folder under DIR/video, data type, uses the bound): the original's ``data_list``
@@ -162,6 +162,11 @@ def question_of(
         uses_bound = bound if uses_bound is None else uses_bound
     if uses_bound and not ("start" in data and "end" in data):
         raise ValueError(f"{qid}: task {task_type!r} reads the start/end bound; the item has none")
+    for key, kinds in (("video", str), ("question", str), ("candidates", list)):
+        field(data, key, kinds)
+    field(data, "answer", (str, int, float))
+    if uses_bound:
+        field(data, "start", (int, float)), field(data, "end", (int, float))
     question, gt = qa_template(data)
     return Question(
         qid=qid,
@@ -208,25 +213,27 @@ class MVBench(Benchmark):
         self.system_llm = bool(system_llm)
 
     def questions(self) -> list[Question]:
-        qs = []
+        """Every item of every task file; a malformed item is skipped (:meth:`bad_items`)."""
+        reader = ItemReader(self.name)
         for task, path, vroot, kind, use_bound in task_files(self.root):
-            with open(path, encoding="utf-8") as f:
-                items = json.load(f)
             stem = os.path.splitext(os.path.basename(path))[0]
-            for i, it in enumerate(items):
-                qs.append(
-                    question_of(
-                        task,
-                        it,
-                        vroot,
-                        qid=f"{stem}:{i}",
-                        num_segments=self.num_frames,
-                        system_llm=self.system_llm,
-                        data_type=kind,
-                        uses_bound=use_bound,
-                    )
+            for i, it in enumerate(read_json_list(path)):
+                reader.add(
+                    path,
+                    i,
+                    [f"{stem}:{i}"],
+                    question_of,
+                    task,
+                    it,
+                    vroot,
+                    qid=f"{stem}:{i}",
+                    num_segments=self.num_frames,
+                    system_llm=self.system_llm,
+                    data_type=kind,
+                    uses_bound=use_bound,
                 )
-        return qs
+        self._bad_items = reader.bad
+        return reader.questions
 
     def record(self, q: Question, prediction: str, decoded: str = "") -> dict[str, Any]:
         """The original's saved fields (``pred``, ``gt``, ``task_type``, ``video_path``,

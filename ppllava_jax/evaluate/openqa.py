@@ -46,12 +46,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ppllava_jax.data.annotations import read_json_list
 from ppllava_jax.data.video import FrameRule
 from ppllava_jax.evaluate.base import Benchmark
-from ppllava_jax.evaluate.common import VIDEO_EXTS, Question
+from ppllava_jax.evaluate.common import VIDEO_EXTS, ItemReader, Question, field
 from ppllava_jax.evaluate.conversation import (
     VIDEOQA_ANSWER,
     VIDEOQA_PRE_QUERY,
@@ -179,75 +180,83 @@ class OpenQA(_Open):
                 return os.path.join(root, d)
         return root
 
-    def rows(self) -> list[dict[str, Any]]:
-        """``{video_name, id, question, answer}`` per question, as the original's dataset."""
-        with open(self.q_path) as f:
-            qs = json.load(f)
-        out = []
-        if self.dataset == "activitynet":
-            with open(self.a_path) as f:
-                answers = json.load(f)
-            if len(answers) < len(qs):
-                raise ValueError(
-                    f"{self.a_path} has {len(answers)} answers for {len(qs)} questions in "
-                    f"{self.q_path} (the original pairs them by position)"
-                )
-            for i, s in enumerate(qs):
-                name = "v_" + str(s["video_name"])
-                out.append(
-                    {
-                        "video_name": name,
-                        "id": s["question_id"],
-                        "question": s["question"],
-                        "answer": answers[i]["answer"],
-                    }
-                )
-            return out
-        for s in qs:
-            if "video_name" in s:
-                name = s["video_name"]
-            elif "video" in s:
-                name = s["video"]
-            else:
-                name = str(s["video_id"]) + ".mp4"
-            qid = s["question_id"] if "question_id" in s else s["id"]
-            out.append(
-                {"video_name": name, "id": qid, "question": s["question"], "answer": s["answer"]}
+    def rows(self) -> list[tuple[int, Any, Any]]:
+        """``(index, question item, answer item or None)`` per entry of the question file;
+        ActivityNet's answers are ``test_a.json``'s entries, paired by position as the
+        original pairs them."""
+        qs = read_json_list(self.q_path)
+        if self.dataset != "activitynet":
+            return [(i, s, None) for i, s in enumerate(qs)]
+        answers = read_json_list(self.a_path)
+        if len(answers) < len(qs):
+            raise ValueError(
+                f"{self.a_path} has {len(answers)} answers for {len(qs)} questions in "
+                f"{self.q_path} (the original pairs them by position)"
             )
-        return out
+        return [(i, s, answers[i]) for i, s in enumerate(qs)]
+
+    def row(self, s: Any, a: Any = None) -> dict[str, Any]:
+        """``{video_name, id, question, answer}`` of one entry (``a``: its ActivityNet answer
+        entry), as the original's dataset reads it; ItemError / KeyError when malformed."""
+        if self.dataset == "activitynet":
+            return {
+                "video_name": "v_" + str(field(s, "video_name", (str, int))),
+                "id": field(s, "question_id", (str, int)),
+                "question": field(s, "question"),
+                "answer": field(a, "answer", (str, int, float)),
+            }
+        field(s, "question")  # an object with a question
+        if "video_name" in s:
+            name = field(s, "video_name", (str, int))
+        elif "video" in s:
+            name = field(s, "video", (str, int))
+        else:
+            name = str(field(s, "video_id", (str, int))) + ".mp4"
+        qid = field(s, "question_id" if "question_id" in s else "id", (str, int))
+        answer = field(s, "answer", (str, int, float))
+        return {"video_name": name, "id": qid, "question": s["question"], "answer": answer}
 
     def questions(self) -> list[Question]:
-        qs = []
+        """One question per entry; a malformed entry is skipped (:meth:`bad_items`)."""
+        reader = ItemReader(self.name)
         seen: dict[str, int] = {}
         rule = FrameRule(
             num_segments=self.num_frames,
             folder_fps=ACTIVITYNET_FRAMES.folder_fps,
             file_pattern=ACTIVITYNET_FRAMES.file_pattern,
         )
-        for r in self.rows():
-            base = os.path.join(self.video_dir, str(r["video_name"]))
-            video = _with_postfix(base, QA_POSTFIX[self.dataset])
-            key = str(r["id"])
-            seen[key] = seen.get(key, 0) + 1
-            qid = key if seen[key] == 1 else f"{key}#{seen[key]}"
-            question = str(r["question"])
-            qs.append(
-                Question(
-                    qid=qid,
-                    video=video,
-                    answer=str(r["answer"]),
-                    prompt_text=qa_prompt_text(question),
-                    clip_text=question,
-                    frames=rule,
-                    answer_prefix=VIDEOQA_ANSWER,
-                    info={
-                        "dataset": self.dataset,
-                        "video_name": str(r["video_name"]),
-                        "raw": {"answer": r["answer"], "question": r["question"], "id": r["id"]},
-                    },
-                )
-            )
-        return qs
+        name = os.path.basename(self.q_path)
+        for i, s, a in self.rows():
+            raw = s.get("question_id", s.get("id")) if isinstance(s, Mapping) else None
+            qid = str(raw) if isinstance(raw, (str, int)) else f"{name}:{i}"
+            reader.add(self.q_path, i, [qid], self.question, s, a, seen, rule)
+        self._bad_items = reader.bad
+        return reader.questions
+
+    def question(self, s: Any, a: Any, seen: dict[str, int], rule: FrameRule) -> Question:
+        """The question of one entry (``seen``: how often each id came before: a repeated
+        id gets ``#2``, ``#3``, ...)."""
+        r = self.row(s, a)
+        base = os.path.join(self.video_dir, str(r["video_name"]))
+        video = _with_postfix(base, QA_POSTFIX[self.dataset])
+        key = str(r["id"])
+        seen[key] = seen.get(key, 0) + 1
+        qid = key if seen[key] == 1 else f"{key}#{seen[key]}"
+        question = str(r["question"])
+        return Question(
+            qid=qid,
+            video=video,
+            answer=str(r["answer"]),
+            prompt_text=qa_prompt_text(question),
+            clip_text=question,
+            frames=rule,
+            answer_prefix=VIDEOQA_ANSWER,
+            info={
+                "dataset": self.dataset,
+                "video_name": str(r["video_name"]),
+                "raw": {"answer": r["answer"], "question": r["question"], "id": r["id"]},
+            },
+        )
 
     def record(self, q: Question, reply: str, decoded: str = "") -> dict[str, Any]:
         pred = reply_after(_decoded(q, reply, decoded), VIDEOQA_ANSWER)
@@ -295,15 +304,18 @@ class VCGBench(_Open):
         self.system_vcg = bool(system_vcg)
         self.legacy_consistency_labels = bool(legacy_consistency_labels)
 
-    def items(self) -> list[tuple[str, int, dict[str, Any]]]:
+    def task_file(self, task: str) -> str:
+        """The annotation file of a task (``<json dir>/<task>_qa.json``)."""
+        return os.path.join(self.json_dir, f"{task}_qa.json")
+
+    def items(self) -> list[tuple[str, int, Any]]:
         """``(task, index, annotation)`` in the original's order (generic, temporal,
         consistency; file order within each)."""
         out = []
         for task in VCG_TASKS:
-            path = os.path.join(self.json_dir, f"{task}_qa.json")
+            path = self.task_file(task)
             if os.path.exists(path):
-                with open(path) as f:
-                    out += [(task, i, r) for i, r in enumerate(json.load(f))]
+                out += [(task, i, r) for i, r in enumerate(read_json_list(path))]
         if not out:
             raise FileNotFoundError(
                 f"no VCGBench annotation in {self.json_dir!r}: expected "
@@ -312,34 +324,45 @@ class VCGBench(_Open):
         return out
 
     def questions(self) -> list[Question]:
-        qs = []
+        """Every item's questions (consistency: Q1, then Q2); a malformed item is skipped
+        with all its questions (:meth:`bad_items`)."""
+        reader = ItemReader(self.name)
         rule = FrameRule(num_segments=self.num_frames)
         for task, i, r in self.items():
-            name = str(r["video_name"])
-            video = _with_postfix(os.path.join(self.video_dir, name), VCG_POSTFIX)
             keys = ("Q1", "Q2") if task == "consistency" else ("Q",)
-            for k in keys:
-                question = str(r[k])
-                qs.append(
-                    Question(
-                        qid=f"{task}:{i}:{k}",
-                        video=video,
-                        answer=str(r["A"]),
-                        prompt_text=vcg_prompt_text(question, self.system_vcg),
-                        clip_text=question,
-                        frames=rule,
-                        answer_prefix=VCG_SPLIT,
-                        group=task,
-                        info={
-                            "task": task,
-                            "index": i,
-                            "key": k,
-                            "video_name": r["video_name"],
-                            "raw": {"Q": r[k], "A": r["A"]},
-                        },
-                    )
-                )
-        return qs
+            qids = [f"{task}:{i}:{k}" for k in keys]
+            reader.add(self.task_file(task), i, qids, self.item_questions, task, i, r, rule)
+        self._bad_items = reader.bad
+        return reader.questions
+
+    def item_questions(self, task: str, i: int, r: Any, rule: FrameRule) -> list[Question]:
+        """The questions of item ``i`` of ``task``; ItemError when a field is missing or of
+        the wrong type."""
+        name = str(field(r, "video_name", (str, int)))
+        keys = ("Q1", "Q2") if task == "consistency" else ("Q",)
+        texts = {k: field(r, k) for k in keys}
+        answer = field(r, "A")
+        video = _with_postfix(os.path.join(self.video_dir, name), VCG_POSTFIX)
+        return [
+            Question(
+                qid=f"{task}:{i}:{k}",
+                video=video,
+                answer=answer,
+                prompt_text=vcg_prompt_text(texts[k], self.system_vcg),
+                clip_text=texts[k],
+                frames=rule,
+                answer_prefix=VCG_SPLIT,
+                group=task,
+                info={
+                    "task": task,
+                    "index": i,
+                    "key": k,
+                    "video_name": r["video_name"],
+                    "raw": {"Q": r[k], "A": r["A"]},
+                },
+            )
+            for k in keys
+        ]
 
     def record(self, q: Question, reply: str, decoded: str = "") -> dict[str, Any]:
         return {

@@ -22,7 +22,12 @@
   group); prompts are left-padded to a few merged-length buckets (the video's visual tokens
   plus ``generate.PROMPT_BUCKETS``), so a new prompt length reuses a compiled program.
 - Videos that cannot be read are skipped by the pipeline (counted, logged) and reported as
-  ``num_missing``; they are asked again on the next run.
+  ``num_missing``; they are asked again on the next run. Annotation items that give no
+  question (a missing field, a wrong type: ``Benchmark.bad_items``) are skipped too, logged,
+  counted in ``num_missing`` and ``bad_annotations`` and listed in the results file
+  (``bad_annotations``: file, item, reason). The results file lists every question without an
+  answer under ``missing_ids``; :func:`check_missing` fails a run missing more than a share.
+- A rerun says how many answers it found (``resuming ...: N of M questions answered before``).
 
 The checkpoint is loaded by ``model_setup.load_setup``.
 """
@@ -30,6 +35,7 @@ The checkpoint is loaded by ``model_setup.load_setup``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -44,7 +50,7 @@ from ppllava_jax import sharding
 from ppllava_jax.data import pipeline as pl
 from ppllava_jax.evaluate import answers, heatmap
 from ppllava_jax.evaluate.base import Benchmark
-from ppllava_jax.evaluate.common import Question, format_table
+from ppllava_jax.evaluate.common import BadItem, Question, format_table
 from ppllava_jax.evaluate.model_setup import Setup, eval_batch_size, place_batch, video_buckets
 from ppllava_jax.generate import SamplingConfig, make_generate
 from ppllava_jax.layout import FRAME_MASK
@@ -71,10 +77,11 @@ def pipeline_sample(q: Question, source: str = "eval", index: int = 0):
 
 
 def _annotation(q: Question) -> dict[str, Any]:
-    turn: dict[str, Any] = {"q": q.prompt, "a": q.answer or "-"}
+    turns: list[dict[str, Any]] = [{"q": hq, "a": ha} for hq, ha in q.history]
+    turns.append({"q": q.prompt, "a": q.answer or "-"})  # the open turn (generation prompt)
     if q.system:
-        turn["i"] = q.system
-    a: dict[str, Any] = {"video": q.video, "media_type": "video", "QA": [turn], "qid": q.qid}
+        turns[0]["i"] = q.system
+    a: dict[str, Any] = {"video": q.video, "media_type": "video", "QA": turns, "qid": q.qid}
     if q.bound is not None:
         a["start"], a["end"] = float(q.bound[0]), float(q.bound[1])
     return a
@@ -283,17 +290,17 @@ def run(
     proto = answers.protocol(bench, setup, n_new)
     done = answers.resume(out, proto, bench.name, checkpoint=setup.checkpoint, fresh=fresh)
     todo = [q for q in questions if q.qid not in done]
-    log.info(
-        "%s: %d questions, %d answered before, %d to go",
-        bench.name,
-        len(questions),
-        len(questions) - len(todo),
-        len(todo),
-    )
+    pid, nproc = jax.process_index(), jax.process_count()
+    if len(todo) < len(questions) and pid == 0:
+        print(
+            f"{bench.name}: resuming {', '.join(answers.answer_files(out))}: "
+            f"{len(questions) - len(todo)} of {len(questions)} questions answered before, "
+            f"{len(todo)} to go",
+            flush=True,
+        )
     answerer = Answerer(
         bench, setup, sc, save_attention=save_attention, max_attention=max_attention
     )
-    pid, nproc = jax.process_index(), jax.process_count()
     written, t0 = 0, time.time()
     bar = _progress(-(-len(todo) // nproc), bench.name, progress and pid == 0)
     with bar, answers.open_answers(answers.answers_path(out)) as sink:
@@ -315,7 +322,7 @@ def run(
         sharding.process_barrier(f"eval_{bench.name}_done")
         if pid != 0:
             return None
-    return finalize(bench, questions, out, setup.checkpoint, proto)
+    return finalize(bench, questions, out, setup.checkpoint, proto, bench.bad_items())
 
 
 def finalize(
@@ -324,17 +331,27 @@ def finalize(
     out: str,
     checkpoint: str = "",
     protocol: dict[str, Any] | None = None,
+    bad_items: Sequence[BadItem] = (),
 ) -> dict[str, Any]:
     """Scores from the answer files -> ``out`` (JSON) + the benchmark's extra files; prints the
-    summary table."""
+    summary table. ``bad_items`` (annotation items that gave no question) count as questions
+    without an answer: in ``num_questions``, ``num_missing`` and ``bad_annotations`` of the
+    summary; the results list them (``bad_annotations``) and every question without an
+    answer (``missing_ids``)."""
     recs = answers.read_answers(out)
     records = [recs[q.qid] for q in questions if q.qid in recs]
     summary = bench.summarize(records, questions)
     summary.update(bench.write_outputs(records, out))
+    if bad_items:
+        summary["num_questions"] = summary.get("num_questions", len(questions)) + len(bad_items)
+        summary["num_missing"] = summary.get("num_missing", 0) + len(bad_items)
+        summary["bad_annotations"] = len(bad_items)
     result = {
         "benchmark": bench.name,
         "checkpoint": checkpoint,
         "summary": summary,
+        "missing_ids": [q.qid for q in questions if q.qid not in recs] + [b.qid for b in bad_items],
+        "bad_annotations": [dataclasses.asdict(b) for b in bad_items],
         "records": records,
     }
     if protocol is not None:  # the settings the answers were given under (answers.protocol)
@@ -345,3 +362,26 @@ def finalize(
     os.replace(tmp, out)
     print(format_table(summary, f"== {bench.name} =="), flush=True)
     return result
+
+
+class MissingAnswersError(ValueError):
+    """More questions of a benchmark went unanswered than the run allows."""
+
+
+def check_missing(result: dict[str, Any], out: str, max_missing: float) -> None:
+    """MissingAnswersError (one line) when more than ``max_missing`` (a share, 0..1) of the
+    questions of ``result`` (:func:`finalize`'s, written to ``out``) have no answer
+    (unreadable videos, malformed annotation items)."""
+    s = result["summary"]
+    total, missing = int(s.get("num_questions", 0)), int(s.get("num_missing", 0))
+    if not total or missing / total <= max_missing:
+        return
+    bad = int(s.get("bad_annotations", 0))
+    ids = result.get("missing_ids", [])
+    raise MissingAnswersError(
+        f"{result['benchmark']}: {missing} of {total} questions ({100 * missing / total:.1f}%) "
+        f"have no answer, more than --max_missing={max_missing:g}: {bad} malformed annotation "
+        f"items, {missing - bad} unreadable videos (the log names each); their ids are under "
+        f"missing_ids in {out} (the first: {', '.join(map(str, ids[:3]))}). Fix the data, or "
+        "raise --max_missing to accept the scores"
+    )

@@ -49,10 +49,11 @@ from typing import Any
 import numpy as np
 
 from ppllava_jax.data import video as vid
+from ppllava_jax.data.errors import MediaError
 from ppllava_jax.data.frame_index import segment_indices
 from ppllava_jax.evaluate import scoring
 from ppllava_jax.evaluate.base import Benchmark
-from ppllava_jax.evaluate.common import Question
+from ppllava_jax.evaluate.common import ItemReader, Question, field
 from ppllava_jax.evaluate.conversation import decoded_text, one_turn_prompt, reply_after
 
 SYSTEM = (
@@ -212,9 +213,9 @@ def find_parquet(data: str) -> str:
     return found[0]
 
 
-def read_questions(path: str) -> list[dict[str, Any]]:
+def read_questions(path: str) -> list[tuple[int, dict[str, Any]]]:
     """The parquet's rows (pyarrow), grouped by ``videoID`` in order of first appearance as
-    the original's dataset groups them; each row a dict of the columns."""
+    the original's dataset groups them: (row number in the file, a dict of the columns)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
@@ -225,9 +226,9 @@ def read_questions(path: str) -> list[dict[str, Any]]:
             f"{path}: Video-MME parquet lacks column(s) {sorted(missing)} (has "
             f"{table.column_names})"
         )
-    by_video: dict[str, list[dict[str, Any]]] = {}
-    for row in table.to_pylist():
-        by_video.setdefault(str(row["videoID"]), []).append(row)
+    by_video: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for i, row in enumerate(table.to_pylist()):
+        by_video.setdefault(str(row["videoID"]), []).append((i, row))
     return [r for rows in by_video.values() for r in rows]
 
 
@@ -270,48 +271,61 @@ class VideoMME(Benchmark):
         video = os.path.join(self.video_dir, f"{video_id}.mp4")
         if not os.path.exists(srt):
             return None, []
-        if not os.path.exists(video):  # the pipeline reports it missing
+        try:
+            n, fps = vid.video_info(video)
+        except MediaError:  # missing or unreadable: the pipeline skips and counts it
             return None, []
-        n, fps = vid.video_info(video)
         return subtitles_for(srt, n, fps, t)
 
     def questions(self) -> list[Question]:
-        qs = []
+        """One question per parquet row; a row with a missing (null) or mistyped field is
+        skipped (:meth:`bad_items`)."""
+        reader = ItemReader(self.name)
         cache: dict[tuple[str, int], tuple[str | None, list[int]]] = {}
-        for r in read_questions(self.path):
-            video_id = str(r["videoID"])
-            duration = str(r["duration"])
-            t = frames_for(duration, self.num_frames, self.num_frames_long)
-            if (video_id, t) not in cache:
-                cache[(video_id, t)] = self.video_subtitles(video_id, t)
-            subs, order = cache[(video_id, t)]
-            q = question_text(str(r["question"]), list(r["options"]))
-            qs.append(
-                Question(
-                    qid=str(r["question_id"]),
-                    video=os.path.join(self.video_dir, f"{video_id}.mp4"),
-                    answer=str(r["answer"]),
-                    prompt_text=prompt_text(q, subs, self.system),
-                    clip_text=q,
-                    frames=vid.FrameRule(num_segments=t),
-                    answer_prefix=ANSWER_PROMPT,
-                    group=f"frames{t}",
-                    candidates=tuple(str(o) for o in r["options"]),
-                    info={
-                        "videoID": video_id,
-                        "video_id": str(r.get("video_id", "")),
-                        "duration": duration,
-                        "domain": str(r.get("domain", "")),
-                        "sub_category": str(r.get("sub_category", "")),
-                        "task_type": str(r.get("task_type", "")),
-                        "question": str(r["question"]),
-                        "options": [str(o) for o in r["options"]],
-                        "subtitles": bool(subs),
-                        "subtitle_order": order,
-                    },
-                )
-            )
-        return qs
+        name = os.path.basename(self.path)
+        for i, r in read_questions(self.path):
+            qid = r.get("question_id")
+            qid = str(qid) if isinstance(qid, (str, int)) and qid != "" else f"{name}:{i}"
+            reader.add(self.path, i, [qid], self.question, r, cache)
+        self._bad_items = reader.bad
+        return reader.questions
+
+    def question(
+        self, r: dict[str, Any], cache: dict[tuple[str, int], tuple[str | None, list[int]]]
+    ) -> Question:
+        """The question of one parquet row; ``cache`` holds each video's subtitles."""
+        video_id = str(field(r, "videoID", (str, int)))
+        duration = field(r, "duration")
+        options = [str(o) for o in field(r, "options", (list, tuple))]
+        question = field(r, "question")
+        t = frames_for(duration, self.num_frames, self.num_frames_long)
+        if (video_id, t) not in cache:
+            cache[(video_id, t)] = self.video_subtitles(video_id, t)
+        subs, order = cache[(video_id, t)]
+        q = question_text(question, options)
+        return Question(
+            qid=str(field(r, "question_id", (str, int))),
+            video=os.path.join(self.video_dir, f"{video_id}.mp4"),
+            answer=field(r, "answer"),
+            prompt_text=prompt_text(q, subs, self.system),
+            clip_text=q,
+            frames=vid.FrameRule(num_segments=t),
+            answer_prefix=ANSWER_PROMPT,
+            group=f"frames{t}",
+            candidates=tuple(options),
+            info={
+                "videoID": video_id,
+                "video_id": str(r.get("video_id", "")),
+                "duration": duration,
+                "domain": str(r.get("domain", "")),
+                "sub_category": str(r.get("sub_category", "")),
+                "task_type": str(r.get("task_type", "")),
+                "question": question,
+                "options": options,
+                "subtitles": bool(subs),
+                "subtitle_order": order,
+            },
+        )
 
     def record(self, q: Question, prediction: str, decoded: str = "") -> dict[str, Any]:
         """The original's saved fields (``question_id``, ``task_type``, ``question``,

@@ -19,6 +19,11 @@ process; a restart with another process count hands every saved file to the iter
 Grain's own orbax handler (``grain.python.PyGrainCheckpointHandler``) writes the same
 ``process_<i>-of-<n>.json`` files but restores only the file of the current process index and
 count, so it cannot resume on another process count; hence this handler.
+
+Failures: an asynchronous save that failed (a full disk) is seen at the next step (``check``),
+its temporary step directory removed, and raised as one ``CheckpointSaveError`` line; orbax's
+own log lines of that failure (tracebacks) are dropped. A step that cannot be restored is
+``set_aside`` as ``<step>.damaged`` (orbax lists numeric step names only).
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import re
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ppllava_jax.train.checkpoint_failures import SAVE_FAILURE_LOGS, CheckpointSaveError, one_line
 from ppllava_jax.train.state import TrainState
 
 PyTree = Any
@@ -168,6 +176,13 @@ class Checkpointer:
         self.directory = epath.Path(directory)
         self.save_frozen, self.save_reference = save_frozen, save_reference
         self._last_saved: int | None = None
+        self._writing: int | None = None  # the step an asynchronous save is writing
+        # saved in each checkpoint's meta item (what its data position refers to, see
+        # resume_check.data_identity); None: not recorded
+        self.data_identity: dict | None = None
+        absl_logger = logging.getLogger("absl")
+        if SAVE_FAILURE_LOGS not in absl_logger.filters:
+            absl_logger.addFilter(SAVE_FAILURE_LOGS)
         self.save_every = max(int(save_every), 1)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(int(save_every), 1),
@@ -223,15 +238,65 @@ class Checkpointer:
                 )
             )
         }
-        items["meta"] = ocp.args.JsonSave({"state_keys": sorted(items["state"].item)})
+        meta: dict[str, Any] = {"state_keys": sorted(items["state"].item)}
+        if self.data_identity is not None:
+            meta["data"] = self.data_identity
+        items["meta"] = ocp.args.JsonSave(meta)
         if data_iterator is not None:
             items["data"] = DataStateSave(encode_iterator_state(data_iterator.get_state()))
         if config is not None:
             items["config"] = ocp.args.JsonSave(config_to_dict(config))
-        saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+        try:
+            saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 - this save or the previous background one
+            raise self._save_failed(self._writing or step, e) from e
         if saved:
             self._last_saved = int(step)
+            self._writing = int(step) if self.manager.is_saving_in_progress() else None
         return saved
+
+    def check(self) -> None:
+        """Raise ``CheckpointSaveError`` if the background save has failed (once it ended;
+        cheap while it runs: no wait)."""
+        if self._writing is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def _save_failed(self, step: int, error: BaseException) -> CheckpointSaveError:
+        """The error to raise for the failed save of ``step``, its temporary directory
+        removed."""
+        self._writing = None
+        if jax.process_index() == 0:
+            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.manager.reload()
+        latest = self.latest_step()
+        kept = f"the newest complete one is step {latest}" if latest is not None else "none"
+        return CheckpointSaveError(
+            f"writing checkpoint step {step} to {self.directory} failed ({one_line(error)}); "
+            f"nothing of it was kept ({kept}). Make room there (or lower checkpoint.keep) and "
+            "run the same command again: it resumes from the newest complete checkpoint"
+        )
+
+    def set_aside(self, step: int) -> str:
+        """Rename step ``step``'s directory to ``<step>.damaged`` (a new name if taken) so that
+        the run goes on from an earlier step and may save ``step`` again; returns the path."""
+        src = self.directory / str(step)
+        dst, n = self.directory / f"{step}.damaged", 1
+        if jax.process_index() == 0:
+            while dst.exists():
+                dst, n = self.directory / f"{step}.damaged.{n}", n + 1
+            src.rename(dst)
+        if jax.process_count() > 1:
+            from ppllava_jax.sharding import process_barrier
+
+            process_barrier(f"checkpoint_set_aside:{self.directory}")
+        self.manager.reload()
+        return str(dst)
+
+    def meta(self, step: int) -> dict:
+        """Step ``step``'s meta item: ``state_keys`` and, if recorded, ``data``."""
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return dict(self.manager.restore(int(step), args=args)["meta"])
 
     def restore(
         self,
@@ -306,8 +371,7 @@ class Checkpointer:
         return reshard(old, jax.process_index(), jax.process_count())
 
     def _state_keys(self, step: int) -> list[str]:
-        meta = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return list(meta["meta"]["state_keys"])
+        return list(self.meta(step)["state_keys"])
 
     def restore_config(self, step: int | None = None) -> dict | None:
         step = self.latest_step() if step is None else step
@@ -318,11 +382,19 @@ class Checkpointer:
         )["config"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the background save; ``CheckpointSaveError`` if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax re-raises the background error
+            raise self._save_failed(self._writing or self._last_saved or 0, e) from e
+        self._writing = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the background save (``CheckpointSaveError`` if it failed) and close."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def _as_abstract(x):

@@ -60,6 +60,7 @@ class CompiledStep:
             schedule=setup.schedule,
             param_shardings=None if sh is None else sh.params,
         )
+        self.step_fn = step_fn  # the pure step, unjitted (benchmarks jit it without donation)
         if sh is not None:
             first = jax.tree.leaves(sh)[0]
             rep = (

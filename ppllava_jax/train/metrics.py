@@ -11,6 +11,7 @@ to the trainer (e.g. an analytic count) in that case.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -155,7 +156,9 @@ class MetricsWriter:
         self._file.flush()
         if self._tb is not None:
             for k, v in rec.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)) and v is not None:
+                # a NaN (a diverged run, stopped by divergence.py) is in metrics.jsonl and on
+                # the console; TensorBoard would only warn about it
+                if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, int(step))
             self._tb.flush()
         if self.console:

@@ -5,17 +5,22 @@ Steps, each failing early with a message that says what to change:
 1. ``resolve``: the demo dataset is generated under ``<workdir>/data`` when the config asks for
    it (``synthetic`` section) and ``data.sources`` is empty; the model config is built from the
    ``model`` section (``train.model_config``) and checked with the data, tokenizers and mesh
-   (``train.checks``); the resolved config is written to ``<workdir>/config.json``;
+   (``train.checks``); it is written to ``<workdir>/config.json`` once ``fit``'s trainer has
+   started or accepted the resume (a refused resume changes nothing). The whole run holds
+   the work directory's lock (``train/workdir_lock.py``: one run per work directory);
 2. ``fit``: parameters initialised in their shards (``sharding.sharded_init``) or restored from
    ``init_from`` (a directory written by ``convert_torch_weights.py``); the grain pipeline
    (``data`` section, ``train.batches``) feeds ``trainer.train`` (resume, checkpoints; SIGTERM
    and Ctrl-C save and stop, and ``train.py`` exits with ``preemption.REQUEUE_EXIT_CODE``);
+   ``init_from`` may also be an export or a training checkpoint step (``train/init_from.py``);
 3. ``export_final``: the trained parameters go to ``<workdir>/final`` in the converted layout
    (``config.json`` + ``params/``) with the tokenizers and ``inference.json`` beside them, so
    ``eval.py``, ``ppllava_jax.chat`` and ``convert_torch_weights.py --to_torch`` read it directly;
-4. ``score_synthetic``: the held-out split of the synthetic task is scored (``eval.split``) into
-   ``<workdir>/results_<split>.json`` and ``metrics.jsonl`` / TensorBoard; the last lines printed
-   name every output (``outputs_message``).
+4. ``score_synthetic``: the held-out split of the synthetic task is scored (``eval.split``), and
+   its held-out conversations (``eval.multiturn_split``: each later turn asked with the earlier
+   ones in the prompt, as the chat asks it), each into ``<workdir>/results_<split>.json`` and
+   ``metrics.jsonl`` / TensorBoard (``eval/...``, ``eval_multiturn/...``); the last lines
+   printed name every output and both accuracies (``outputs_message``).
 """
 
 from __future__ import annotations
@@ -31,23 +36,24 @@ import ml_collections
 from ppllava_jax import sharding
 from ppllava_jax.convert import params_io
 from ppllava_jax.convert.ppllava_config import ppllava_config_to_hf
-from ppllava_jax.data import collate
 from ppllava_jax.data import pipeline as pl
 from ppllava_jax.evaluate.common import results_path, scalar_metrics
 from ppllava_jax.models.config import PPLLaVAConfig
 from ppllava_jax.models.ppllava import PPLLaVA, init_params
-from ppllava_jax.train import resume_check, trainer
-from ppllava_jax.train.batches import (
-    TrainBatches,
-    common_length,
-    with_target_positions,
-    with_trimmed_clip_prompts,
-)
+from ppllava_jax.train import init_from, resume_check, trainer, workdir_lock
+from ppllava_jax.train.batches import TrainBatches
 from ppllava_jax.train.checkpoint import config_to_dict
-from ppllava_jax.train.checks import check_batch, check_mode, check_multihost, check_tokenizers
+from ppllava_jax.train.checks import (
+    check_batch,
+    check_mode,
+    check_multihost,
+    check_tokenizers,
+    scores_synthetic,
+)
 from ppllava_jax.train.metrics import MetricsWriter
 from ppllava_jax.train.model_config import model_config
 from ppllava_jax.train.preemption import requeue_message
+from ppllava_jax.train.program import make_apply, place_batch
 
 # the synthetic task's answers are a colour word or an option letter (a few tokens): chat and the
 # web demo stop a confused model after this many tokens instead of 200
@@ -62,7 +68,7 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     from ppllava_jax.data import synthetic
 
     out = syn.dir or os.path.join(workdir, "data")
-    names = ("num_train", "num_eval", "frames", "size", "seed", "qtypes")
+    names = ("num_train", "num_eval", "frames", "size", "seed", "qtypes", "multiturn_fraction")
     kw = {k: syn[k] for k in names if k in syn}
     # several processes: process 0 writes the set, the others wait and then only check it
     if jax.process_index() == 0:
@@ -87,22 +93,12 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> None:
         cfg.data.clip_tokenizer = cfg.data.clip_tokenizer or os.path.join(out, "clip_tokenizer")
 
 
-def make_apply(model: PPLLaVA):
-    def apply(params, batch, *, train, rng, **kw):  # kw: return_logits (train.loss_chunk_size)
-        batch = {k: v for k, v in batch.items() if k != "labels"}
-        return model.apply(
-            {"params": params}, batch, deterministic=not train, rngs={"dropout": rng}, **kw
-        )
-
-    return apply
-
-
 def build_params(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig, mesh) -> tuple[Any, Any]:
     """Parameters on the mesh, sharded by the logical rules: restored from ``init_from`` or
     initialised in place (no host holds the whole model)."""
     abstract = jax.eval_shape(lambda: init_params(mcfg, jax.random.PRNGKey(0)))
     if cfg.get("init_from"):
-        return sharding.restore_onto_mesh(cfg.init_from, abstract, mesh)
+        return init_from.restore_params(init_from.locate(cfg.init_from), abstract, mesh)
     seed = int(cfg.train.get("seed", 0))
     params, shardings = sharding.sharded_init(
         lambda rng: init_params(mcfg, rng), mesh, jax.random.PRNGKey(seed)
@@ -199,18 +195,31 @@ def score_synthetic(final: str, cfg, split: str, workdir: str) -> dict[str, Any]
     return res["summary"] if res else {}
 
 
-def log_scores(workdir: str, step: int, scores: dict[str, Any]) -> None:
-    """The numeric scores (and each question type's accuracy) as ``eval/...`` at ``step`` in
+def log_scores(workdir: str, step: int, scores: dict[str, Any], prefix: str = "eval/") -> None:
+    """The numeric scores (and each question type's accuracy) as ``<prefix>...`` at ``step`` in
     ``metrics.jsonl`` and TensorBoard, beside the training curves."""
     writer = MetricsWriter(workdir, console=False)
-    writer.write(step, scalar_metrics(scores), prefix="eval/")
+    writer.write(step, scalar_metrics(scores), prefix=prefix)
     writer.close()
+
+
+def scored_splits(cfg: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(split, key) of each synthetic split scored at the end: ``eval.split`` as ``eval`` and
+    ``eval.multiturn_split`` as ``eval_multiturn`` (none when ``eval.split`` is empty or the run
+    is not on the synthetic task); ``key`` names its ``summary`` entries and metrics."""
+    ev = cfg.get("eval", {})
+    if not scores_synthetic(cfg):  # e.g. data.sources of one's own: no synthetic set
+        return []
+    both = ((ev.split, "eval"), (ev.get("multiturn_split", ""), "eval_multiturn"))
+    return [(split, key) for split, key in both if split]
 
 
 def resolve(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Any, PPLLaVAConfig, Any]:
     """The run's config filled in (the demo dataset made and pointed at) and checked, its model
-    config and mesh; the resolved config is written to ``<workdir>/config.json``."""
+    config and mesh (``fit`` writes it to ``<workdir>/config.json`` once the run starts)."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy we may fill in
+    if cfg.get("init_from"):
+        init_from.locate(cfg.init_from)  # a wrong path is said before any data is made
     prepare_data(cfg, workdir)
     cfg.data.micro_batches = int(cfg.train.get("grad_accum_steps", 1))
     check_mode(cfg)
@@ -221,8 +230,6 @@ def resolve(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Any, PPLLaVAC
     from ppllava_jax.evaluate import model_setup
 
     check_batch(cfg, mesh, jax.process_count(), model_setup.local_mesh())
-    if jax.process_index() == 0:
-        write_json(os.path.join(workdir, "config.json"), config_to_dict(cfg))
     if jax.process_count() > 1 and jax.process_index() == 0:
         print(
             f"[train] {jax.process_count()} processes, mesh "
@@ -242,8 +249,6 @@ def fit(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig, mesh: Any, workdir:
         os.makedirs(os.path.join(workdir, "data_trace"), exist_ok=True)
         trace = os.path.join(workdir, "data_trace", f"process_{jax.process_index()}.jsonl")
     params, shardings = build_params(cfg, mcfg, mesh)
-    targets = with_target_positions if cfg.train.logits_at_targets_only else (lambda b: b)
-    clip = with_trimmed_clip_prompts if cfg.train.trim_clip_prompts else (lambda b: b)
     # a checkpoint of another model / trainable selection: said by name, before restoring
     resume_check.check_resume(os.path.join(workdir, "checkpoints"), params, cfg)
     result = trainer.train(
@@ -254,22 +259,24 @@ def fit(cfg: ml_collections.ConfigDict, mcfg: PPLLaVAConfig, mesh: Any, workdir:
         data_iterator=TrainBatches(pipe.iterator(), pipe, trace),
         param_shardings=shardings,
         flops_per_step=step_flops(mcfg, params, cfg.optimizer),
-        place_batch=lambda b: sharding.shard_batch(
-            collate.globalize_visual_index(
-                clip(targets(common_length(b, mcfg))),
-                mcfg,
-                jax.process_index(),
-                jax.process_count(),
-                cfg.data.micro_batches,
-            ),
-            mesh,
-        ),
+        # the batch as the step receives it: the planner's too (train/program.py)
+        place_batch=place_batch(cfg, mcfg, mesh),
+        # config.json only once a resume was accepted: a refused one changes nothing
+        on_start=lambda step: write_config(cfg, workdir),
     )
     pipe.close()
     return result
 
 
-def outputs_message(workdir: str, summary: dict[str, Any], split: str) -> str:
+def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    """The resolved config as ``<workdir>/config.json`` (process 0)."""
+    if jax.process_index() == 0:
+        write_json(os.path.join(workdir, "config.json"), config_to_dict(cfg))
+
+
+def outputs_message(
+    workdir: str, summary: dict[str, Any], split: str, multiturn_split: str = ""
+) -> str:
     """What a finished run printed last: where its parameters, scores and logs are."""
     lines = [
         f"[train] finished at step {summary['step']}. Outputs in {workdir}:",
@@ -282,6 +289,13 @@ def outputs_message(workdir: str, summary: dict[str, Any], split: str) -> str:
             f"{100 * summary['eval_accuracy']:.1f}% of {summary.get('eval_num_questions')} "
             "questions"
         )
+    if "eval_multiturn_accuracy" in summary:
+        lines.append(
+            f"  evaluation ({multiturn_split} split: later turns of conversations): "
+            f"{results_path(workdir, multiturn_split)}, accuracy "
+            f"{100 * summary['eval_multiturn_accuracy']:.1f}% of "
+            f"{summary.get('eval_multiturn_num_questions')} questions"
+        )
     lines += [
         f"  metrics: {os.path.join(workdir, 'metrics.jsonl')}",
         f"  TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}",
@@ -291,12 +305,19 @@ def outputs_message(workdir: str, summary: dict[str, Any], split: str) -> str:
 
 def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train the config in ``workdir`` (resuming what is there), export ``final/`` and score
-    the synthetic task's held-out split. Returns a summary: ``step``, ``preempted`` (a signal
+    the synthetic task's held-out splits. Returns a summary: ``step``, ``preempted`` (a signal
     stopped the run after saving: ``train.py`` exits with ``REQUEUE_EXIT_CODE``), ``final``
-    and the ``eval_*`` scores."""
+    and the ``eval_*`` and ``eval_multiturn_*`` scores. One run per work directory: its lock
+    (``train/workdir_lock.py``) is held throughout."""
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     sharding.maybe_initialize_distributed()
+    with workdir_lock.hold(workdir):
+        return run_in(cfg, workdir)
+
+
+def run_in(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """``main`` in a work directory whose lock this run holds."""
     cfg, mcfg, mesh = resolve(cfg, workdir)
     with sharding.mesh_context(mesh):
         result = fit(cfg, mcfg, mesh, workdir)
@@ -310,11 +331,14 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         summary["final"] = final
         del params, result
     # scored like eval.py does it: the export is read back onto eval's own mesh
-    split = cfg.get("eval", {}).get("split", "")
-    if split and cfg.get("synthetic") is not None:
+    splits = dict((key, split) for split, key in scored_splits(cfg))
+    for key, split in splits.items():
         scores = score_synthetic(final, cfg, split, workdir)
-        summary.update({f"eval_{k}": v for k, v in scores.items()})
-        log_scores(workdir, summary["step"], scores)
+        summary.update({f"{key}_{k}": v for k, v in scores.items()})
+        log_scores(workdir, summary["step"], scores, prefix=f"{key}/")
     if jax.process_index() == 0:
-        print(outputs_message(workdir, summary, split), flush=True)
+        msg = outputs_message(
+            workdir, summary, splits.get("eval", ""), splits.get("eval_multiturn", "")
+        )
+        print(msg, flush=True)
     return summary

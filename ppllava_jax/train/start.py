@@ -1,6 +1,7 @@
 """Before the first step of ``trainer.train``: the optimizer and the trainable split, the
 checkpointer, and the train state, created from the initial parameters or restored from the
-latest checkpoint (its config compared with this run's)."""
+newest intact checkpoint (its config compared with this run's, its data with this run's: a
+damaged step is set aside, said in one line, and the one before it tried)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 
 from ppllava_jax.train.checkpoint import Checkpointer, config_to_dict
+from ppllava_jax.train.checkpoint_failures import one_line
 from ppllava_jax.train.optimizer import (
     Predicate,
     check_selection,
@@ -23,6 +25,7 @@ from ppllava_jax.train.optimizer import (
     split_params,
     trainable_predicate,
 )
+from ppllava_jax.train.resume_check import DataChangedError, check_data
 from ppllava_jax.train.state import TrainState, create_train_state, state_shardings, with_shardings
 
 PyTree = Any
@@ -135,7 +138,17 @@ def restore_state(
 ) -> TrainState:
     """The state saved at ``step`` laid out on this run's shardings, the data iterator (if
     given) set to its saved position; ``params`` supplies what the checkpoint lacks (frozen
-    parameters, the DPO reference). A config that differs from the saved one is logged."""
+    parameters, the DPO reference). A config that differs from the saved one is logged; data
+    other than the saved position refers to (``ckpt.data_identity``, this run's) raises
+    ``DataChangedError``, or with ``train.allow_data_change`` restarts the data order."""
+    step_dir = str(ckpt.directory / str(step))
+    allow = bool(config.get("train", {}).get("allow_data_change", False))
+    if check_data(ckpt.meta(step).get("data"), ckpt.data_identity, step_dir, allow):
+        log(
+            f"[train] the data changed since step {step} was saved; train.allow_data_change="
+            "True: its weights and optimizer state go on, the data order starts from the beginning"
+        )
+        data_iterator = None
     target = with_shardings(jax.eval_shape(setup.create, params), setup.shardings)
     trainable0, frozen0 = split_params(params, setup.predicate)
     initial = TrainState(
@@ -152,3 +165,49 @@ def restore_state(
         if diff:
             log("[train] config differs from the checkpoint's:\n  " + "\n  ".join(diff))
     return state
+
+
+class NoIntactCheckpointError(OSError):
+    """No checkpoint of the work directory restores (said in one line)."""
+
+
+def restore_intact(
+    setup: Setup,
+    ckpt: Checkpointer,
+    params: PyTree,
+    data_iterator: Any,
+    config: ml_collections.ConfigDict,
+    log: Callable[[str], None],
+) -> tuple[TrainState, int]:
+    """``restore_state`` of the newest step that restores, and that step. A step that fails
+    (a truncated or missing file) is said in one line and set aside (``<step>.damaged``) once
+    an earlier one restored; when none does, ``NoIntactCheckpointError``. A refusal
+    (``DataChangedError``) is raised as it is. Several processes agree on each step."""
+    damaged: list[tuple[int, str]] = []
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        reason = ""
+        try:
+            state = restore_state(setup, ckpt, step, params, data_iterator, config, log)
+        except DataChangedError:
+            raise
+        except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise many kinds
+            reason = one_line(e)
+        if jax.process_count() > 1:
+            from ppllava_jax.sharding import max_over_processes
+
+            if max_over_processes(int(bool(reason)), "restore_intact") and not reason:
+                reason = "another process could not restore it"
+        if not reason:
+            for bad, why in damaged:
+                kept = ckpt.set_aside(bad)
+                log(
+                    f"[train] checkpoint step {bad} is damaged ({why}): resuming from step "
+                    f"{step} instead (the damaged one is kept as {kept})"
+                )
+            return state, step
+        damaged.append((step, reason))
+    said = "; ".join(f"step {s}: {r}" for s, r in damaged)
+    raise NoIntactCheckpointError(
+        f"no checkpoint in {ckpt.directory} restores ({said}); move that directory away to "
+        "start over, or start a new run in another --workdir"
+    )

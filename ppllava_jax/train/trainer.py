@@ -25,6 +25,13 @@ straight run would), log every ``log_every`` steps (``metrics.jsonl`` cut back t
 run starts from), save every ``checkpoint.save_every`` steps and at the end, and on SIGTERM or
 Ctrl-C save and return (``TrainResult.preempted``; ``preemption.py``).
 
+Failures lose nothing: a NaN or infinite loss or gradient norm stops the run at the next
+metrics line or save, naming the step it appeared at, before anything non-finite is saved
+(``divergence.py``); a background save that failed stops it at the next step
+(``Checkpointer.check``); a damaged checkpoint is set aside and the one before it restored
+(``start.restore_intact``); a checkpoint whose data position refers to other data than this
+run's is refused (``resume_check.check_data``, ``train.allow_data_change``).
+
 Where each part lives: the optimizer, trainable split, checkpointer and the created or restored
 state in ``start.py``; the per-shape compilation in ``compiled_step.py``; the logged window and
 the writer in ``metrics.py``; the loop itself (``_loop``) here.
@@ -42,10 +49,12 @@ import ml_collections
 
 from ppllava_jax.train.checkpoint import Checkpointer
 from ppllava_jax.train.compiled_step import CompiledStep, FlopsPerStep
+from ppllava_jax.train.divergence import FiniteGuard
 from ppllava_jax.train.metrics import LogWindow, MetricsWriter, peak_flops_per_device
 from ppllava_jax.train.optimizer import default_optimizer_config
 from ppllava_jax.train.preemption import PreemptionWatcher
-from ppllava_jax.train.start import create_state, make_checkpointer, make_setup, restore_state
+from ppllava_jax.train.resume_check import data_identity
+from ppllava_jax.train.start import create_state, make_checkpointer, make_setup, restore_intact
 from ppllava_jax.train.state import TrainState
 
 PyTree = Any
@@ -80,6 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.param_table_depth = 1  # path components per row of the parameter table
     # append each batch's sample ids and shapes to workdir/data_trace/process_<i>.jsonl
     c.train.data_trace = False
+    # resume although data.sources changed since the checkpoint (its data position then means
+    # nothing): keep the weights and optimizer state, restart the data order (else refused)
+    c.train.allow_data_change = False
     c.optimizer = default_optimizer_config()
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.save_every = 500  # steps between checkpoints (and one at the end)
@@ -114,6 +126,7 @@ def train(
     flops_per_step: FlopsPerStep = None,
     stop_at_step: int | None = None,
     log: Callable[[str], None] = print,
+    on_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train (or resume training) to ``config.train.total_steps``.
 
@@ -140,21 +153,32 @@ def train(
       stop_at_step: stop (and save) after this step although the schedule runs to
         ``total_steps`` (time-sliced jobs, tests); a later call resumes.
       log: where progress text goes.
+      on_start: called with the step the run starts from once the state is created or the
+        resume accepted, before the first step (``run.fit`` writes ``config.json`` there).
     """
     params = init_params() if callable(init_params) else init_params
     setup = make_setup(config, params, param_shardings, log)
     ckpt = make_checkpointer(config, workdir)
+    ckpt.data_identity = data_identity(config)  # what the saved data positions refer to
     saved_iterator = data_iterator if _has_state(data_iterator) else None
     total = int(config.train.total_steps)
     latest = ckpt.latest_step()
     if latest is None:
         state = create_state(setup, params)
-        log(f"[train] starting from scratch ({setup.mode}), {total} steps")
+        start = config.get("init_from") or "a random initialisation"
+        log(f"[train] starting at step 0 ({setup.mode}) from {start}, {total} steps")
     else:
-        state = restore_state(setup, ckpt, latest, params, saved_iterator, config, log)
+        try:
+            state, latest = restore_intact(setup, ckpt, params, saved_iterator, config, log)
+        except BaseException:
+            ckpt.close()
+            raise
         log(f"[train] resumed from step {latest} in {ckpt.directory}")
     del params
     step = int(jax.device_get(state.step))
+    if on_start is not None:
+        on_start(step)
+    guard = FiniteGuard(config, lambda: _last_checkpoint(ckpt))
     writer = MetricsWriter(workdir, total_steps=total, start_step=step)
     compiled = CompiledStep(model_apply, config, setup, flops_per_step, log)
     end = total if stop_at_step is None else min(total, int(stop_at_step))
@@ -171,10 +195,12 @@ def train(
                 watcher,
                 writer,
                 ckpt,
+                guard,
                 log,
             )
             if preempted:
                 log(f"[train] preempted: saving step {step} and stopping ({watcher.signal_name})")
+            guard.check(state)
             ckpt.save(step, state, data_iterator=saved_iterator, config=config, force=True)
     finally:
         ckpt.close()
@@ -200,12 +226,15 @@ def _loop(
     watcher: PreemptionWatcher,
     writer: MetricsWriter,
     ckpt: Checkpointer,
+    guard: FiniteGuard,
     log: Callable[[str], None],
 ) -> tuple[TrainState, int, dict, bool]:
     """Steps ``step + 1 .. end``: fetch, place, run, log every ``train.log_every`` steps (and
     at ``end``), save every ``checkpoint.save_every``; stops early when a signal arrived (the
-    caller saves) or the data ends. Returns the state, the last completed step, the last
-    logged record and whether a signal stopped it before ``end``."""
+    caller saves) or the data ends. Each metrics line and each save first checks the steps
+    since the last check for a non-finite loss or gradient norm (``guard``), each step the
+    previous background save (``ckpt.check``); either raises. Returns the state, the last
+    completed step, the last logged record and whether a signal stopped it before ``end``."""
     log_every = max(int(config.train.get("log_every", 10)), 1)
     base_rng = jax.random.key(int(config.train.get("seed", 0)))
     saved_iterator = data_iterator if _has_state(data_iterator) else None
@@ -213,6 +242,7 @@ def _loop(
     window = LogWindow()
     last: dict = {}
     while step < end:
+        ckpt.check()
         if watcher.should_stop(step):
             return state, step, last, True
         host_batch = _next_batch(data_iterator, watcher, step, end, log)
@@ -225,12 +255,16 @@ def _loop(
         state, metrics = program(state, batch, rng)
         step += 1
         window.add(metrics)
+        guard.add(step, metrics)
         if step % log_every == 0 or step == end:
             rec = window.record(flops, peak)
             if hasattr(data_iterator, "metrics"):  # e.g. skipped-sample counts
                 rec.update(data_iterator.metrics())
             last = writer.write(step, rec)
-        ckpt.save(step, state, data_iterator=saved_iterator, config=config)
+            guard.check()
+        if ckpt.should_save(step):
+            guard.check(state)
+            ckpt.save(step, state, data_iterator=saved_iterator, config=config)
     return state, step, last, False
 
 
@@ -252,6 +286,14 @@ def _next_batch(
         if watcher.requested:
             return None
         raise
+
+
+def _last_checkpoint(ckpt: Checkpointer) -> str:
+    """The newest complete checkpoint, said for a message."""
+    ckpt.wait()
+    step = ckpt.latest_step()
+    where = ckpt.directory / str(step)
+    return "no checkpoint was saved" if step is None else f"the last checkpoint is {where}"
 
 
 def _has_state(data_iterator: Any) -> bool:

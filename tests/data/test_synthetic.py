@@ -14,7 +14,9 @@ from ppllava_jax.data.annotations import load_annotation_file
 from ppllava_jax.data.templates import encode_conversation, get_template
 from ppllava_jax.data.video import load_video
 
-ARGS = dict(num_train=48, num_eval=24, frames=8, size=32, seed=3, qtypes=S.QTYPES)
+ARGS = dict(
+    num_train=48, num_eval=24, frames=8, size=32, seed=3, qtypes=S.QTYPES, multiturn_fraction=0.3
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +28,13 @@ def dataset(tmp_path_factory):
 
 def test_layout_and_annotations(dataset):
     out, info = dataset
-    assert info["splits"] == {"train": 48, "eval": 24}
+    convs = info["conversations"]
+    assert convs[S.MULTITURN_SPLIT] == 24 and 1 <= convs["train"] < 48
+    assert info["splits"] == {"train": 48 + convs["train"], "eval": 24, S.MULTITURN_SPLIT: 24}
     for split, n in info["splits"].items():
         samples = load_annotation_file(os.path.join(out, f"{split}.json"), out, on_error="raise")
         assert len(samples) == n
-        for s in samples[:6]:
+        for s in samples[:6] + samples[-2:]:
             clip = load_video(s.media[0], 8)
             assert clip.frames.shape == (8, 32, 32, 3)
             cands, letter = s.extra["candidates"], s.extra["answer_letter"]
@@ -41,8 +45,9 @@ def test_layout_and_annotations(dataset):
                 assert s.turns[0].q.startswith("Question: " + s.extra["question"] + "\n")
                 assert "(A) " in s.turns[0].q and s.turns[0].q.endswith(shapes.MC_SUFFIX)
             else:  # a plain phrasing of the same question, no options
-                assert split == "train" and "(A)" not in s.turns[0].q
+                assert split != "eval" and "(A)" not in s.turns[0].q
                 assert s.turns[0].q in phrasings(s.extra)
+                assert (len(s.turns) > 1) == (s.extra["form"] == "multiturn")
 
 
 def phrasings(a):
@@ -67,12 +72,13 @@ def test_a_share_of_training_clips_asks_plain_questions(dataset):
 
 def test_plain_questions_leave_the_clips_unchanged(tmp_path, monkeypatch):
     """The choice of form draws its own numbers: the clips, questions and answers are those of
-    a multiple-choice-only set."""
+    a multiple-choice-only set (with or without conversations)."""
     args = ("train", 12, 4, 32, 0, 8.0, None, S.DEFAULT_QTYPES)
     monkeypatch.setattr(S, "PLAIN_FRACTION", 0.5)
-    mixed = S.generate_split(str(tmp_path / "a"), *args)
+    mixed, convs = S.generate_split(str(tmp_path / "a"), *args, multiturn_fraction=1.0)
     monkeypatch.setattr(S, "PLAIN_FRACTION", 0.0)
-    only_mc = S.generate_split(str(tmp_path / "b"), *args)
+    only_mc, none = S.generate_split(str(tmp_path / "b"), *args, multiturn_fraction=0.0)
+    assert len(convs) == 12 and none == []
     assert {a["form"] for a in mixed} == {"mc", "plain"} and {a["form"] for a in only_mc} == {"mc"}
     keys = ("video", "qtype", "question", "candidates", "answer", "answer_letter")
     assert [[a[k] for k in keys] for a in mixed] == [[a[k] for k in keys] for a in only_mc]
@@ -89,6 +95,8 @@ def test_answers_balanced(dataset):
         anns = json.load(open(os.path.join(out, f"{split}.json")))
         by_type = collections.defaultdict(list)
         for a in anns:
+            if a["form"] == "multiturn":  # the clips' own questions are the single turns
+                continue
             by_type[a["qtype"]].append(a)
         assert set(by_type) == set(S.QTYPES)
         assert max(map(len, by_type.values())) - min(map(len, by_type.values())) <= 1
@@ -140,6 +148,42 @@ def test_clip_content_matches_answers(dataset):
     assert len(checked) == len(S.QTYPES)
 
 
+def test_conversations_about_the_clips(dataset):
+    """2-3 plain turns about one clip: the clip's own question first, then other questions it
+    answers (another type than the turn before where the clip has one), every answer true of
+    the clip; a share of the training clips, and every held-out clip (the same videos)."""
+    out, _ = dataset
+    train = json.load(open(os.path.join(out, "train.json")))
+    single = {a["video"]: a for a in train if a["form"] != "multiturn"}
+    convs = [a for a in train if a["form"] == "multiturn"]
+    held_out = json.load(open(os.path.join(out, f"{S.MULTITURN_SPLIT}.json")))
+    assert [a["video"] for a in held_out] == [
+        a["video"] for a in json.load(open(os.path.join(out, "eval.json")))
+    ]
+    assert all(a["video"] in single for a in convs)
+    kinds = collections.Counter()
+    for a in convs + held_out:
+        qa, turns = a["QA"], a["turns"]
+        assert 2 <= len(qa) == len(turns) <= S.MAX_TURNS and a["form"] == "multiturn"
+        assert turns[0]["qtype"] == a["qtype"] and a["answer"] == turns[0]["answer"]
+        clip = load_video(os.path.join(out, a["video"]), 8).frames
+        for k, (q, t) in enumerate(zip(qa, turns)):
+            assert q["a"] == t["answer"] == t["candidates"]["ABCD".index(t["answer_letter"])]
+            assert len(set(t["candidates"])) == 4 and "(A)" not in q["q"]
+            assert q["q"] in phrasings(t)
+            if k and a["qtype"] in ("first_colour", "last_colour"):  # two shapes: the other half
+                assert t["qtype"] != turns[k - 1]["qtype"]
+                assert t["answer"] != turns[k - 1]["answer"]
+            if t["qtype"] == "first_colour":
+                assert _centroid(clip[0], t["answer"]) is not None
+            elif t["qtype"] == "last_colour":
+                assert _centroid(clip[-1], t["answer"]) is not None
+            elif t["qtype"] == "colour":
+                assert _centroid(clip[4], t["answer"]) is not None
+            kinds[(a["qtype"], t["qtype"])] += 1
+    assert kinds[("first_colour", "last_colour")] and kinds[("colour", "first_colour")]
+
+
 def test_tokenizers_and_encoding(dataset):
     out, info = dataset
     tok = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
@@ -170,7 +214,7 @@ def test_deterministic_and_idempotent(dataset, tmp_path):
         ]
     )
     S.ensure_dataset(tmp_path / "b", **small)
-    for split in ("train", "eval"):
+    for split in ("train", "eval", S.MULTITURN_SPLIT):
         ja = json.load(open(tmp_path / "a" / f"{split}.json"))
         jb = json.load(open(tmp_path / "b" / f"{split}.json"))
         assert ja == jb
@@ -178,7 +222,11 @@ def test_deterministic_and_idempotent(dataset, tmp_path):
     vb = load_video(str(tmp_path / "b" / jb[0]["video"]), 8).frames
     np.testing.assert_array_equal(va, vb)
     other = S.generate(tmp_path / "c", **dict(small, seed=99))
-    assert other["splits"] == {"train": 8, "eval": 4}
+    assert other["splits"] == {
+        "train": 8 + other["conversations"]["train"],
+        "eval": 4,
+        S.MULTITURN_SPLIT: 4,
+    }
     assert json.load(open(tmp_path / "c" / "train.json")) != json.load(
         open(tmp_path / "a" / "train.json")
     )

@@ -78,7 +78,8 @@ def tiny_config(vocab: int, image_token: int, clip_vocab: int):
     )
 
 
-def make_tiny_checkpoint(ckpt_dir: str, data_dir: str, seed: int = 0) -> str:
+def make_tiny_checkpoint(ckpt_dir: str, data_dir: str, seed: int = 0, **dataset) -> str:
+    """``dataset``: further ``synthetic.ensure_dataset`` arguments (e.g. multiturn_fraction)."""
     from transformers import AutoTokenizer
 
     from ppllava_jax.convert import params_io
@@ -86,7 +87,8 @@ def make_tiny_checkpoint(ckpt_dir: str, data_dir: str, seed: int = 0) -> str:
     from ppllava_jax.data import synthetic
     from ppllava_jax.models.ppllava import init_params
 
-    synthetic.ensure_dataset(data_dir, num_train=8, num_eval=8, frames=FRAMES, size=SIZE)
+    sizes = {"num_train": 8, "num_eval": 8, "frames": FRAMES, "size": SIZE}
+    synthetic.ensure_dataset(data_dir, **{**sizes, **dataset})
     tok = AutoTokenizer.from_pretrained(os.path.join(data_dir, "tokenizer"))
     ctok = AutoTokenizer.from_pretrained(os.path.join(data_dir, "clip_tokenizer"))
     cfg = tiny_config(len(tok), tok.convert_tokens_to_ids("<image>"), len(ctok))

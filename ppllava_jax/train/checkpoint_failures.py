@@ -1,0 +1,40 @@
+"""How ``Checkpointer`` reports a failure: one line (``one_line``) in a ``CheckpointSaveError``
+for a save, orbax's own log records of it (tracebacks, hundreds of lines for TensorStore)
+dropped by the ``SAVE_FAILURE_LOGS`` filter on the ``absl`` logger."""
+
+from __future__ import annotations
+
+import logging
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (said in one line)."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of the message of the error that caused ``error`` (TensorStore's run to
+    pages, the cause says what was wrong), at most ``limit`` characters, after its type when
+    the message does not say it."""
+    for _ in range(8):
+        cause = error.__cause__ or error.__context__
+        if cause is None:
+            break
+        error = cause
+    text = next((x.strip() for x in str(error).splitlines() if x.strip()), "")
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if isinstance(error, OSError) and text else f"{type(error).__name__}: {text}"
+
+
+class _SaveFailureLogs(logging.Filter):
+    """Drops orbax's log records of a failed background save: ``Checkpointer.check`` reports
+    the failure itself, in one line."""
+
+    PATTERNS = ("in background save thread", "Save Finalize thread", "Checkpointer failed")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+            return True
+        return not any(p in str(record.msg) for p in self.PATTERNS)
+
+
+SAVE_FAILURE_LOGS = _SaveFailureLogs()
