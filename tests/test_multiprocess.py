@@ -305,7 +305,11 @@ def data(tmp_path_factory) -> Path:
     from ppllava_jax.data import synthetic
 
     out = tmp_path_factory.mktemp("mp") / "data"
-    synthetic.ensure_dataset(out, num_train=NUM_TRAIN, num_eval=NUM_EVAL, frames=8, size=48)
+    # the demo config's conversation share (train_cmd reads the set through configs/demo.py)
+    synthetic.ensure_dataset(
+        out, num_train=NUM_TRAIN, num_eval=NUM_EVAL, frames=8, size=48,
+        multiturn_fraction=synthetic.MULTITURN_FRACTION,
+    )  # fmt: skip
     return out
 
 
@@ -315,7 +319,10 @@ def eval_data(tmp_path_factory) -> Path:
     from ppllava_jax.data import synthetic
 
     out = tmp_path_factory.mktemp("mp_eval") / "data"
-    synthetic.ensure_dataset(out, num_train=8, num_eval=EVAL_QUESTIONS, frames=8, size=48)
+    synthetic.ensure_dataset(
+        out, num_train=8, num_eval=EVAL_QUESTIONS, frames=8, size=48,
+        multiturn_fraction=synthetic.MULTITURN_FRACTION,
+    )  # fmt: skip
     return out
 
 
