@@ -62,6 +62,9 @@ def _load(name, tmp_path):
         cfg.init_from = _start_point(tmp_path, cfg.model.get("preset", ""))
     if not cfg.data.sources and cfg.get("synthetic") is not None:  # the demo fills these in
         cfg.data.sources = ["<synthetic>/train.json"]
+    if not cfg.data.sources:  # the user's own files (configs/finetune_own.py): the example's
+        example = ROOT / "examples" / "my_videos" / "train.json"
+        cfg.data.sources = [dict(path=str(example), data_root="my_videos")]
     return cfg
 
 
