@@ -28,13 +28,22 @@ def restore_onto_mesh(
     """The parameters of a converted directory placed as ``param_shardings`` places the model's
     boxed abstract tree (``jax.eval_shape`` of its init). Returns ``(params, shardings)``; the
     arrays take the abstract tree's dtypes."""
+    target, shardings = placed_abstract(abstract_boxed, mesh, rules, strict=strict)
+    return params_io.load_params(ckpt_dir, target), shardings
+
+
+def placed_abstract(
+    abstract_boxed: Any, mesh: Mesh, rules=LOGICAL_RULES, *, strict: bool = False
+) -> tuple[Any, Any]:
+    """``(target, shardings)``: the model's boxed abstract tree as ``jax.ShapeDtypeStruct``
+    leaves carrying the shardings ``param_shardings`` gives them (what a restore reads into)."""
     shardings = param_shardings(abstract_boxed, mesh, rules, strict=strict)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         unboxed_values(abstract_boxed),
         shardings,
     )
-    return params_io.load_params(ckpt_dir, target), shardings
+    return target, shardings
 
 
 def restore_params_onto_mesh(

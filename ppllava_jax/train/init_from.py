@@ -18,7 +18,6 @@ import json
 import os
 from typing import Any
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -26,6 +25,7 @@ from jax.sharding import Mesh
 
 from ppllava_jax import sharding
 from ppllava_jax.convert.saved_tree import mismatch_report, saved_metadata, shapes_of
+from ppllava_jax.sharding.restore import placed_abstract
 from ppllava_jax.train.optimizer import merge_params
 
 WHAT_TO_GIVE = (
@@ -139,12 +139,7 @@ def restore_params(start: StartPoint, abstract_boxed: Any, mesh: Mesh) -> tuple[
     boxed abstract tree. Returns ``(params, shardings)``, arrays in the abstract tree's dtypes."""
     if start.kind == "converted":
         return sharding.restore_onto_mesh(start.path, abstract_boxed, mesh)
-    shardings = sharding.param_shardings(abstract_boxed, mesh)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        sharding.unboxed_values(abstract_boxed),
-        shardings,
-    )
+    abstract, shardings = placed_abstract(abstract_boxed, mesh)
     target = _checkpoint_params_target(start, abstract)
     with ocp.PyTreeCheckpointer() as ckptr:
         out = ckptr.restore(
