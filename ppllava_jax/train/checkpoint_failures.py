@@ -5,6 +5,7 @@ dropped by the ``SAVE_FAILURE_LOGS`` filter on the ``absl`` logger."""
 from __future__ import annotations
 
 import logging
+import sys
 
 
 class CheckpointSaveError(OSError):
@@ -38,3 +39,29 @@ class _SaveFailureLogs(logging.Filter):
 
 
 SAVE_FAILURE_LOGS = _SaveFailureLogs()
+
+
+def _is_late_read_callback(unraisable: object) -> bool:
+    error = getattr(unraisable, "exc_value", None)
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def quiet_late_read_callbacks() -> None:
+    """Stops the tracebacks TensorStore prints after a failed restore (idempotent).
+
+    When one array of a damaged checkpoint fails to read, orbax's restore returns at once and
+    closes its event loop; the other reads still in flight then finish and their completion
+    callbacks (``loop.call_soon_threadsafe``) raise ``RuntimeError('Event loop is closed')``,
+    which TensorStore hands to ``sys.unraisablehook``: tracebacks on stderr, from other threads,
+    after the one-line report. Only that error is dropped; every other goes to the hook that
+    was installed before."""
+    if getattr(sys.unraisablehook, "_ppllava_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: object) -> None:
+        if not _is_late_read_callback(unraisable):
+            previous(unraisable)
+
+    hook._ppllava_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook

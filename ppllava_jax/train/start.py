@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from ppllava_jax.train.checkpoint import Checkpointer, config_to_dict
-from ppllava_jax.train.checkpoint_failures import one_line
+from ppllava_jax.train.checkpoint_failures import one_line, quiet_late_read_callbacks
 from ppllava_jax.train.optimizer import (
     Predicate,
     check_selection,
@@ -183,6 +183,7 @@ def restore_intact(
     (a truncated or missing file) is said in one line and set aside (``<step>.damaged``) once
     an earlier one restored; when none does, ``NoIntactCheckpointError``. A refusal
     (``DataChangedError``) is raised as it is. Several processes agree on each step."""
+    quiet_late_read_callbacks()
     damaged: list[tuple[int, str]] = []
     for step in sorted(ckpt.all_steps(), reverse=True):
         reason = ""

@@ -296,3 +296,37 @@ def test_failed_background_save_stops_at_the_next_step(tmp_path, monkeypatch, ca
     assert it.seen == [0, 1, 2, 3, 4]  # stopped before step 6, not at the next save or the end
     assert _steps(tmp_path) == ["2"]  # no temporary step directory left
     assert not [r for r in caplog.records if r.levelname == "ERROR" and "orbax" in r.pathname]
+
+
+_LATE_CALLBACKS = """
+import asyncio, sys, threading
+import tensorstore as ts
+from ppllava_jax.train.checkpoint_failures import quiet_late_read_callbacks
+
+if sys.argv[1] == "quiet":
+    quiet_late_read_callbacks()
+    quiet_late_read_callbacks()
+loop = asyncio.new_event_loop()
+loop.close()
+for callback in (lambda f: loop.call_soon_threadsafe(print), lambda f: 1 / 0):
+    promise, future = ts.Promise.new()
+    future.add_done_callback(callback)
+    t = threading.Thread(target=promise.set_result, args=(1,))
+    t.start()
+    t.join()
+    future.result()
+"""
+
+
+def test_late_read_callbacks_are_quiet():
+    """TensorStore reports a read finishing after orbax closed its event loop through
+    ``sys.unraisablehook``: that one error is dropped, any other still printed."""
+
+    def stderr(mode):
+        cmd = [sys.executable, "-c", _LATE_CALLBACKS, mode]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stderr
+
+    loud = stderr("loud")
+    assert "Event loop is closed" in loud and "ZeroDivisionError" in loud, loud
+    quiet = stderr("quiet")
+    assert "Event loop is closed" not in quiet and "ZeroDivisionError" in quiet, quiet
