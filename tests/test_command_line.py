@@ -41,6 +41,7 @@ COMMANDS = {
     "chat": (["-m", "ppllava_jax.chat"], "python -m ppllava_jax.chat --checkpoint DIR --video"),
     "demo": (["-m", "ppllava_jax.demo"], "python -m ppllava_jax.demo --checkpoint runs/demo/final"),
     "launch": (["-m", "ppllava_jax.launch"], "python -m ppllava_jax.launch --processes 4"),
+    "judge": (["-m", "ppllava_jax.judge"], "python -m ppllava_jax.judge --input "),
 }
 
 

@@ -41,6 +41,7 @@ LAYER_OF = {
     "demo_page": "command line",
     "launch": "command line",
     "command_line": "command line",
+    "judge": "command line",
 }
 _BASE = {"root", "layout"}
 _PLACEMENT = _BASE | {"models", "convert"}
