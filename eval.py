@@ -2,7 +2,7 @@
 
     python eval.py --checkpoint DIR --benchmark mvbench --data MVBench/ --out mvbench.json
     python eval.py --checkpoint DIR --benchmark videomme --data Video-MME/ --use_subtitles \\
-        --out videomme_sub.json                   # + videomme_sub_videomme_results.json
+        --out videomme_sub.json      # + videomme_sub_videomme_results_with_subtitles.json
     python eval.py --checkpoint DIR --benchmark openqa --data MSVD-QA/new_test_qa.json \\
         --video_dir MSVD/YouTubeClips --qa_dataset msvd --out msvd.json  # + msvd_pred.json
     python eval.py --checkpoint DIR --benchmark openqa --data video_chatgpt/test_q.json \\
@@ -16,6 +16,11 @@ Benchmarks (``ppllava_jax/evaluate/``): ``mvbench`` (20 task JSON files + videos
 accuracy per task), ``videomme`` (question file, 32 frames short / 64 medium+long, optional
 subtitles, accuracy per duration), ``openqa`` and ``vcgbench`` (predictions for an LLM judge),
 ``synthetic`` (the demo dataset's held-out split).
+
+The protocol of the checkpoint's model family is used, read from its ``config.json``
+(``qwen``): the original's Vicuna prompts (``plain_v1``, ``conv_videoqa_v1``, ``conv_vcg_v1``)
+or Qwen ones (``plain_qwen``, ``conv_videoqa_qwen``, ``conv_vcg_qwen``, VCGBench replies split
+on ``assistant\\n``), with no flag to set.
 
 Checkpoint directory ``DIR`` (what train.py's final export writes)::
 
@@ -73,7 +78,8 @@ flags.DEFINE_integer(
     "num_frames",
     0,
     "frames per video (0: benchmark default: 32; videomme 32 short / "
-    "--num_frames_long medium+long; synthetic 8)",
+    "--num_frames_long medium+long; synthetic 8; negative -N: the original's 1 fps rule, 32 "
+    "frames for a video of at most 32*N seconds, else 64)",
 )
 flags.DEFINE_float(
     "max_missing",
@@ -102,7 +108,9 @@ flags.DEFINE_enum(
     ["", "msvd", "msrvtt", "activitynet"],
     "openqa: the dataset's layout (default: activitynet with test_q.json + test_a.json, else msvd)",
 )
-flags.DEFINE_bool("vcg_system", False, "vcgbench: the conv_vcg_v1 prompt (Video-ChatGPT system)")
+flags.DEFINE_bool(
+    "vcg_system", False, "vcgbench: the conv_vcg_v1 / conv_vcg_qwen prompt (Video-ChatGPT system)"
+)
 flags.DEFINE_bool(
     "vcg_legacy_labels",
     False,
@@ -111,7 +119,12 @@ flags.DEFINE_bool(
 flags.DEFINE_string("split", "eval", "synthetic: split to score")
 flags.DEFINE_string("tokenizer", "", "LLM tokenizer directory (default DIR/tokenizer)")
 flags.DEFINE_string("clip_tokenizer", "", "CLIP tokenizer directory (default DIR/clip_tokenizer)")
-flags.DEFINE_string("template", "", "conversation template (default plain_v1)")
+flags.DEFINE_string(
+    "template",
+    "",
+    "synthetic: conversation template (default: inference.json's, else plain_v1 / plain_qwen by "
+    "the checkpoint's family); the exact benchmarks always use their family's",
+)
 flags.DEFINE_enum(
     "tokenizer_legacy",
     "checkpoint",
@@ -126,7 +139,13 @@ flags.DEFINE_bool(
     "mvbench: put the MVBench system text in the prompt (the shipped script leaves it out)",
 )
 flags.DEFINE_string("mesh", "", "mesh over local devices, e.g. 'data=1,fsdp=-1,tensor=1'")
-flags.DEFINE_string("dtype", "", "compute dtype: float32 | bfloat16 (default: the config's)")
+flags.DEFINE_enum(
+    "dtype",
+    "",
+    ["", "float32", "bfloat16", "float16"],
+    "the model's dtype while answering, compute and weights: float16 as the original evaluates "
+    "(default: the checkpoint config's compute dtype, weights as stored)",
+)
 flags.DEFINE_integer("num_workers", 0, "video decoding worker processes")
 flags.DEFINE_string(
     "save_attention",

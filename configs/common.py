@@ -37,6 +37,8 @@ MIXTURE = (
     ("reasoning_clevrer_mc", "video"),
 )
 HOUND = (("llava_hound_300k", "video"),)  # the video-only recipes' one source
+# the multi-image recipe's extra source (M4-Instruct, first in the original's mixture)
+MULTI_IMAGE = (("m4_multi_image", "multi-image"),)
 
 
 def sources(mixture=MIXTURE) -> list[dict]:
@@ -118,6 +120,50 @@ def mesh_and_batch(c: ml_collections.ConfigDict) -> None:
     b.per_device = 1  # samples per device per micro-batch (global = per_device * devices)
     b.global_batch = GLOBAL_BATCH  # grad_accum_steps = global / (per_device * devices)
     b.max_length = 2048  # merged sequence: a 32-frame video's visual tokens + text, padded
+
+
+def image_video_sft(mixture=MIXTURE, num_samples: int = 800_000) -> ml_collections.ConfigDict:
+    """The image + video SFT recipe on ``mixture`` (``configs/ppllava_vicuna7b_image_video.py``,
+    the original's ``ppllava_vicuna7b_image_video.yaml``; the multi-image recipe adds
+    ``MULTI_IMAGE`` to it): one epoch of ``num_samples`` samples, global batch 128, lr 2e-5
+    cosine with 3% warmup, the SFT trainable set."""
+    c = trainer.default_config()  # train / optimizer / checkpoint / dpo sections
+    c.model = vicuna7b_model()  # 7B, bf16 compute, remat, scanned layers, 32 frames
+    mesh_and_batch(c)  # fsdp mesh; plan.py's batch section
+
+    c.init_from = "ckpt/ppllava_start"  # convert_torch_weights.py output (module docstring)
+    c.data = data_config(mixture)
+
+    # -------------------------------------------------------- schedule: 1 epoch (SPEC §7)
+    c.train.mode = "sft"
+    c.train.num_samples = num_samples  # samples in one epoch of the mixture (read by nothing
+    #                                    but the step count below)
+    # = data.batch_size x hosts (documentation + the count)
+    c.train.global_batch = c.batch.get_ref("global_batch")
+    c.train.total_steps = -((-c.train.get_ref("num_samples")) // c.train.get_ref("global_batch"))
+    c.train.epochs = 1  # the original's num_train_epochs (the video-only recipe's is 2)
+    c.train.grad_accum_steps = 2  # 64-sample micro-batches: 4 per v5p chip
+    # the original's loss: token mean per group of 8 rows (its per-device micro-batch), averaged
+    # the LM head and cross entropy over 512-position chunks: no float32 [B, L, vocab] logits
+    # (same values and gradients; docs/plan_figures.md)
+    c.train.loss_chunk_size = 512
+    c.train.loss_normalization = "per_device_mean"
+    c.train.loss_group_size = 8
+    c.train.log_every = 10
+
+    # -------------------------------------------------------- optimizer (SPEC §7)
+    o = c.optimizer
+    o.lr = 2e-5
+    o.schedule = "cosine"
+    o.warmup_ratio = 0.03  # 3% of total_steps
+    o.warmup_steps = -1
+    o.weight_decay = 0.0
+    o.grad_clip_norm = 1.0  # the original's HF Trainer default max_grad_norm
+    o.trainable = "ppllava_sft"  # LLM, BT-Adapter, projector MLP/LN/projections, image_newline
+
+    c.checkpoint.save_every = 500
+    c.checkpoint.keep = 2
+    return c
 
 
 # ==================================================================== the demos

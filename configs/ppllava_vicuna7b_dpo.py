@@ -15,7 +15,10 @@ turn (``ppllava_jax/data/pipeline.py``, "DPO")::
 written to ``data/annotations/llava_hound_dpo_17k.json`` with the frame folders under
 ``data/media/llava_hound/``. ``data.dpo=True`` makes each pair two rows (chosen rows first,
 then their rejected twins) that share one decoded video: the vision tower and the projector run
-once per pair. The CLIP prompt is the question (the preferred answer is not shown to pooling).
+once per pair. Each twin is encoded as the original's ``train_dpo.py`` encodes it (LLaVA's
+``preprocess_v1``: the Vicuna system prompt, ``USER: <image>\n{prompt} ASSISTANT: {answer}</s>``,
+the answer and ``</s>`` supervised; ``ppllava_jax/data/dpo.py``); the CLIP prompt is the
+question (the preferred answer is not shown to pooling).
 
 Batch: ``data.batch_size`` counts pairs. The original used 64 pairs per update (2 per GPU x 4
 accumulation x 8 GPUs) = 128 sequences, for 2 epochs; here 64 pairs = ``data.batch_size``
@@ -75,6 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
         )
     ]
     d.dpo = True  # 2 x batch_size rows: chosen rows, then their rejected twins
+    # the original's train_dpo.py samples: LLaVA's preprocess_v1 with the Vicuna conversation
+    # (its system prompt, "USER: <image>\n{prompt} ASSISTANT: {answer}</s>", ppllava_jax/data/
+    # dpo.py), the CLIP prompt the question alone (text_encoding 'original', as common sets)
+    d.template = "vicuna_v1"
     d.batch_size = PAIRS_PER_UPDATE // 4  # pairs per host: 4 hosts (v5p-32) x 16 = 64
     d.max_length = 2048  # the original's model_max_length; 1024 visual tokens + text
     d.buckets = [1152, 1536, 2048]  # video only

@@ -63,46 +63,9 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
-from ppllava_jax.train.trainer import default_config
 
 NUM_SAMPLES = 800_000  # placeholder: ~300k images + ~300k LLaVA-Hound + ~200k VideoChat2-IT
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = default_config()  # train / optimizer / checkpoint / dpo sections
-    c.model = common.vicuna7b_model()  # 7B, bf16 compute, remat, scanned layers, 32 frames
-    common.mesh_and_batch(c)  # fsdp mesh; plan.py's batch section
-
-    c.init_from = "ckpt/ppllava_start"  # convert_torch_weights.py output (module docstring)
-    c.data = common.data_config(common.MIXTURE)
-
-    # -------------------------------------------------------- schedule: 1 epoch (SPEC §7)
-    c.train.mode = "sft"
-    c.train.num_samples = NUM_SAMPLES  # samples in one epoch of the mixture (read by nothing
-    #                                    but the step count below)
-    # = data.batch_size x hosts (documentation + the count)
-    c.train.global_batch = c.batch.get_ref("global_batch")
-    c.train.total_steps = -((-c.train.get_ref("num_samples")) // c.train.get_ref("global_batch"))
-    c.train.epochs = 1  # the original's num_train_epochs (the video-only recipe's is 2)
-    c.train.grad_accum_steps = 2  # 64-sample micro-batches: 4 per v5p chip
-    # the original's loss: token mean per group of 8 rows (its per-device micro-batch), averaged
-    # the LM head and cross entropy over 512-position chunks: no float32 [B, L, vocab] logits
-    # (same values and gradients; docs/plan_figures.md)
-    c.train.loss_chunk_size = 512
-    c.train.loss_normalization = "per_device_mean"
-    c.train.loss_group_size = 8
-    c.train.log_every = 10
-
-    # -------------------------------------------------------- optimizer (SPEC §7)
-    o = c.optimizer
-    o.lr = 2e-5
-    o.schedule = "cosine"
-    o.warmup_ratio = 0.03  # 3% of total_steps
-    o.warmup_steps = -1
-    o.weight_decay = 0.0
-    o.grad_clip_norm = 1.0  # the original's HF Trainer default max_grad_norm
-    o.trainable = "ppllava_sft"  # LLM, BT-Adapter, projector MLP/LN/projections, image_newline
-
-    c.checkpoint.save_every = 500
-    c.checkpoint.keep = 2
-    return c
+    return common.image_video_sft(common.MIXTURE, NUM_SAMPLES)

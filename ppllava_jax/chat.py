@@ -61,7 +61,6 @@ class Chat:
     ):
         from transformers import AutoTokenizer
 
-        from ppllava_jax.data import image as img
         from ppllava_jax.evaluate.model_setup import video_buckets
         from ppllava_jax.generate import StepDecoder
 
@@ -77,10 +76,7 @@ class Chat:
         )
         if clip is None or len(clip.frames) != num_frames:  # clip: load_clip(video, num_frames)
             clip = load_clip(video, num_frames)
-        s = cfg.vision.image_size
-        frames = img.resize_frames(clip.frames, s)
-        self.frames_uint8 = frames
-        self.pixels = img.normalize(frames, *img.pixel_stats(bool(getattr(cfg, "qwen", False))))
+        self.frames_uint8, self.pixels = video_pixels(cfg, clip.frames)
         self.num_frames = num_frames
         self.sc = setup.sampling(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         self.decoder = StepDecoder(setup.model, self.sc, setup.mesh)
@@ -210,6 +206,18 @@ class Chat:
         )
 
 
+def video_pixels(cfg: Any, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8[T, H, W, 3] decoded frames -> (uint8[T, S, S, 3], float32[T, S, S, 3]): the frames
+    as the model family's video processor makes them (``data.image.tower_frames``: squashed,
+    or for the Qwen family resized keeping the aspect ratio and padded) and normalised with
+    its tower's mean / std; S = ``cfg.vision.image_size``."""
+    from ppllava_jax.data import image as img
+
+    qwen = bool(getattr(cfg, "qwen", False))
+    views = img.tower_frames(frames, int(cfg.vision.image_size), qwen)
+    return views, img.normalize(views, *img.pixel_stats(qwen))
+
+
 def load_clip(video: str, num_frames: int) -> Any:
     """The ``num_frames`` frames the chat reads (segment middles) of ``video`` (a file, GIF or
     frame folder); a missing or unreadable one raises ``MediaError`` naming it."""
@@ -228,7 +236,12 @@ def checkpoint_parser(prog: str, description: str | None) -> argparse.ArgumentPa
 
     p = command_line.argument_parser(description, prog)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (as for eval.py)")
-    p.add_argument("--template", default="", help="conversation template (default plain_v1)")
+    p.add_argument(
+        "--template",
+        default="",
+        help="conversation template (default: inference.json's, else the checkpoint family's: "
+        "plain_v1 or plain_qwen)",
+    )
     p.add_argument("--tokenizer", default="")
     p.add_argument("--clip_tokenizer", default="")
     p.add_argument("--mesh", default="", help="mesh over local devices, e.g. 'fsdp=-1'")

@@ -149,6 +149,12 @@ def run_command(args: list[str], *, stdin: str | None = None, timeout: int = 900
     """A command line as a user types it (from the repository root); its output, or an
     AssertionError with its output when it exits non-zero."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the test session's compilation cache (tests/conftest.py): a program compiled by an earlier
+    # command of the journey (the same step from another start) is read back
+    import jax
+
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir or "")
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
     proc = subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,

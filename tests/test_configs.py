@@ -151,3 +151,64 @@ def test_7b_recipe(name, tmp_path):
         assert c["vision_tower"][0] == c["multi_modal_projector"][0] == 0
     else:  # + BT-Adapter, projector MLP / projections, image_newline
         assert vision[0] > 0 and c["multi_modal_projector"][0] > 0 and c["image_newline"][0] > 0
+
+
+def test_multi_image_recipe_is_the_image_video_one_plus_m4():
+    """The original's ``ppllava_vicuna7b_image_video_multiimage.yaml`` is its
+    ``ppllava_vicuna7b_image_video.yaml`` with ``m4_multi_image`` (a ``multi-image`` corpus of
+    ``instruction_data.py``) first in ``interleave_datasets``: the same model, schedule and
+    optimizer, one more source, every batch with a multi-image group of up to 32 images (the
+    raw-frame reader's cap) whose 2,048 visual tokens fit the longest bucket."""
+    from configs import ppllava_vicuna7b_image_video as iv
+    from configs import ppllava_vicuna7b_image_video_multiimage as mi
+    from ppllava_jax.layout import num_pooled
+
+    a, b = iv.get_config().to_dict(), mi.get_config().to_dict()
+    da, db = a.pop("data"), b.pop("data")
+    a["train"].pop("num_samples"), b["train"].pop("num_samples")
+    a["train"].pop("total_steps"), b["train"].pop("total_steps")
+    assert a == b
+    assert db["sources"][0] == dict(
+        path="data/annotations/m4_multi_image.json",
+        data_root="data/media/m4_multi_image",
+        media_type="multi-image",
+        weight=1.0,
+        name="m4_multi_image",
+    )
+    assert db["sources"][1:] == da["sources"]
+    assert db["fixed_groups"] == ("video", "image", "multi") and db["max_images"] == 32
+    changed = {k for k in da if da[k] != db[k]}
+    assert {"sources", "fixed_groups"} <= changed
+    assert changed <= {"sources", "fixed_groups", "max_images", "max_length", "buckets"}
+    tokens = int(np.prod(num_pooled(PPLLaVAConfig(), 32, False)))  # (32, 8, 8): 64 per image
+    assert tokens == 2048 and max(db["buckets"]) == db["max_length"] > tokens + 512
+
+
+def test_qwen_recipe_trains_and_encodes_as_the_original(tmp_path):
+    """``config/qwen/ppllava_qwen7b_videoonly.yaml`` as the original runs it: the original's
+    training samples (``Interleave_sft_dataset`` with its Qwen switch), the per-device token
+    mean of 8-row micro-batches, and every projector parameter trained except ``logit_scale``,
+    ``logit_bias`` and the SigLIP text tower's kept position table (``position_embedding``,
+    ``requires_grad=False`` in its context extension; ``position_embedding_res`` trains)."""
+    cfg = _load("ppllava_qwen7b_videoonly", tmp_path)
+    mcfg = run.model_config(cfg)
+    assert mcfg.qwen and cfg.data.template == "plain_qwen" and cfg.data.text_encoding == "original"
+    assert not cfg.data.get("training_bounds", False)  # the original reads whole videos
+    assert cfg.train.loss_normalization == "per_device_mean" and cfg.train.loss_group_size == 8
+    pred = opt.trainable_predicate(cfg.optimizer)
+    frozen_in_projector = set()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(_abstract_params(mcfg))[0]:
+        p = "/".join(str(k.key) for k in path)
+        if p.startswith("vision_tower/"):
+            assert not pred(p, leaf), p
+        elif p.startswith("multi_modal_projector/") and not pred(p, leaf):
+            frozen_in_projector.add(p)
+        else:
+            assert pred(p, leaf), p
+    text = "multi_modal_projector/clip_text_model/embeddings/"
+    assert frozen_in_projector == {
+        text + "position_embedding",
+        "multi_modal_projector/logit_scale",
+        "multi_modal_projector/logit_bias",
+    }
+    assert pred(text + "position_embedding_res")

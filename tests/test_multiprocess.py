@@ -162,6 +162,7 @@ def train_cmd(data: Path, workdir: Path, rows_per_host: int) -> list[str]:
         f"--config.synthetic.num_train={NUM_TRAIN}",
         f"--config.synthetic.num_eval={NUM_EVAL}",
         "--config.synthetic.frames=8",
+        "--config.synthetic.multiturn_fraction=0",
         f"--config.data.batch_size={rows_per_host}",
         f"--config.train.total_steps={STEPS}",
         "--config.train.log_every=1",
@@ -305,11 +306,14 @@ def data(tmp_path_factory) -> Path:
     from ppllava_jax.data import synthetic
 
     out = tmp_path_factory.mktemp("mp") / "data"
-    # the demo config's conversation share (train_cmd reads the set through configs/demo.py)
-    synthetic.ensure_dataset(
-        out, num_train=NUM_TRAIN, num_eval=NUM_EVAL, frames=8, size=48,
-        multiturn_fraction=synthetic.MULTITURN_FRACTION,
-    )  # fmt: skip
+    # single-turn clips only (train_cmd turns the demo's conversations off): their rows weigh
+    # alike, so the step-1 loss of 4 processes is that of 1 to float32 reduction order; and an
+    # epoch of 32, a multiple of every process count here (a training epoch is cut to a
+    # multiple of the hosts, data/order.py), so the epoch boundary falls between the same
+    # samples on 1, 2 and 4 processes
+    synthetic.ensure_dataset(out, num_train=NUM_TRAIN, num_eval=NUM_EVAL, frames=8, size=48)
+    samples = len(json.loads((out / "train.json").read_text()))
+    assert samples % GLOBAL_BATCH == 0, samples
     return out
 
 
@@ -319,10 +323,7 @@ def eval_data(tmp_path_factory) -> Path:
     from ppllava_jax.data import synthetic
 
     out = tmp_path_factory.mktemp("mp_eval") / "data"
-    synthetic.ensure_dataset(
-        out, num_train=8, num_eval=EVAL_QUESTIONS, frames=8, size=48,
-        multiturn_fraction=synthetic.MULTITURN_FRACTION,
-    )  # fmt: skip
+    synthetic.ensure_dataset(out, num_train=8, num_eval=EVAL_QUESTIONS, frames=8, size=48)
     return out
 
 
@@ -609,7 +610,7 @@ def test_sigkill_survivor_stops_with_error_and_rerun_resumes(preempted, killed, 
 
 
 @real_runs
-def test_processes_read_their_share_and_equal_one_process(reference, preempted, finished):
+def test_processes_read_their_share_and_equal_one_process(data, reference, preempted, finished):
     """4 processes, then 2 (after a preemption, a resharded resume, a SIGKILL and a rerun) end
     with every step's loss and the parameters of 1 process x 4 devices on the same global
     batches: each step's global batch holds the same samples, every process reads its own
@@ -630,9 +631,9 @@ def test_processes_read_their_share_and_equal_one_process(reference, preempted, 
         assert len(ids) == len(set(ids)) == GLOBAL_BATCH, s  # no sample twice in a step
         shapes = [tr[(s, p)]["shapes"] for p in procs]
         assert all(x == shapes[0] for x in shapes) and shapes[0]["input_ids"][0] == rows, s
-    per_epoch = NUM_TRAIN // GLOBAL_BATCH
-    epoch0 = [i for s in range(1, per_epoch + 1) for i in got[s]]
-    assert sorted(epoch0) == sorted(f"train.json:{i}" for i in range(NUM_TRAIN))
+    epoch = len(json.loads((data / "train.json").read_text()))  # clips and conversations
+    epoch0 = [i for s in range(1, epoch // GLOBAL_BATCH + 1) for i in got[s]]
+    assert sorted(epoch0) == sorted(f"train.json:{i}" for i in range(epoch))
     assert_losses_close(losses(w), losses(reference))
     assert_params_close(load_final(w), load_final(reference))
 

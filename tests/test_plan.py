@@ -282,3 +282,54 @@ def test_planned_host_batch_micro_batches_fixed_groups_and_dpo():
     assert d["input_ids"].shape == (4, 64) and d["video_pixels"].shape[0] == 2  # 2 pairs
     with pytest.raises(ValueError, match="no text after"):
         program.planned_host_batch(cfg, mcfg, rows=2, length=9, frames=8, clip_length=32)
+
+
+# the multi-image recipe with the demo's model, smaller (its BT-Adapter holds 32 time steps, as
+# the 7B start point's 64 do), and the recipe's compute dtype, remat, data and train sections
+MULTI_IMAGE_CONFIG = """
+import ml_collections
+
+from configs import demo
+from configs import ppllava_vicuna7b_image_video_multiimage as recipe
+
+
+def get_config():
+    c = recipe.get_config()
+    m = demo.get_config().model
+    m.vision = dict(m.vision, image_size=32, hidden_size=32, num_hidden_layers=2)
+    m.frame_shape = (4, 4)
+    m.pooling_kernel = m.pooling_stride = (1, 4, 4)
+    m.image_grid_pinpoints = ((32, 64), (64, 32))
+    m.llm = dict(m.llm, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    m.clip_text = dict(m.clip_text, hidden_size=32, intermediate_size=64)
+    m.max_T = c.data.max_images
+    m.dtype, m.remat_policy = c.model.dtype, c.model.remat_policy
+    c.model, c.init_from = m, ""
+    c.batch = ml_collections.ConfigDict(
+        dict(max_length=48, per_device=4, num_frames=4, clip_length=16)
+    )
+    return c
+"""
+
+
+def test_multi_image_recipe_compiles_in_the_planner(tmp_path):
+    """``configs/ppllava_vicuna7b_image_video_multiimage.py`` (the original's
+    ``ppllava_vicuna7b_image_video_multiimage.yaml``) planned with a tiny model: its step
+    compiles with every batch's video, image and multi-image groups, the multi-image group
+    holding ``data.max_images`` images per row, and the recipe's micro-batches, loss settings,
+    compute dtype and remat."""
+    from configs import ppllava_vicuna7b_image_video_multiimage as recipe
+
+    path = tmp_path / "multi_plan.py"
+    path.write_text(MULTI_IMAGE_CONFIG)
+    cfg = recipe.get_config()
+    (r,), out = _plan(path, "--devices", "2", "--mesh", "fsdp=2")
+    accum = cfg.train.grad_accum_steps
+    assert (r["mode"], r["grad_accum_steps"], r["global_batch"]) == ("sft", accum, 4 * 2 * accum)
+    assert (r["dtype"], r["remat"]) == (cfg.model.dtype, cfg.model.remat_policy)
+    assert r["loss_chunk_size"] == cfg.train.loss_chunk_size
+    rows = r["global_batch"] // 2  # per device
+    images = rows * cfg.data.max_images * SIZE * SIZE * 3 * 4  # float32 multi-image pixels
+    video = rows * FRAMES * SIZE * SIZE * 3 * 4
+    assert r["batch_bytes"] > images + video > 0
+    assert r["compile_s"] > 0 and "PPLLaVA SFT plan" in out

@@ -6,7 +6,13 @@ An annotation file is a JSON list of samples::
       "media_type": "video",                  # optional: video | image | multi-image | text
       "QA": [{"i": "system instruction (optional, first turn)", "q": "...", "a": "..."}, ...],
       "start": 3.0, "end": 9.5,               # optional bound in seconds (MVBench style)
+      "total_frames": 120,                    # optional: a frame folder of numbered files
       ...}]                                   # any other field is kept in Sample.extra
+
+Multi-image samples may also come as the original writes them, under the key named by their
+media type (the original reads ``ann[media_type]``): ``{"multi-image": ["a.jpg", "b.jpg"],
+...}``. ``total_frames`` (a frame folder read as the original's raw-frame reader reads one
+with it: :mod:`ppllava_jax.data.numbered_frames`) is kept in ``Sample.extra``.
 
 Media paths are relative to the file's data root (absolute paths are kept). A file's
 ``media_type`` is the default for its samples. A malformed sample raises
@@ -25,13 +31,15 @@ from typing import Any
 
 from ppllava_jax.data.errors import AnnotationError
 from ppllava_jax.data.frame_index import FrameRule
+from ppllava_jax.data.numbered_frames import check_total_frames
 from ppllava_jax.data.templates import Turn
 
 log = logging.getLogger(__name__)
 
 MEDIA_TYPES = ("video", "image", "multi-image", "text")
 ON_ERROR = ("skip", "raise")
-_KNOWN_KEYS = {"video", "image", "media_type", "QA", "start", "end", "bound"}
+MULTI_IMAGE_KEY = "multi-image"  # the original's key of a multi-image sample's paths
+_KNOWN_KEYS = {"video", "image", MULTI_IMAGE_KEY, "media_type", "QA", "start", "end", "bound"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +95,17 @@ def parse_sample(
     mt = raw.get("media_type", media_type)
     if mt is not None and mt not in MEDIA_TYPES:
         raise bad(f"media_type {mt!r} is not one of {MEDIA_TYPES}")
+    given = [k for k in ("video", "image", MULTI_IMAGE_KEY) if k in raw]
+    if len(given) > 1:
+        raise bad(f"more than one media key given ({' and '.join(repr(k) for k in given)})")
     has_video, has_image = "video" in raw, "image" in raw
-    if has_video and has_image:
-        raise bad("both 'video' and 'image' given")
     media: tuple[str, ...]
-    if has_video:
+    if MULTI_IMAGE_KEY in raw:
+        v = raw[MULTI_IMAGE_KEY]
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+            raise bad(f"'{MULTI_IMAGE_KEY}' must be a non-empty list of image paths")
+        media, inferred = tuple(_join(data_root, x) for x in v), "multi-image"
+    elif has_video:
         v = raw["video"]
         if not isinstance(v, str) or not v:
             raise bad("'video' must be a non-empty path string")
@@ -142,6 +156,13 @@ def parse_sample(
         ):
             raise bad(f"bound must be [start, end] seconds with start <= end, got {b!r}")
         bound = (float(b[0]), float(b[1]))
+    if "total_frames" in raw:
+        try:
+            check_total_frames(raw["total_frames"])
+        except ValueError as e:
+            raise bad(str(e)) from None
+        if mt != "video":
+            raise bad(f"total_frames applies to a video's frame folder, not to a {mt} sample")
     extra = {k: v for k, v in raw.items() if k not in _KNOWN_KEYS}
     return Sample(mt, media, tuple(turns), system, bound, source, index, extra)
 

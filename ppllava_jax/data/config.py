@@ -43,7 +43,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.clip_tokenizer = ""  # directory of the CLIP tokenizer of the prompt encoder
     c.num_frames = 32  # T, frames sampled per video
     c.frame_sampling = ""  # rand | middle; "" = rand when training, middle in evaluation
-    c.max_images = 8  # N, images per multi-image sample (static); more -> skipped (bad_sample)
+    # honour an annotation's start/end (or bound) when training; the original never passes
+    # them to its readers in training, so off (evaluation always honours them)
+    c.training_bounds = False
+    # N, images per multi-image sample (static). The original keeps up to 32 and samples more
+    # down to 32 (sorted paths, its frame rule: `frame_sampling`, a random subset in training)
+    c.max_images = 32
     c.clip_max_length = 248  # CLIP prompt length (77 without the context extension)
     # longest merged sequence (text + visual tokens); longer -> skipped (or raised), never cut (the
     # original cuts nothing either: its labels are padded with -100 to 3000 entries)
@@ -80,12 +85,13 @@ def default_config() -> ml_collections.ConfigDict:
     # conversation prompt (the pooling weights depend on it), which is absent
     # at evaluation: the demo uses "question".
     c.clip_prompt = "conversation"
-    # Training samples: original = the authors' Interleave_sft_dataset (plain_v1 / vicuna_v1:
-    # the text split at 'ASSISTANT: ', each piece tokenized alone, its label rule; with the
-    # legacy tokenizer an unsupervised '▁' follows every 'ASSISTANT: '; templates.
+    # Training samples: original = the authors' Interleave_sft_dataset (plain_v1 / vicuna_v1 /
+    # plain_qwen: the text split at the assistant role, each piece tokenized alone, its label
+    # rule, the CLIP / SigLIP prompt the whole rendered conversation; with the legacy Llama
+    # tokenizer an unsupervised '▁' follows every 'ASSISTANT: '; original_text.
     # encode_training_sample); offsets = the whole text tokenized with character offsets, exactly
-    # the answers and their end tokens supervised (the demo; DPO pairs, plain_qwen and
-    # evaluation always use it).
+    # the answers and their end tokens supervised (the demos and evaluation always use it; DPO
+    # pairs with vicuna_v1 and 'original' are the original's train_dpo.py samples, data/dpo.py).
     c.text_encoding = "original"
     # Frame folders (a video given as a directory of images): name = sorted file names (the
     # original's raw-frame reader: frame_10 before frame_2); natural = numbers compared as numbers

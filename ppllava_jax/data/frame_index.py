@@ -36,24 +36,44 @@ SAMPLING_MODES = ("middle", "rand")
 NO_BOUND = (-100000.0, 100000.0)
 
 
+def eval_num_segments(
+    num_segments: int,
+    max_frame: int,
+    fps: float,
+    bound: tuple[float, float] | None = None,
+    assigned_frame: int = 16,
+) -> int:
+    """T of the original's ``get_index`` for a driver's ``num_segments``: itself when > 0,
+    ``assigned_frame`` when 0 (Video-MME: 32 for short videos, 64 otherwise), and when < 0
+    ("fps 1") 32 if the clip's seconds (``end - start`` of the bound, else ``max_frame / fps``)
+    divided by ``|num_segments|`` are at most 32, else 64."""
+    if num_segments > 0:
+        return int(num_segments)
+    if num_segments == 0:
+        return int(assigned_frame)
+    length = float(bound[1]) - float(bound[0]) if bound else int(max_frame) / float(fps)
+    return 32 if length / abs(int(num_segments)) <= 32 else 64
+
+
 def segment_indices(
     max_frame: int,
     fps: float,
     num_segments: int,
     bound: tuple[float, float] | None = None,
     first_idx: int = 0,
+    assigned_frame: int = 16,
 ) -> np.ndarray:
-    """The original's ``get_index``: int64[num_segments] frame indices (see module docstring).
+    """The original's ``get_index``: int64[T] frame indices (see module docstring).
 
     Args:
       max_frame: the largest readable index (``len(video) - 1``; a frame folder: its count).
       fps: frames per second used to turn ``bound`` into indices.
-      num_segments: T, the number of frames read.
+      num_segments: the driver's ``num_segments``; T = :func:`eval_num_segments` (itself when
+        positive, ``assigned_frame`` when 0, 32 or 64 by the clip's length when negative).
       bound: (start_s, end_s) or None for the whole video.
       first_idx: 0 for decoded videos, 1 for frame folders.
     """
-    if num_segments <= 0:
-        raise ValueError(f"num_segments must be positive, got {num_segments}")
+    num_segments = eval_num_segments(num_segments, max_frame, fps, bound, assigned_frame)
     start, end = NO_BOUND if bound is None else (float(bound[0]), float(bound[1]))
     start_idx = max(int(first_idx), round(start * fps))
     end_idx = min(round(end * fps), int(max_frame))

@@ -1,10 +1,15 @@
-"""Image loading and CLIP / LLaVA-NeXT preprocessing (host side, numpy + Pillow).
+"""Image loading and CLIP / LLaVA-NeXT / LLaVA-OneVision preprocessing (host side, numpy +
+Pillow).
 
-Two preprocessors (SPEC §1), both channels-last float32:
+The preprocessors (SPEC §1), all channels-last:
 
 - :func:`preprocess_frames`: each frame squashed (no crop) to S x S, bicubic, scaled to
-  [0, 1], normalized with the CLIP mean/std -> float32[T, S, S, 3]. Used for video frames
-  and for each image of a multi-image sample.
+  [0, 1], normalized with the CLIP mean/std -> float32[T, S, S, 3]. Used for the Vicuna
+  family's video frames and for each image of its multi-image samples.
+- :func:`fit_pad_frames`: the Qwen family's video frames (and multi-image images), as the
+  original's ``LlavaOnevisionVidProcessor``: each frame resized into S x S keeping its aspect
+  ratio, padded black on both sides, one S x S view per frame -> uint8[T, S, S, 3].
+  :func:`tower_frames` picks the family's rule (``PPLLaVAConfig.qwen``).
 - :func:`preprocess_anyres`: LLaVA-NeXT any-resolution, numerically equal to transformers'
   ``LlavaNextImageProcessor`` (checked in tests): the best-fit pinpoint, resize keeping the
   aspect ratio + centred zero padding, a base view squashed to S x S followed by the
@@ -107,6 +112,63 @@ def fit_size(original_size: tuple[int, int], target: tuple[int, int]) -> tuple[i
     if sw < sh:
         return min(math.ceil(oh * sw), th), tw
     return th, min(math.ceil(ow * sh), tw)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitPad:
+    """Where one frame lands in the S x S view of LLaVA-OneVision's video processor.
+
+    Attributes:
+      resized_hw: (height, width) after the aspect-preserving resize (the limiting side S).
+      pad_rows: black rows added above AND below; pad_cols: black columns left AND right.
+      padded_hw: (height, width) after padding; one short of S where the difference is odd.
+      stretched: True when ``padded_hw`` is not S x S, so the padded frame is then stretched
+        to S x S (bicubic).
+    """
+
+    resized_hw: tuple[int, int]
+    pad_rows: int
+    pad_cols: int
+    padded_hw: tuple[int, int]
+    stretched: bool
+
+
+def fit_pad_geometry(hw: tuple[int, int], size: int) -> FitPad:
+    """The :class:`FitPad` of a frame of (height, width) ``hw`` in an S x S view."""
+    nh, nw = fit_size((int(hw[0]), int(hw[1])), (size, size))
+    # the original pads (S - side) // 2 on both sides, so an odd difference leaves S - 1
+    py, px = (size - nh) // 2, (size - nw) // 2
+    padded = (nh + 2 * py, nw + 2 * px)
+    return FitPad((nh, nw), py, px, padded, padded != (size, size))
+
+
+def fit_pad_frame(frame: np.ndarray, size: int) -> np.ndarray:
+    """uint8[H, W, 3] -> uint8[S, S, 3] as LLaVA-OneVision's video processor (the original's
+    ``LlavaOnevisionVidProcessor``): resized from the full frame to fit S x S keeping the
+    aspect ratio (:func:`fit_size`, Pillow bicubic on uint8), padded with 0 by
+    :func:`fit_pad_geometry`, then stretched to S x S when one row or column short."""
+    frame = np.asarray(frame, np.uint8)
+    if frame.ndim != 3 or frame.shape[-1] != 3:
+        raise ValueError(f"expected uint8[H, W, 3], got {frame.shape}")
+    g = fit_pad_geometry(frame.shape[:2], size)
+    resized = resize(frame, *g.resized_hw)
+    padded = np.pad(resized, ((g.pad_rows, g.pad_rows), (g.pad_cols, g.pad_cols), (0, 0)))
+    return resize(padded, size, size)
+
+
+def fit_pad_frames(frames: np.ndarray | Sequence[np.ndarray], size: int) -> np.ndarray:
+    """uint8 frames (an array, or a list of differently sized images) -> uint8[T, S, S, 3] by
+    :func:`fit_pad_frame` each, before normalization."""
+    return np.stack([fit_pad_frame(f, size) for f in frames])
+
+
+def tower_frames(frames: np.ndarray | Sequence[np.ndarray], size: int, qwen: bool) -> np.ndarray:
+    """Video frames (or a multi-image sample's images) as the model family's video processor
+    turns them into S x S views, before normalization: uint8[T, H, W, 3] (or a list of
+    uint8[H_i, W_i, 3]) -> uint8[T, S, S, 3]. ``qwen`` (``PPLLaVAConfig.qwen``): resized
+    keeping the aspect ratio and padded (:func:`fit_pad_frames`); else squashed
+    (:func:`resize_frames`)."""
+    return fit_pad_frames(frames, size) if qwen else resize_frames(frames, size)
 
 
 @dataclasses.dataclass(frozen=True)

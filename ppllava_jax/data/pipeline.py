@@ -53,8 +53,10 @@ A batch is the dict of :func:`ppllava_jax.data.collate.collate` (numpy), plus
 
 DPO (``data.dpo = True``, annotations: :mod:`ppllava_jax.data.dpo`). Each sample is
 decoded once and gives two encodings with the same prompt and media: labels on the chosen
-answer and on the rejected one. The CLIP prompt is the conversation *without* the preferred
-answer (earlier turns and the last question), so the visual tokens, shared by both, do not see
+answer and on the rejected one (with ``vicuna_v1`` and ``text_encoding='original'``, the DPO
+recipe, as the original's ``train_dpo.py`` encodes them: :mod:`ppllava_jax.data.dpo`). The CLIP
+prompt is the conversation *without* the preferred answer (earlier turns and the last question;
+the original's: the stripped question), so the visual tokens, shared by both, do not see
 either answer. ``data.batch_size`` counts pairs: a batch has ``2 * batch_size`` rows, chosen rows
 ``0..B-1`` then rejected rows ``B..2B-1``, row ``i + B`` the rejected twin of row ``i``
 (``meta['dpo_role']`` says which). The twins share the visual input: row ``i + B`` is collated

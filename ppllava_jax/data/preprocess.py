@@ -12,14 +12,16 @@ identically whatever the worker count and after a resume.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 
 from ppllava_jax.data import annotations as ann
+from ppllava_jax.data import dpo, numbered_frames, original_text
+from ppllava_jax.data import frame_index as fidx
 from ppllava_jax.data import image as img
-from ppllava_jax.data import original_text
 from ppllava_jax.data import templates as tpl
 from ppllava_jax.data import video as vid
 from ppllava_jax.data.collate import Media, Planner
@@ -59,8 +61,13 @@ class Preprocess:
         self.clip_prompt = str(cfg.clip_prompt)
         self.sampling = cfg.frame_sampling or ("rand" if cfg.training else "middle")
         self.size = tower_size(model_cfg)
+        # the family picks the video processor (img.tower_frames): Qwen fits and pads
+        self.qwen = bool(getattr(model_cfg, "qwen", False))
         self.pinpoints = grid_pinpoints(model_cfg)
         self.max_images = int(cfg.max_images)
+        # training reads whole videos unless data.training_bounds (the original's readers get
+        # no bound in training); evaluation honours a sample's bound
+        self.use_bounds = not self.training or bool(cfg.get("training_bounds", False))
         self.clip_max_length = int(cfg.clip_max_length)
         self.max_length = int(cfg.max_length)
         self.seed = int(cfg.seed)
@@ -74,6 +81,12 @@ class Preprocess:
             and self.training
             and not self.dpo
             and tpl.get_template(cfg.template).name in original_text.ORIGINAL_TEMPLATES
+        )
+        # preference pairs as the original's train_dpo.py builds them (data/dpo.py)
+        self.original_dpo = (
+            self.dpo
+            and cfg.get("text_encoding", "original") == "original"
+            and tpl.get_template(cfg.template).name == "vicuna_v1"
         )
         self.frame_folder_order = cfg.get("frame_folder_order", "name")
         self.frames = frames_per_group(cfg, model_cfg)
@@ -117,12 +130,23 @@ class Preprocess:
         return self._planner
 
     def encode_text(
-        self, sample: ann.Sample, turns, original: bool = False, answer_prefix: str | None = None
+        self,
+        sample: ann.Sample,
+        turns,
+        original: bool = False,
+        answer_prefix: str | None = None,
+        num_images: int | None = None,
     ) -> tpl.Encoded:
         """``turns`` of ``sample`` tokenized with their labels: the original's training sample
-        (``original_text.encode_training_sample``) or ``templates.encode_conversation``."""
+        (``original_text.encode_training_sample``) or ``templates.encode_conversation``;
+        ``num_images`` (default ``sample.num_images``): the visual inputs kept."""
         args = (self.tokenizer, turns, self.template, self.model_cfg.image_token_index)
-        kw = dict(num_images=sample.num_images, system=sample.system)
+        n = sample.num_images if num_images is None else num_images
+        kw = dict(num_images=n, system=sample.system)
+        if self.original_dpo:
+            return dpo.encode_preference_text(
+                self.tokenizer, turns, args[3], **kw, legacy=self.tokenizer_legacy
+            )
         if original:
             return original_text.encode_training_sample(*args, **kw)
         return tpl.encode_conversation(
@@ -136,15 +160,19 @@ class Preprocess:
         turns = list(sample.turns)
         if self.generation_prompt:
             turns[-1] = tpl.Turn(turns[-1].q, None)
+        rng = np.random.default_rng([self.seed, epoch, position])
+        kept = self.multi_image_paths(sample, rng) if sample.media_type == "multi-image" else []
+        n_img = len(kept) if kept else None
         if self.original_encoding:  # ids, labels and CLIP text of the original's training sample
-            enc = self.encode_text(sample, turns, original=True)
+            enc = self.encode_text(sample, turns, original=True, num_images=n_img)
         else:
             prefix = self.answer_prefix if self.generation_prompt else None
-            enc = self.encode_text(sample, turns, answer_prefix=prefix)
+            enc = self.encode_text(sample, turns, answer_prefix=prefix, num_images=n_img)
         clip_text = enc.clip_text
         if self.clip_prompt == "question":
             clip_text = tpl.clip_text_of(turns, False)
-        elif self.dpo:  # the CLIP prompt without the preferred answer (shared by both twins)
+        elif self.dpo and not self.original_dpo:  # the CLIP prompt without the preferred
+            # answer, shared by both twins (data/dpo.py's encoding gives the original's)
             clip_text = tpl.clip_text_of([*turns[:-1], tpl.Turn(turns[-1].q, None)], True)
         clip_ids, clip_mask = self.encode_prompt(clip_text, self.training)
         rec = {
@@ -156,21 +184,13 @@ class Preprocess:
         }
         if self.dpo:
             rejected = [*turns[:-1], tpl.Turn(turns[-1].q, sample.extra["rejected"])]
-            rej = self.encode_text(sample, rejected)
+            rej = self.encode_text(sample, rejected, num_images=n_img)
             rec["rejected_input_ids"] = rej.input_ids.astype(np.int32)
             rec["rejected_labels"] = rej.labels.astype(np.int32)
         mt = sample.media_type
         if mt == "video":
-            rng = np.random.default_rng([self.seed, epoch, position])
-            clip = vid.load_video(
-                sample.media[0],
-                self.num_frames,
-                self.sampling,
-                rng=rng,
-                bound=sample.bound,
-                folder_order=self.frame_folder_order,
-            )
-            rec["pixels"] = img.resize_frames(clip.frames, self.size)
+            clip = self.load_video(sample, rng)
+            rec["pixels"] = img.tower_frames(clip.frames, self.size, self.qwen)
             rec["kind"] = "video"
         elif mt == "image":
             views, _, hw = img.anyres_views_uint8(
@@ -178,15 +198,8 @@ class Preprocess:
             )
             rec["pixels"], rec["image_size"], rec["kind"] = views, np.asarray(hw, np.int32), "image"
         elif mt == "multi-image":
-            if len(sample.media) > self.max_images:
-                raise DataError(
-                    f"{sample.source} [sample {sample.index}]: {len(sample.media)} images > "
-                    f"data.max_images={self.max_images}",
-                    path=sample.source,
-                )
-            # sorted as the original's raw-frame reader sorts the path list before reading
-            paths = sorted(sample.media)
-            rec["pixels"] = img.resize_frames([img.load_image(p) for p in paths], self.size)
+            images = [img.load_image(p) for p in kept]
+            rec["pixels"] = img.tower_frames(images, self.size, self.qwen)
             rec["kind"] = "multi"
         n = self.length_of(rec)
         if n > self.max_length:
@@ -194,6 +207,36 @@ class Preprocess:
             raise SampleTooLongError(n, self.max_length, path=where)
         rec["length"] = np.int32(n)
         return rec
+
+    def load_video(self, sample: ann.Sample, rng: np.random.Generator) -> vid.Clip:
+        """T sampled frames of a video sample: a frame folder with ``total_frames`` as the
+        original reads one (``numbered_frames``), else ``video.load_video``."""
+        bound = sample.bound if self.use_bounds else None
+        path = sample.media[0]
+        total = sample.extra.get("total_frames")
+        if total is not None and os.path.isdir(path):
+            return numbered_frames.load_numbered_frames(
+                path, total, self.num_frames, self.sampling, rng=rng, bound=bound
+            )
+        return vid.load_video(
+            path,
+            self.num_frames,
+            self.sampling,
+            rng=rng,
+            bound=bound,
+            folder_order=self.frame_folder_order,
+        )
+
+    def multi_image_paths(self, sample: ann.Sample, rng: np.random.Generator) -> list[str]:
+        """The images a multi-image sample keeps: its paths sorted (as the original's raw-frame
+        reader sorts them), all of them up to ``data.max_images`` (the original: 32), beyond
+        that ``max_images`` picked by the frame rule (``frame_index.frame_indices``, in training
+        a random subset as the original's ``get_frame_indices(32, n, 'rand')``)."""
+        paths = sorted(sample.media)
+        if len(paths) <= self.max_images:
+            return paths
+        keep = fidx.frame_indices(self.max_images, len(paths), self.sampling, rng)
+        return [paths[int(i)] for i in keep]
 
     def decode_exact(self, sample: ann.Sample) -> dict:
         """An exact evaluation sample (:func:`annotations.eval_sample`):
@@ -225,7 +268,7 @@ class Preprocess:
             "clip_ids": clip_ids,
             "clip_mask": clip_mask,
             "kind": "video",
-            "pixels": img.resize_frames(clip.frames, self.size),
+            "pixels": img.tower_frames(clip.frames, self.size, self.qwen),
             "frame_indices": np.asarray(clip.indices, np.int64),
         }
         if clip.files:

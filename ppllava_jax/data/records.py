@@ -34,6 +34,7 @@ FIXED = (
     "template",
     "training",
     "frame_sampling",
+    "training_bounds",
     "seed",
     "generation_prompt",
     "answer_prefix",

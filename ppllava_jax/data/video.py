@@ -354,11 +354,13 @@ def write_video(
     fps: float = 8.0,
     codec: str | None = None,
     options: dict[str, str] | None = None,
+    pix_fmt: str = "yuv420p",
 ) -> None:
-    """Encode uint8[T, H, W, 3] frames (H, W even) to a video file with PyAV.
+    """Encode uint8[T, H, W, 3] frames (H, W even for yuv420p) to a video file with PyAV.
 
     ``codec`` defaults to libx264 for .mp4/.mkv/.mov (mpeg4 when libx264 is missing), libvpx
     for .webm and mpeg4 for .avi. Encoding is single-threaded, hence deterministic.
+    ``codec="ffv1", pix_fmt="bgr0"`` (in .mkv) is lossless: decoding gives the frames back.
     """
     import fractions
 
@@ -380,7 +382,7 @@ def write_video(
     with av.open(path, mode="w") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         stream.thread_count = 1
         if codec == "mpeg4":
             stream.bit_rate = 8_000_000  # near-lossless for small frames

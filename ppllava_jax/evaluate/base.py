@@ -41,6 +41,11 @@ class Benchmark:
         Template questions are called without it (default ``mc_record``)."""
         return mc_record(q, prediction)
 
+    def setting(self) -> str:
+        """What a results file must say about how it was produced beyond the benchmark's name
+        (Video-MME: with or without subtitles); "" for nothing."""
+        return ""
+
     def summarize(self, records: Sequence[dict], questions: Sequence[Question]) -> dict[str, Any]:
         return mc_summary(records, self.group_key, len(questions))
 

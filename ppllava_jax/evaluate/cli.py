@@ -14,14 +14,17 @@ DEFAULT_MAX_MISSING = 0.05
 
 
 def make_benchmark(name: str, data: str, **kw: Any) -> Benchmark:
-    """The benchmark ``name`` over ``data``. kw: num_frames, num_frames_long, video_dir,
-    subtitle_dir, use_subtitles (or subtitles), split, mvbench_system, qa_dataset, vcg_system,
-    vcg_legacy_labels (unused ones are ignored)."""
+    """The benchmark ``name`` over ``data``. kw: qwen (the model family: ``PPLLaVAConfig.qwen``,
+    which picks the original's Qwen or Vicuna prompts, reply splits and decoding), num_frames
+    (negative: 32 or 64 by each video's length, as the original's ``get_index``),
+    num_frames_long, video_dir, subtitle_dir, use_subtitles (or subtitles), split,
+    mvbench_system, qa_dataset, vcg_system, vcg_legacy_labels (unused ones are ignored)."""
     nf = int(kw.get("num_frames") or 0)
+    qwen = bool(kw.get("qwen", False))
     if name == "mvbench":
         from ppllava_jax.evaluate.mvbench import MVBench
 
-        return MVBench(data, nf or 32, system_llm=bool(kw.get("mvbench_system", False)))
+        return MVBench(data, nf or 32, system_llm=bool(kw.get("mvbench_system", False)), qwen=qwen)
     if name == "videomme":
         from ppllava_jax.evaluate.videomme import VideoMME
 
@@ -32,12 +35,17 @@ def make_benchmark(name: str, data: str, **kw: Any) -> Benchmark:
             video_dir=kw.get("video_dir", ""),
             subtitle_dir=kw.get("subtitle_dir", ""),
             subtitles=bool(kw.get("use_subtitles") or kw.get("subtitles")),
+            qwen=qwen,
         )
     if name == "openqa":
         from ppllava_jax.evaluate.openqa import OpenQA
 
         return OpenQA(
-            data, nf or 32, video_dir=kw.get("video_dir", ""), dataset=kw.get("qa_dataset") or ""
+            data,
+            nf or 32,
+            video_dir=kw.get("video_dir", ""),
+            dataset=kw.get("qa_dataset") or "",
+            qwen=qwen,
         )
     if name == "vcgbench":
         from ppllava_jax.evaluate.openqa import VCGBench
@@ -48,6 +56,7 @@ def make_benchmark(name: str, data: str, **kw: Any) -> Benchmark:
             video_dir=kw.get("video_dir", ""),
             system_vcg=bool(kw.get("vcg_system", False)),
             legacy_consistency_labels=bool(kw.get("vcg_legacy_labels", False)),
+            qwen=qwen,
         )
     if name == "synthetic":
         from ppllava_jax.evaluate.synthetic import Synthetic
@@ -112,7 +121,9 @@ def main(
     )
     if not num_frames and benchmark == "synthetic":
         num_frames = setup.defaults.get("num_frames", 0)
-    bench = make_benchmark(benchmark, data, **{**kw, "num_frames": num_frames})
+    # the family's protocol comes from the checkpoint's model config, never from a flag
+    qwen = bool(getattr(setup.cfg, "qwen", False))
+    bench = make_benchmark(benchmark, data, **{**kw, "num_frames": num_frames, "qwen": qwen})
     result = runner.run(
         bench,
         setup,

@@ -12,6 +12,10 @@ from typing import Any
 from ppllava_jax.data.video import FrameRule
 from ppllava_jax.evaluate.extract import extract_letter
 
+# frames read when a per-video count (negative --num_frames) meets media that cannot be read:
+# the pipeline then reports the video as unreadable
+UNREADABLE_FRAMES = 32
+
 log = logging.getLogger(__name__)
 
 
@@ -295,6 +299,44 @@ def format_table(summary: dict[str, Any], title: str) -> str:
         if k.endswith("_file"):
             lines.append(f"{k}: {v}")
     return "\n".join(lines)
+
+
+def media_extent(video: str, rule: FrameRule) -> tuple[int, float]:
+    """``(max_frame, fps)`` the original's readers give ``get_index``: a frame folder (its
+    number of entries, ``rule.folder_fps``), a GIF (frames - 1, 25 fps as ``read_gif``) or a
+    video file (frames - 1, its average rate). Raises MediaError / OSError when unreadable."""
+    from ppllava_jax.data import video as vid
+
+    if os.path.isdir(video):
+        return len(os.listdir(video)), float(rule.folder_fps)
+    if video.lower().endswith(".gif"):
+        from PIL import Image
+
+        with Image.open(video) as im:
+            return int(getattr(im, "n_frames", 1)) - 1, vid.GIF_RULE_FPS
+    n, fps = vid.video_info(video)
+    return n - 1, float(fps)
+
+
+def resolve_frame_rule(video: str, rule: FrameRule, assigned_frame: int = 16) -> FrameRule:
+    """``rule`` with the frame count the original's ``get_index`` reads for ``video``: a
+    positive ``num_segments`` as it is; 0 ``assigned_frame``; negative 32 or 64 by the clip's
+    length at ``|num_segments|`` seconds a frame (``frame_index.eval_num_segments``). Media
+    that cannot be read get :data:`UNREADABLE_FRAMES` (the pipeline then skips them)."""
+    from ppllava_jax.data.errors import MediaError
+    from ppllava_jax.data.frame_index import eval_num_segments
+
+    n = int(rule.num_segments)
+    if n > 0:
+        return rule
+    if n == 0:
+        return dataclasses.replace(rule, num_segments=int(assigned_frame))
+    try:
+        max_frame, fps = media_extent(video, rule)
+    except (MediaError, OSError):
+        return dataclasses.replace(rule, num_segments=UNREADABLE_FRAMES)
+    t = eval_num_segments(n, max_frame, fps, rule.bound, assigned_frame)
+    return dataclasses.replace(rule, num_segments=t)
 
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".gif")

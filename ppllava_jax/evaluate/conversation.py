@@ -13,8 +13,17 @@ reproduces that for one user turn, character for character:
   (``ASSISTANT: {answer_prompt}``, no separator after it); without one the prompt ends
   with ``ASSISTANT: `` (a trailing space, which the Llama tokenizer turns into ``▁``).
 
-The tokenizer then adds BOS. Only the Vicuna (``USER: `` / ``ASSISTANT: ``) templates are
-here: ``plain_v1``, ``conv_vcg_v1``, ``conv_mvbench_v1`` and ``conv_videoqa_v1``.
+The Vicuna templates (``USER: `` / ``ASSISTANT: ``; the tokenizer adds BOS): ``plain_v1``,
+``conv_vcg_v1``, ``conv_mvbench_v1``, ``conv_videoqa_v1``. The Qwen ones (roles
+``<|im_start|>user\n`` / ``<|im_start|>assistant\n``, both separators ``<|im_end|>\n``, no
+BOS): ``plain_qwen``, ``conv_vcg_qwen`` (the Video-ChatGPT system text, then ``<|im_end|>\n``,
+no ``<|im_start|>system``), ``conv_videoqa_qwen``. E.g. ``plain_qwen`` with an answer prompt:
+``<|im_start|>user\n<image>\n{query}<|im_end|>\n<|im_start|>assistant\n{answer_prompt}``.
+
+:class:`Family` holds what a model family changes in every benchmark (the original's drivers
+switch when ``'qwen'`` is in the LLM name; here ``PPLLaVAConfig.qwen``): the templates, the
+text VCGBench splits its decoded reply on (``conv.roles[1]``, for Qwen ``'assistant\n'``) and
+the special tokens ``decode(..., skip_special_tokens=True)`` drops.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ MM_TOKEN = "<image>\n"
 
 @dataclasses.dataclass(frozen=True)
 class EvalConversation:
-    """One of the original's Vicuna conversation templates (fields as in ``conv.py``)."""
+    """One of the original's evaluation conversation templates (fields as in ``conv.py``)."""
 
     system: str = ""
     roles: tuple[str, str] = ("USER: ", "ASSISTANT: ")
@@ -55,6 +64,9 @@ VIDEOQA_PRE_QUERY = (
 )
 VIDEOQA_ANSWER = "Answer: In the video,"
 
+QWEN_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
+QWEN_SEP = ("<|im_end|>\n", "<|im_end|>\n")
+
 TEMPLATES: dict[str, EvalConversation] = {
     "plain_v1": EvalConversation(),
     "conv_vcg_v1": EvalConversation(system=VCG_SYSTEM),
@@ -62,7 +74,59 @@ TEMPLATES: dict[str, EvalConversation] = {
     "conv_videoqa_v1": EvalConversation(
         pre_query_prompt=VIDEOQA_PRE_QUERY, answer_prompt=VIDEOQA_ANSWER
     ),
+    "plain_qwen": EvalConversation(roles=QWEN_ROLES, sep=QWEN_SEP),
+    "conv_vcg_qwen": EvalConversation(system=VCG_SYSTEM, roles=QWEN_ROLES, sep=QWEN_SEP),
+    "conv_videoqa_qwen": EvalConversation(
+        roles=QWEN_ROLES,
+        sep=QWEN_SEP,
+        pre_query_prompt=VIDEOQA_PRE_QUERY,
+        answer_prompt=VIDEOQA_ANSWER,
+    ),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a model family changes in the benchmark protocols (module docstring).
+
+    Attributes:
+      name: ``vicuna`` or ``qwen``.
+      plain: MVBench, Video-MME and VCGBench (without ``--system_vcg``).
+      vcg_system: VCGBench with ``--system_vcg``.
+      videoqa: open-ended QA.
+      vcg_split: VCGBench's reply split (``decoded.split(vcg_split)[1].strip()``).
+      special_tokens: the texts ``decode(skip_special_tokens=True)`` drops from a prompt.
+    """
+
+    name: str
+    plain: str
+    vcg_system: str
+    videoqa: str
+    vcg_split: str
+    special_tokens: tuple[str, ...]
+
+
+VICUNA = Family("vicuna", "plain_v1", "conv_vcg_v1", "conv_videoqa_v1", "ASSISTANT: ", ("<image>",))
+QWEN = Family(
+    "qwen",
+    "plain_qwen",
+    "conv_vcg_qwen",
+    "conv_videoqa_qwen",
+    "assistant\n",
+    ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<image>", "<video>"),
+)
+FAMILIES = {f.name: f for f in (VICUNA, QWEN)}
+
+
+def family_of(qwen: bool | str | Family) -> Family:
+    """The family of a model (``PPLLaVAConfig.qwen``), or the family named ``vicuna`` / ``qwen``."""
+    if isinstance(qwen, Family):
+        return qwen
+    if isinstance(qwen, str):
+        if qwen not in FAMILIES:
+            raise ValueError(f"unknown model family {qwen!r}; use one of {sorted(FAMILIES)}")
+        return FAMILIES[qwen]
+    return QWEN if qwen else VICUNA
 
 
 def get_conversation(name: str) -> EvalConversation:
@@ -119,9 +183,12 @@ def reply_after(decoded: str, split_str: str) -> str:
     return parts[1].strip()
 
 
-def decoded_text(prompt_text: str, reply: str) -> str:
+def decoded_text(prompt_text: str, reply: str, family: Family = VICUNA) -> str:
     """What the drivers decode (``skip_special_tokens=True``), rebuilt from the prompt text and
-    the decoded reply: ``<image>`` dropped, the reply appended. It differs from the token
-    decoding only in whitespace next to ``<image>`` and at the prompt/reply seam, which
-    :func:`reply_after` strips."""
-    return prompt_text.replace("<image>", "") + reply
+    the decoded reply: the family's special tokens dropped, the reply appended. For Vicuna it
+    differs from the token decoding only in whitespace next to ``<image>`` and at the
+    prompt/reply seam, which :func:`reply_after` strips; Qwen's byte-level decoding is the
+    concatenation itself."""
+    for token in family.special_tokens:
+        prompt_text = prompt_text.replace(token, "")
+    return prompt_text + reply

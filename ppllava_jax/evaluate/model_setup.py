@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from ppllava_jax import sharding
-from ppllava_jax.convert.api import per_layer
+from ppllava_jax.convert.api import DTYPES, per_layer
 from ppllava_jax.data import collate as col
 from ppllava_jax.evaluate import checkpoint_check
 from ppllava_jax.generate import PROMPT_BUCKETS, SamplingConfig, prompt_buckets
@@ -161,12 +161,17 @@ def load_setup(
 ) -> Setup:
     """Read a checkpoint directory (module docstring) onto a local mesh.
 
+    dtype: the model's dtype while answering, its compute and its parameters (restored into
+    it): ``float16`` as the original evaluates (its models are loaded in ``torch.float16``),
+    ``bfloat16``, ``float32``; None: the checkpoint config's (parameters as stored).
     tokenizer_legacy: see :attr:`Setup.tokenizer_legacy`; ``FROM_CHECKPOINT``: what
     ``inference.json`` records (the setting training used), else True (legacy)."""
     from ppllava_jax.models.ppllava import PPLLaVA
 
     checkpoint = os.fspath(checkpoint)
-    runtime = {"dtype": dtype} if dtype else {}
+    if dtype and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    runtime = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
     # a missing directory, another family, a params/ tree unlike config.json's model: said
     # before anything is restored (checkpoint_check)
     checkpoint_check.check_checkpoint(checkpoint, runtime)
@@ -187,7 +192,9 @@ def load_setup(
         mesh=m,
         tokenizer_dir=tok,
         clip_tokenizer_dir=ctok if os.path.isdir(ctok) else "",
-        template=template or defaults.get("template", "plain_v1"),
+        # the family's template when inference.json names none (converted checkpoints)
+        template=template
+        or defaults.get("template", "plain_qwen" if getattr(cfg, "qwen", False) else "plain_v1"),
         defaults=defaults,
         checkpoint=checkpoint,
         tokenizer_legacy=tokenizer_legacy,

@@ -11,19 +11,22 @@ The protocol, one pure function per piece (the reader and the tests use the same
 
 - :func:`qa_template`: ``Question: {q}\\nOptions:\\n(A) {c1}\\n...`` rstripped, and the
   reference ``gt = '(X) answer'`` (``X = '@'`` when the answer is none of the candidates).
-- :func:`prompt_text`: template ``plain_v1``, user turn = question + ``\\nOnly give the best
-  option.``, answer prefix ``Best option:(``:
-  ``USER: <image>\\n{question}\\nOnly give the best option. ASSISTANT: Best option:(``. The
-  MVBench system text is off as the shipped script runs it (``--system_llm`` is a
-  ``store_false`` flag); ``system_llm=True`` (``eval.py --mvbench_system``) puts it in front
-  of the question, as the driver does when the flag is omitted.
+- :func:`prompt_text`: template ``plain_v1`` (Qwen: ``plain_qwen``), user turn = question +
+  ``\\nOnly give the best option.``, answer prefix ``Best option:(``:
+  ``USER: <image>\\n{question}\\nOnly give the best option. ASSISTANT: Best option:(``, for
+  Qwen ``<|im_start|>user\\n<image>\\n{question}\\nOnly give the best option.<|im_end|>\\n
+  <|im_start|>assistant\\nBest option:(`` (one line). The MVBench system text is off as the
+  shipped script runs it (``--system_llm`` is a ``store_false`` flag); ``system_llm=True``
+  (``eval.py --mvbench_system``) puts it in front of the question, as the driver does when
+  the flag is omitted.
 - CLIP text: the ``qa_template`` question alone (no trailing instruction).
-- :func:`frame_rule`: 32 segments of ``EvalDataset.get_index``; the ``start``/``end`` bound
+- :func:`frame_rule`: 32 segments of ``EvalDataset.get_index`` (a negative ``num_segments``:
+  32 or 64 by the clip's length, ``common.resolve_frame_rule``); the ``start``/``end`` bound
   only for the tasks flagged in :data:`TASKS`; videos decoded whole (``first_idx=0``),
   frame folders (Episodic Reasoning) at 3 fps from ``00001.jpg`` (``first_idx=1``,
   ``max_frame`` = number of files, ``'{:0>5}.jpg'``).
 - :func:`pred_of`: ``'(' + decoded.split('Best option:(')[1].strip()``, the decoded text
-  being prompt + generated ids with ``skip_special_tokens=True``.
+  being prompt + generated ids with ``skip_special_tokens=True`` (both families).
 - Scoring: both verdicts (``scoring.mvbench_verdict`` = the original ``check_ans``,
   ``scoring.mvbench_verdict_strict``), and the original ``save_results`` ``acc_dict``.
 
@@ -42,8 +45,16 @@ from ppllava_jax.data.annotations import read_json_list
 from ppllava_jax.data.video import FrameRule
 from ppllava_jax.evaluate import scoring
 from ppllava_jax.evaluate.base import Benchmark
-from ppllava_jax.evaluate.common import ItemReader, Question, field
-from ppllava_jax.evaluate.conversation import MVBENCH_SYSTEM, one_turn_prompt, reply_after
+from ppllava_jax.evaluate.common import ItemReader, Question, field, resolve_frame_rule
+from ppllava_jax.evaluate.conversation import (
+    MVBENCH_SYSTEM,
+    VICUNA,
+    Family,
+    decoded_text,
+    family_of,
+    one_turn_prompt,
+    reply_after,
+)
 
 # task -> (video folder under DIR/video, data type, uses the bound): the original's ``data_list``
 # of ppllava/test/mvbench/utils.py, whose JSON file is the task's name in snake case
@@ -104,10 +115,10 @@ def qa_template(data: Mapping[str, Any]) -> tuple[str, str]:
     return question, f"({chr(ord('A') + answer_idx)}) {answer}"
 
 
-def prompt_text(question: str, system_llm: bool = False) -> str:
+def prompt_text(question: str, system_llm: bool = False, family: Family = VICUNA) -> str:
     """The full LLM prompt of a ``qa_template`` question (no BOS; module docstring)."""
     query = (SYSTEM if system_llm else "") + question + QUESTION_PROMPT
-    return one_turn_prompt("plain_v1", query, answer_prompt=ANSWER_PROMPT)
+    return one_turn_prompt(family.plain, query, answer_prompt=ANSWER_PROMPT)
 
 
 def frame_rule(
@@ -148,12 +159,15 @@ def question_of(
     system_llm: bool = False,
     data_type: str | None = None,
     uses_bound: bool | None = None,
+    family: Family | bool | str = VICUNA,
 ) -> Question:
     """The :class:`Question` of one MVBench json item (what the reader builds).
 
     task_type: a key of :data:`TASKS` (data type and bound flag come from it unless given).
     video_root: the task's video folder (``DIR/video/<prefix>``).
+    family: the model family (``conversation.family_of``: a Family, ``qwen`` bool or name).
     """
+    family = family_of(family)
     if data_type is None or uses_bound is None:
         if task_type not in TASKS:
             raise ValueError(f"unknown MVBench task {task_type!r}; known: {sorted(TASKS)}")
@@ -168,13 +182,15 @@ def question_of(
     if uses_bound:
         field(data, "start", (int, float)), field(data, "end", (int, float))
     question, gt = qa_template(data)
+    video = os.path.join(video_root, data["video"])
+    rule = frame_rule(data_type, uses_bound, data, num_segments)
     return Question(
         qid=qid,
-        video=os.path.join(video_root, data["video"]),
+        video=video,
         answer=gt,
-        prompt_text=prompt_text(question, system_llm),
+        prompt_text=prompt_text(question, system_llm, family),
         clip_text=question,
-        frames=frame_rule(data_type, uses_bound, data, num_segments),
+        frames=resolve_frame_rule(video, rule),
         answer_prefix=ANSWER_PROMPT,
         candidates=tuple(str(c) for c in data["candidates"]),
         info={"task_type": task_type, "question": question},
@@ -207,10 +223,19 @@ class MVBench(Benchmark):
     group_key = "task_type"
     max_new_tokens = 200
 
-    def __init__(self, data: str, num_frames: int = NUM_SEGMENTS, system_llm: bool = False):
+    def __init__(
+        self,
+        data: str,
+        num_frames: int = NUM_SEGMENTS,
+        system_llm: bool = False,
+        qwen: bool = False,
+    ):
+        """num_frames: frames per video (negative: 32 or 64 by length, as ``get_index``);
+        qwen: the Qwen family's protocol (``PPLLaVAConfig.qwen``)."""
         self.root = os.fspath(data)
         self.num_frames = int(num_frames or NUM_SEGMENTS)
         self.system_llm = bool(system_llm)
+        self.family = family_of(qwen).name
 
     def questions(self) -> list[Question]:
         """Every item of every task file; a malformed item is skipped (:meth:`bad_items`)."""
@@ -231,6 +256,7 @@ class MVBench(Benchmark):
                     system_llm=self.system_llm,
                     data_type=kind,
                     uses_bound=use_bound,
+                    family=self.family,
                 )
         self._bad_items = reader.bad
         return reader.questions
@@ -239,9 +265,7 @@ class MVBench(Benchmark):
         """The original's saved fields (``pred``, ``gt``, ``task_type``, ``video_path``,
         ``question``) plus the reply and both verdicts."""
         if not decoded:
-            from ppllava_jax.evaluate.conversation import decoded_text
-
-            decoded = decoded_text(q.prompt_text, prediction)
+            decoded = decoded_text(q.prompt_text, prediction, family_of(self.family))
         pred = pred_of(decoded)
         v_orig = scoring.mvbench_verdict(pred, q.answer)
         v_strict = scoring.mvbench_verdict_strict(pred, q.answer)

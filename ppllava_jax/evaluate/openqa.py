@@ -18,11 +18,14 @@ path naming msvd, else MSRVTT; the setting only picks the layout, not the protoc
                  <video_dir>/v_<video_name>/000001.jpg ... (read at 3 fps, numbered from 1)
 
 Prompt (``conv_videoqa_v1``): ``USER: <image>\\n{pre-query prompt} {question} ASSISTANT:
-Answer: In the video,``; CLIP text = the question; 32 frames (``--num_frames``) by
-``frame_index.segment_indices``. Judge record (``<out stem>_pred.json``, a JSON list as the
-original's ``<dataset>.json``): ``{"pred", "answer", "question", "id"}``, ``pred`` = the
-decoded prompt + generation between the first and second ``Answer: In the video,``,
-stripped; ``answer``, ``question``, ``id`` as in the annotation (types kept).
+Answer: In the video,``; the Qwen family (``conv_videoqa_qwen``): ``<|im_start|>user\\n<image>
+\\n{pre-query prompt} {question}<|im_end|>\\n<|im_start|>assistant\\nAnswer: In the video,``
+(one line). CLIP text = the question; 32 frames (``--num_frames``; negative: 32 or 64 by the
+video's length, as ``get_index``) by ``frame_index.segment_indices``. Judge record
+(``<out stem>_pred.json``, a JSON list as the original's ``<dataset>.json``): ``{"pred",
+"answer", "question", "id"}``, ``pred`` = the decoded prompt + generation between the first
+and second ``Answer: In the video,``, stripped; ``answer``, ``question``, ``id`` as in the
+annotation (types kept).
 
 **VCGBench** (``--benchmark vcgbench``, ``--data ROOT``)::
 
@@ -34,12 +37,16 @@ stripped; ``answer``, ``question``, ``id`` as in the annotation (types kept).
 (the JSON files directly in ROOT are read too). Prompt (``plain_v1``): ``USER: <image>\\n{Q}
 ASSISTANT: `` (the trailing space is the token ``▁``); ``system_vcg=True`` uses
 ``conv_vcg_v1`` (the Video-ChatGPT system text first). ``pred`` = the decoded text split on
-``'ASSISTANT: '``, element 1, stripped. Consistency asks Q1, then Q2. Saved files as the
-original's ``save_results``: ``<out stem>_general.json``, ``_temporal.json``,
-``_consist.json`` (``{"pred", "A", "Q", "video_name"}``; consistency ``{"pred1", "pred2",
-"video_name", "A", "Q1", "Q2"}``, ``pred1`` answering Q1). The original labels the
-consistency questions the wrong way round (its ``Q1`` holds Q2); ``legacy_consistency_labels
-=True`` writes that layout.
+``'ASSISTANT: '``, element 1, stripped. The Qwen family: ``plain_qwen``
+(``<|im_start|>user\\n<image>\\n{Q}<|im_end|>\\n<|im_start|>assistant\\n``) or ``conv_vcg_qwen``
+(the system text + ``<|im_end|>\\n`` first), ``pred`` = the decoded text split on
+``'assistant\\n'``, element 1, stripped: a question ending in "assistant" or a reply holding
+``assistant\\n`` cuts the prediction there, as in the original. Consistency asks Q1, then
+Q2. Saved files as the original's ``save_results``: ``<out stem>_general.json``,
+``_temporal.json``, ``_consist.json`` (``{"pred", "A", "Q", "video_name"}``; consistency
+``{"pred1", "pred2", "video_name", "A", "Q1", "Q2"}``, ``pred1`` answering Q1). The original
+labels the consistency questions the wrong way round (its ``Q1`` holds Q2);
+``legacy_consistency_labels=True`` writes that layout.
 """
 
 from __future__ import annotations
@@ -52,11 +59,14 @@ from typing import Any
 from ppllava_jax.data.annotations import read_json_list
 from ppllava_jax.data.video import FrameRule
 from ppllava_jax.evaluate.base import Benchmark
-from ppllava_jax.evaluate.common import VIDEO_EXTS, ItemReader, Question, field
+from ppllava_jax.evaluate.common import VIDEO_EXTS, ItemReader, Question, field, resolve_frame_rule
 from ppllava_jax.evaluate.conversation import (
+    VICUNA,
     VIDEOQA_ANSWER,
     VIDEOQA_PRE_QUERY,
+    Family,
     decoded_text,
+    family_of,
     one_turn_prompt,
     reply_after,
 )
@@ -66,23 +76,24 @@ QA_POSTFIX = {"msvd": (".avi",), "msrvtt": (".mp4",), "activitynet": (".mp4", ".
 ACTIVITYNET_FRAMES = FrameRule(num_segments=32, folder_fps=3.0, file_pattern="{:0>6}.jpg")
 VCG_TASKS = ("generic", "temporal", "consistency")
 VCG_SAVED = {"generic": "general", "temporal": "temporal", "consistency": "consist"}
-VCG_SPLIT = "ASSISTANT: "
+VCG_SPLIT = VICUNA.vcg_split  # the Vicuna family's; Family.vcg_split
 VCG_POSTFIX = (".mp4", ".mkv", ".mov", ".avi")
 
 
-def qa_prompt_text(question: str) -> str:
-    """The open-ended QA prompt (``conv_videoqa_v1``), no BOS."""
+def qa_prompt_text(question: str, family: Family = VICUNA) -> str:
+    """The open-ended QA prompt (``conv_videoqa_v1`` / ``conv_videoqa_qwen``), no BOS."""
     return one_turn_prompt(
-        "conv_videoqa_v1",
+        family.videoqa,
         question,
         pre_query_prompt=VIDEOQA_PRE_QUERY,
         answer_prompt=VIDEOQA_ANSWER,
     )
 
 
-def vcg_prompt_text(question: str, system_vcg: bool = False) -> str:
-    """The VCGBench prompt (``plain_v1``, or ``conv_vcg_v1`` with ``system_vcg``), no BOS."""
-    return one_turn_prompt("conv_vcg_v1" if system_vcg else "plain_v1", question)
+def vcg_prompt_text(question: str, system_vcg: bool = False, family: Family = VICUNA) -> str:
+    """The VCGBench prompt (``plain_v1`` / ``plain_qwen``, or with ``system_vcg``
+    ``conv_vcg_v1`` / ``conv_vcg_qwen``), no BOS."""
+    return one_turn_prompt(family.vcg_system if system_vcg else family.plain, question)
 
 
 def qa_judge_record(pred: str, answer: Any, question: Any, qid: Any) -> dict[str, Any]:
@@ -90,8 +101,8 @@ def qa_judge_record(pred: str, answer: Any, question: Any, qid: Any) -> dict[str
     return {"pred": pred, "answer": answer, "question": question, "id": qid}
 
 
-def _decoded(q: Question, reply: str, decoded: str) -> str:
-    return decoded or decoded_text(q.prompt_text, reply)
+def _decoded(q: Question, reply: str, decoded: str, family: str) -> str:
+    return decoded or decoded_text(q.prompt_text, reply, family_of(family))
 
 
 def _root(path: str) -> str:
@@ -133,9 +144,18 @@ class OpenQA(_Open):
 
     name = "openqa"
 
-    def __init__(self, data: str, num_frames: int = 32, video_dir: str = "", dataset: str = ""):
+    def __init__(
+        self,
+        data: str,
+        num_frames: int = 32,
+        video_dir: str = "",
+        dataset: str = "",
+        qwen: bool = False,
+    ):
+        """num_frames < 0: 32 / 64 by length (``get_index``); qwen: the Qwen protocol."""
         self.path = os.fspath(data)
         self.num_frames = int(num_frames or 32)
+        self.family = family_of(qwen).name
         dataset = (dataset or "").lower()
         if dataset and dataset not in QA_DATASETS:
             raise ValueError(f"unknown open-ended QA dataset {dataset!r}; use one of {QA_DATASETS}")
@@ -247,9 +267,9 @@ class OpenQA(_Open):
             qid=qid,
             video=video,
             answer=str(r["answer"]),
-            prompt_text=qa_prompt_text(question),
+            prompt_text=qa_prompt_text(question, family_of(self.family)),
             clip_text=question,
-            frames=rule,
+            frames=resolve_frame_rule(video, rule),
             answer_prefix=VIDEOQA_ANSWER,
             info={
                 "dataset": self.dataset,
@@ -259,7 +279,7 @@ class OpenQA(_Open):
         )
 
     def record(self, q: Question, reply: str, decoded: str = "") -> dict[str, Any]:
-        pred = reply_after(_decoded(q, reply, decoded), VIDEOQA_ANSWER)
+        pred = reply_after(_decoded(q, reply, decoded, self.family), VIDEOQA_ANSWER)
         raw = q.info["raw"]
         return {
             "id": q.qid,
@@ -288,9 +308,13 @@ class VCGBench(_Open):
         video_dir: str = "",
         system_vcg: bool = False,
         legacy_consistency_labels: bool = False,
+        qwen: bool = False,
     ):
+        """num_frames < 0: 32 / 64 by length (``get_index``); qwen: the Qwen protocol."""
         self.root = os.fspath(data)
         self.num_frames = int(num_frames or 32)
+        self.family = family_of(qwen).name
+        self.split = family_of(qwen).vcg_split  # the reply split (Family.vcg_split)
         qa = os.path.join(self.root, "Benchmarking_QA")
         self.json_dir = qa if os.path.isdir(qa) else self.root
         if not video_dir:
@@ -343,15 +367,17 @@ class VCGBench(_Open):
         texts = {k: field(r, k) for k in keys}
         answer = field(r, "A")
         video = _with_postfix(os.path.join(self.video_dir, name), VCG_POSTFIX)
+        family = family_of(self.family)
+        rule = resolve_frame_rule(video, rule)
         return [
             Question(
                 qid=f"{task}:{i}:{k}",
                 video=video,
                 answer=answer,
-                prompt_text=vcg_prompt_text(texts[k], self.system_vcg),
+                prompt_text=vcg_prompt_text(texts[k], self.system_vcg, family),
                 clip_text=texts[k],
                 frames=rule,
-                answer_prefix=VCG_SPLIT,
+                answer_prefix=family.vcg_split,
                 group=task,
                 info={
                     "task": task,
@@ -368,7 +394,7 @@ class VCGBench(_Open):
         return {
             "id": q.qid,
             "reply": reply,
-            "pred": reply_after(_decoded(q, reply, decoded), VCG_SPLIT),
+            "pred": reply_after(_decoded(q, reply, decoded, self.family), self.split),
             "question": q.info["raw"]["Q"],
             "answer": q.info["raw"]["A"],
             **{k: v for k, v in q.info.items() if k != "raw"},

@@ -360,7 +360,9 @@ def finalize(
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
     os.replace(tmp, out)
-    print(format_table(summary, f"== {bench.name} =="), flush=True)
+    setting = bench.setting()
+    title = f"== {bench.name} ({setting}) ==" if setting else f"== {bench.name} =="
+    print(format_table(summary, title), flush=True)
     return result
 
 

@@ -13,14 +13,17 @@ Layout (the released dataset; ``--data ROOT`` or the parquet file itself)::
 Protocol (``VideoMME_dataset`` + ``infer_videomme_llava`` + ``eval_your_results``):
 
 - Frames: ``--num_frames 0`` (the default) reads 32 frames of a ``short`` video and 64 of a
-  ``medium``/``long`` one, N>0 reads N of every video; indices by
+  ``medium``/``long`` one, N>0 reads N of every video, N<0 32 or 64 by the video's length
+  (at most ``32 * |N|`` seconds: 32; ``get_index``'s "fps 1" branch); indices by
   ``frame_index.segment_indices`` over the whole video (``max_frame = frames - 1``).
 - Question: ``question + '\\n' + str(options)``, ``options`` rendered as the numpy object
   array pandas returns for the parquet's list column (:func:`render_options`). It is also
   the CLIP text.
 - Prompt (``plain_v1``): ``USER: <image>\\n{SYSTEM}\\n{question} ASSISTANT: The best answer
   is:``; with subtitles ``USER: <image>\\nThis video's subtitles are listed below: {subs}
-  \\n{SYSTEM}\\n{question} ASSISTANT: The best answer is:``.
+  \\n{SYSTEM}\\n{question} ASSISTANT: The best answer is:``. The Qwen family (``plain_qwen``):
+  ``<|im_start|>user\\n<image>\\n{...same user turn...}<|im_end|>\\n<|im_start|>assistant\\n
+  The best answer is:`` (one line).
 - Subtitles (:func:`select_subtitles`): the .srt is split on blank lines, times become frame
   numbers ``int(t * fps)``, a subtitle is kept when a read frame ``f`` has ``start <= f <
   end``, the kept indices are put through ``list(set(...))`` (CPython's set order), each
@@ -33,8 +36,12 @@ Protocol (``VideoMME_dataset`` + ``infer_videomme_llava`` + ``eval_your_results`
   counts it wrong).
 
 Subtitles are off unless ``subtitles=True`` (``eval.py --use_subtitles``). The original's
-program has the same default; its shipped script means to pass ``--use_subtitles`` but a
-broken line continuation drops the flag, so as shipped it runs without subtitles.
+program has the same default; its shipped script means to pass ``--use_subtitles`` with
+``--num-frames 0`` but a broken line continuation drops the flag, so as shipped it runs without
+subtitles. The two settings are two results: the summary says which (``setting``,
+``use_subtitles``), the table title too, and the original-layout file is named after it
+(``<out stem>_videomme_results_with_subtitles.json`` / ``..._without_subtitles.json``); a
+rerun into the other setting's ``--out`` is refused (``answers.protocol``).
 """
 
 from __future__ import annotations
@@ -42,7 +49,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -50,11 +56,24 @@ import numpy as np
 
 from ppllava_jax.data import video as vid
 from ppllava_jax.data.errors import MediaError
-from ppllava_jax.data.frame_index import segment_indices
 from ppllava_jax.evaluate import scoring
 from ppllava_jax.evaluate.base import Benchmark
-from ppllava_jax.evaluate.common import ItemReader, Question, field
-from ppllava_jax.evaluate.conversation import decoded_text, one_turn_prompt, reply_after
+from ppllava_jax.evaluate.common import ItemReader, Question, field, resolve_frame_rule
+from ppllava_jax.evaluate.conversation import (
+    VICUNA,
+    Family,
+    decoded_text,
+    family_of,
+    one_turn_prompt,
+    reply_after,
+)
+from ppllava_jax.evaluate.subtitles import (  # noqa: F401 - re-exported
+    FONT_PATTERN,
+    parse_srt,
+    select_subtitles,
+    subtitle_frames,
+    subtitles_for,
+)
 
 SYSTEM = (
     "Select the best answer to the following multiple-choice question based on the video and "
@@ -62,7 +81,6 @@ SYSTEM = (
 )
 ANSWER_PROMPT = "The best answer is:"
 SUBTITLE_INTRO = "This video's subtitles are listed below: "
-FONT_PATTERN = re.compile(r'<font color="white" size=".72c">(.*?)</font>')
 PARQUET_GLOB = os.path.join("videomme", "test-*.parquet")
 
 
@@ -86,109 +104,40 @@ def question_text(question: str, options: Iterable[str]) -> str:
     return str(question) + "\n" + render_options(options)
 
 
-def prompt_text(question: str, subtitles: str | None = None, system: str = SYSTEM) -> str:
+def prompt_text(
+    question: str,
+    subtitles: str | None = None,
+    system: str = SYSTEM,
+    family: Family = VICUNA,
+) -> str:
     """The LLM prompt (no BOS) of ``infer_videomme_llava``; ``subtitles`` None or empty: the
     prompt without subtitles."""
     if subtitles:
         query = SUBTITLE_INTRO + subtitles + " \n" + system + "\n" + question
     else:
         query = system + "\n" + question
-    return one_turn_prompt("plain_v1", query, answer_prompt=ANSWER_PROMPT)
+    return one_turn_prompt(family.plain, query, answer_prompt=ANSWER_PROMPT)
 
 
 def frames_for(duration: str, num_frames: int, num_frames_long: int = 64) -> int:
     """Frames read for a video of ``duration``: ``num_frames`` if positive, else 32 for
-    ``short`` and ``num_frames_long`` (64) otherwise (the original's ``--num-frames 0``)."""
+    ``short`` and ``num_frames_long`` (64) otherwise (the original's ``--num-frames 0``, the
+    ``assigned_frame`` of ``get_index``; a negative count needs the video:
+    ``VideoMME.frame_rule``)."""
     if num_frames > 0:
         return int(num_frames)
     return 32 if duration == "short" else int(num_frames_long)
+
+
+def setting_name(subtitles: bool) -> str:
+    """``with subtitles`` / ``without subtitles``: the setting a results file holds."""
+    return "with subtitles" if subtitles else "without subtitles"
 
 
 def response_of(decoded: str) -> str:
     """The original's response: the decoded sequence split on ``The best answer is:``,
     element 1, stripped (``return_prompt`` is empty)."""
     return reply_after(decoded, ANSWER_PROMPT)
-
-
-# --------------------------------------------------------------------------------------
-# Subtitles
-
-
-def _srt_time(text: str) -> float:
-    h, m, s_ms = text.split(":")
-    s, ms = s_ms.split(",")
-    return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
-
-
-def parse_srt(text: str, source: str = "<srt>") -> list[tuple[float, float, str]]:
-    """The original's ``load_subtitles``: ``(start_s, end_s, text)`` per block, in the order
-    of a dict keyed by ``(start, end)`` (a repeated time range keeps its first position and
-    its last text). Blocks are split on ``'\\n\\n'``; blocks of fewer than 3 lines are
-    dropped; a block's text is its lines from the third on, joined with a space. ``text`` is
-    the file read in text mode (universal newlines). Raises ValueError naming ``source``
-    on a time line the original cannot parse."""
-    subs: dict[tuple[float, float], str] = {}
-    for section in text.split("\n\n"):
-        if not section.strip():
-            continue
-        lines = section.split("\n")
-        if len(lines) < 3:
-            continue
-        try:
-            start_s, end_s = lines[1].split(" --> ")[:2]
-            key = (_srt_time(start_s), _srt_time(end_s))
-        except ValueError as e:
-            raise ValueError(
-                f"{source}: cannot read the subtitle time line {lines[1]!r} of block "
-                f"{section[:80]!r} (expected 'HH:MM:SS,mmm --> HH:MM:SS,mmm' on the block's "
-                "second line, blocks separated by one blank line)"
-            ) from e
-        subs[key] = " ".join(lines[2:])
-    return [(s, e, t) for (s, e), t in subs.items()]
-
-
-def subtitle_frames(
-    subtitles: Sequence[tuple[float, float, str]], fps: float
-) -> list[tuple[int, int, str]]:
-    """``extract_subtitles``: times to frame numbers, ``int(t * fps)``."""
-    return [(int(s * fps), int(e * fps), t) for s, e, t in subtitles]
-
-
-def select_subtitles(
-    frames: Sequence[tuple[int, int, str]], frame_indices: Iterable[int]
-) -> tuple[str, list[int]]:
-    """The subtitle text of ``VideoMME_dataset.__getitem__`` and the subtitle indices it joins.
-
-    For each read frame ``f`` (in order) and each subtitle ``i`` with ``start <= f < end``,
-    ``i`` is collected; ``list(set(...))`` of those (CPython's set order, not always sorted);
-    for each, the first ``<font color="white" size=".72c">(.*?)</font>`` match (subtitles
-    without one are dropped); joined with one space. Returns (text, indices joined)."""
-    hits: list[int] = []
-    for f in frame_indices:
-        for i, (start, end, _) in enumerate(frames):
-            if f < end and f >= start:
-                hits.append(i)
-    texts, order = [], []
-    for i in list(set(hits)):
-        found = FONT_PATTERN.findall(frames[i][2])
-        if found:
-            texts.append(found[0])
-            order.append(i)
-    return " ".join(texts), order
-
-
-def subtitles_for(
-    srt_path: str, video_frames: int, fps: float, num_segments: int
-) -> tuple[str | None, list[int]]:
-    """Subtitles of a video of ``video_frames`` frames at ``fps`` read with ``num_segments``
-    frames (``segment_indices(video_frames - 1, fps, num_segments)``, as the pipeline reads
-    it): (joined text, subtitle indices joined), or (None, []) when there is no .srt file."""
-    if not os.path.exists(srt_path):
-        return None, []
-    with open(srt_path, encoding="utf-8") as f:
-        subs = parse_srt(f.read(), srt_path)
-    idx = segment_indices(video_frames - 1, fps, num_segments)
-    return select_subtitles(subtitle_frames(subs, fps), idx.tolist())
 
 
 # --------------------------------------------------------------------------------------
@@ -249,7 +198,10 @@ class VideoMME(Benchmark):
         subtitle_dir: str = "",
         subtitles: bool = False,
         system: str = SYSTEM,
+        qwen: bool = False,
     ):
+        """num_frames: 0 32 / ``num_frames_long`` by duration, N>0 N, N<0 32 or 64 by length;
+        qwen: the Qwen family's protocol (``PPLLaVAConfig.qwen``)."""
         self.path = find_parquet(os.fspath(data))
         root = os.fspath(data) if os.path.isdir(data) else os.path.dirname(self.path)
         if os.path.basename(root.rstrip(os.sep)) == "videomme" and not os.path.isdir(
@@ -262,6 +214,29 @@ class VideoMME(Benchmark):
         self.num_frames = int(num_frames or 0)
         self.num_frames_long = int(num_frames_long or 64)
         self.system = system
+        self.family = family_of(qwen).name
+        self._frame_rules: dict[str, vid.FrameRule] = {}
+
+    def setting(self) -> str:
+        """The setting of this run (the results' title and ``summary.setting``)."""
+        frames = (
+            f"{self.num_frames} frames"
+            if self.num_frames > 0
+            else f"32 frames short / {self.num_frames_long} medium+long"
+            if self.num_frames == 0
+            else f"32 or 64 frames by length ({-self.num_frames} s a frame)"
+        )
+        return f"{setting_name(self.subtitles)}, {frames}, {self.family} prompts"
+
+    def frame_rule(self, video_id: str, duration: str) -> vid.FrameRule:
+        """The frames of a video (its count: ``frames_for``, or for a negative
+        ``num_frames`` the video's length as ``get_index``), once per video."""
+        if video_id not in self._frame_rules:
+            video = os.path.join(self.video_dir, f"{video_id}.mp4")
+            assigned = frames_for(duration, 0, self.num_frames_long)
+            rule = vid.FrameRule(num_segments=self.num_frames)
+            self._frame_rules[video_id] = resolve_frame_rule(video, rule, assigned)
+        return self._frame_rules[video_id]
 
     def video_subtitles(self, video_id: str, t: int) -> tuple[str | None, list[int]]:
         """(joined subtitles or None, subtitle indices) of a video read with ``t`` frames."""
@@ -282,6 +257,7 @@ class VideoMME(Benchmark):
         skipped (:meth:`bad_items`)."""
         reader = ItemReader(self.name)
         cache: dict[tuple[str, int], tuple[str | None, list[int]]] = {}
+        self._frame_rules = {}
         name = os.path.basename(self.path)
         for i, r in read_questions(self.path):
             qid = r.get("question_id")
@@ -298,7 +274,8 @@ class VideoMME(Benchmark):
         duration = field(r, "duration")
         options = [str(o) for o in field(r, "options", (list, tuple))]
         question = field(r, "question")
-        t = frames_for(duration, self.num_frames, self.num_frames_long)
+        rule = self.frame_rule(video_id, duration)
+        t = int(rule.num_segments)
         if (video_id, t) not in cache:
             cache[(video_id, t)] = self.video_subtitles(video_id, t)
         subs, order = cache[(video_id, t)]
@@ -307,9 +284,9 @@ class VideoMME(Benchmark):
             qid=str(field(r, "question_id", (str, int))),
             video=os.path.join(self.video_dir, f"{video_id}.mp4"),
             answer=field(r, "answer"),
-            prompt_text=prompt_text(q, subs, self.system),
+            prompt_text=prompt_text(q, subs, self.system, family_of(self.family)),
             clip_text=q,
-            frames=vid.FrameRule(num_segments=t),
+            frames=rule,
             answer_prefix=ANSWER_PROMPT,
             group=f"frames{t}",
             candidates=tuple(options),
@@ -331,7 +308,8 @@ class VideoMME(Benchmark):
         """The original's saved fields (``question_id``, ``task_type``, ``question``,
         ``options``, ``answer``, ``response``) plus the reply, the extractions and both
         verdicts (``scoring``)."""
-        response = response_of(decoded or decoded_text(q.prompt_text, prediction))
+        fam = family_of(self.family)
+        response = response_of(decoded or decoded_text(q.prompt_text, prediction, fam))
         try:
             extraction = scoring.videomme_extract(response)
         except Exception as e:  # noqa: BLE001 - the verdict reports it
@@ -364,15 +342,18 @@ class VideoMME(Benchmark):
     def summarize(self, records: Sequence[dict], questions: Sequence[Question]) -> dict[str, Any]:
         """Both accuracies overall and per duration (the original's denominator leaves out
         the excluded replies; the strict one counts every answered question)."""
-        out = scoring.two_verdict_summary(records, self.group_key)
+        out = {"setting": self.setting(), "use_subtitles": self.subtitles}
+        out.update(scoring.two_verdict_summary(records, self.group_key))
         out["num_questions"] = len(questions)
         out["num_missing"] = len(questions) - len(records)
         return out
 
     def write_outputs(self, records: Sequence[dict], out_path: str) -> dict[str, str]:
-        """``<out stem>_videomme_results.json``: the original's results file (what its
-        ``eval_your_results`` reads): one entry per video with its questions' responses."""
-        path = os.path.splitext(out_path)[0] + "_videomme_results.json"
+        """``<out stem>_videomme_results_with_subtitles.json`` (or ``_without_subtitles``): the
+        original's results file (what its ``eval_your_results`` reads): one entry per video
+        with its questions' responses."""
+        suffix = setting_name(self.subtitles).replace(" ", "_")
+        path = os.path.splitext(out_path)[0] + f"_videomme_results_{suffix}.json"
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(original_results(records), f)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ppllava_jax.models.blockwise import blockwise_attention
+from ppllava_jax.models.layers import widen_f16_on_cpu
 
 Array = jax.Array
 
@@ -106,9 +107,12 @@ def dot_product_attention(
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale)
-    return jax.nn.dot_product_attention(
+    dtype = q.dtype
+    q, k, v = widen_f16_on_cpu(q, k, v)  # the reference's float32 scores of float16 inputs
+    out = jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=impl
     )
+    return out.astype(dtype)
 
 
 def choose_impl(

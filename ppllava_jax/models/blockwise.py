@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppllava_jax.models.layers import widen_f16_on_cpu
+
 Array = jax.Array
 
 NEG = float(-0.7 * np.finfo(np.float32).max)
@@ -140,6 +142,7 @@ def _tie(qg, kk, vv, m5):
 def _tile_scores(qb, kb, scale):
     """float32 scores ``[B, K, G, bq, bk]`` of query block ``[B,K,G,bq,H]`` and keys
     ``[B,K,bk,H]``."""
+    qb, kb = widen_f16_on_cpu(qb, kb)
     s = jnp.einsum("bkgqh,bksh->bkgqs", qb, kb, preferred_element_type=jnp.float32)
     return s * jnp.float32(scale)
 
@@ -168,8 +171,7 @@ def _forward(qg, kk, vv, m5, static):
                 den = alpha * den + jnp.sum(p, axis=-1)
                 pv = jnp.einsum(
                     "bkgqs,bksh->bkgqh",
-                    p.astype(vv.dtype),
-                    vb,
+                    *widen_f16_on_cpu(p.astype(vv.dtype), vb),
                     preferred_element_type=jnp.float32,
                 )
                 return m_new, den, alpha[..., None] * acc + pv

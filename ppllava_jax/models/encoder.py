@@ -40,6 +40,7 @@ def heads_first_attention(
     f32 = jnp.promote_types(q.dtype, jnp.float32)
     precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
     qt, kt, vt = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+    qt, kt = layers.widen_f16_on_cpu(qt, kt)
     logits = jnp.einsum("bnth,bnsh->bnts", qt, kt, precision=precision, preferred_element_type=f32)
     logits = logits * jnp.asarray(h**-0.5, f32)
     if mask is not None or is_causal:

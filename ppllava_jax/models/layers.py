@@ -23,6 +23,16 @@ Dtype = Any
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
+
+def widen_f16_on_cpu(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """float16 dot operands as float32 on the CPU, whose XLA backend has no float16 x float16 ->
+    float32 dot (``preferred_element_type=float32``); the same result (a product of two float16
+    numbers is exact in float32). Other dtypes and backends: unchanged."""
+    if jax.default_backend() != "cpu":
+        return xs
+    return tuple(x.astype(jnp.float32) if x.dtype == jnp.float16 else x for x in xs)
+
+
 # Logical axis names used by parameters (P) and activations (A). The rules that map them to mesh
 # axes live in ppllava_jax/sharding/mesh.py; keep this list and that table in step.
 #   P: vocab, embed, mlp, heads, kv_heads, norm, layers, patch, conv_in, time, pos

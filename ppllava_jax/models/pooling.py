@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppllava_jax.layout import as_triple, pool_windows
+from ppllava_jax.models.layers import widen_f16_on_cpu
 
 Array = jax.Array
 
@@ -68,8 +69,7 @@ def weighted_pool3d(
     p = jax.nn.softmax(ww, axis=-1).reshape(n, ot, oh, ow, kt, kh, kw)
     out = jnp.einsum(
         "nabcijk,naibjckd->nabcd",
-        p.astype(x.dtype),
-        xw,
+        *widen_f16_on_cpu(p.astype(x.dtype), xw),
         preferred_element_type=jnp.float32,
         precision=jax.lax.Precision.HIGHEST,
     )

@@ -101,3 +101,22 @@ def test_eval_sample_keeps_prompt_clip_text_and_rule():
     assert s.extra[A.EVAL_PROMPT] == "USER: <image> Q? ASSISTANT:"
     assert s.extra[A.EVAL_CLIP] == "Q?" and s.extra[A.EVAL_FRAMES] is rule
     assert s.extra["qid"] == 7
+
+
+def test_multi_image_under_the_originals_key():
+    """The original reads a sample's media from ``ann[media_type]``: multi-image samples come
+    as ``{"multi-image": [paths]}`` (joined to the data root; another media key besides is an
+    error, as is anything but a non-empty list of paths)."""
+    qa = [{"q": "q?", "a": "a"}]
+    s = A.parse_sample({"multi-image": ["b.png", "a.png"], "QA": qa}, "f", 0, "root")
+    assert s.media_type == "multi-image" and s.num_images == 2
+    assert s.media == ("root/b.png", "root/a.png") and "multi-image" not in s.extra
+    typed = A.parse_sample({"multi-image": ["a.png"], "QA": qa}, "f", 0, media_type="multi-image")
+    assert typed.media == ("a.png",)
+    for raw in (
+        {"multi-image": "folder", "QA": qa},
+        {"multi-image": [], "QA": qa},
+        {"multi-image": ["a.png"], "image": "b.png", "QA": qa},
+    ):
+        with pytest.raises(AnnotationError):
+            A.parse_sample(raw, "f", 0)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from ppllava_jax.data import frame_index as F
+from tests.data.frame_rules import check_fallback_draws, check_segment_draws
 
 
 def test_sample_indices_middle_and_short():
@@ -17,12 +18,15 @@ def test_rand_reproducible_and_inside_segments():
     a = F.sample_indices(100, 8, "rand", rng=3)
     b = F.sample_indices(100, 8, "rand", rng=np.random.default_rng(3))
     np.testing.assert_array_equal(a, b)
-    draws = np.stack([F.sample_indices(100, 8, "rand", rng=s) for s in range(200)])
-    bounds = np.linspace(0, 100, 9).astype(int)
-    assert (draws >= bounds[:-1]).all() and (draws < bounds[1:]).all()
-    assert len({tuple(d) for d in draws}) > 150  # seeds matter
-    # every frame of a segment but its last can be drawn (the original's get_frame_indices)
-    assert set(draws[:, 0].tolist()) == set(range(11))
+    # the rule (bounds, a segment's last frame never drawn, uniform within a tolerance), on
+    # narrow and wide segments; the fallback (a 1-frame segment) a uniform sorted subset
+    for t, n in ((8, 100), (8, 1000), (32, 300)):
+        draws = np.stack([F.sample_indices(n, t, "rand", rng=s) for s in range(200)])
+        check_segment_draws(draws, F.segment_ranges(t, n))
+    for t, n in ((32, 33), (32, 40), (8, 12)):
+        check_fallback_draws(
+            np.stack([F.sample_indices(n, t, "rand", rng=s) for s in range(200)]), n
+        )
     short = F.sample_indices(3, 5, "rand", rng=0)
     np.testing.assert_array_equal(short, [0, 1, 2, 2, 2])
 
@@ -62,8 +66,12 @@ def test_segment_indices_is_the_original_get_index():
     np.testing.assert_array_equal(F.segment_indices(39, 10.0, 4, (1.0, 2.0)), [11, 13, 16, 19])
     # shorter than T: repeats spread evenly
     np.testing.assert_array_equal(F.segment_indices(2, 1.0, 4), [0, 0, 1, 2])
-    with pytest.raises(ValueError, match="positive"):
-        F.segment_indices(10, 1.0, 0)
+    # num_segments 0: the driver's assigned_frame; < 0: 32 frames for up to 32 s per |n|, else 64
+    assert len(F.segment_indices(10, 1.0, 0, assigned_frame=8)) == 8
+    assert len(F.segment_indices(320, 10.0, -1)) == 32  # 32.0 s
+    assert len(F.segment_indices(321, 10.0, -1)) == 64  # 32.1 s
+    assert len(F.segment_indices(321, 10.0, -2)) == 32  # 16.05 s per |n|
+    assert len(F.segment_indices(9000, 30.0, -1, bound=(10.0, 40.0))) == 32  # the bound's 30 s
 
 
 def test_frame_rule_indices_files_and_folders():

@@ -85,3 +85,73 @@ def test_pixel_stats_match_each_towers_image_processor():
         mean, std = I.pixel_stats(qwen)
         np.testing.assert_allclose(mean, proc.image_mean, rtol=0, atol=1e-7)
         np.testing.assert_allclose(std, proc.image_std, rtol=0, atol=1e-7)
+
+
+# ------------------------------------------------------------------ the Qwen family's frames
+# (tests/evaluate/protocol_qwen/video_processor_cases.py compares with the original's processor)
+
+FIT_PAD_SHAPES = [(24, 24), (7, 30), (30, 7), (10, 16), (16, 10), (9, 24), (100, 60), (5, 3)]
+
+
+def _onevision(size: int):
+    """transformers' LLaVA-OneVision image processor (PIL backend) whose only grid is S x S:
+    its views are [the frame squashed, the frame resized to fit and padded]."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+    mean, std = I.pixel_stats(True)
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": size, "width": size},
+        image_grid_pinpoints=[[size, size]],
+        image_mean=list(mean),
+        image_std=list(std),
+    )
+
+
+@pytest.mark.parametrize("hw", FIT_PAD_SHAPES)
+def test_fit_pad_frame_equals_onevision_views(hw):
+    """Even differences: the fitted, padded view of transformers' processor. Odd ones: the
+    original (transformers 4.45) pads (S - side) // 2 on both sides and its ``_preprocess``
+    stretches the S - 1 result to S; transformers' own resize of its resized view, padded so,
+    then stretched, is the reference (transformers today pads the odd row on one side)."""
+    from transformers.image_utils import SizeDict
+
+    rng = np.random.default_rng(hw[0] * 1000 + hw[1])
+    frame = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+    proc = _onevision(S)
+    ours = I.normalize(I.tower_frames(frame[None], S, qwen=True), *I.pixel_stats(True))[0]
+    views = proc(images=[frame], return_tensors="np")["pixel_values"][0]
+    assert views.shape == (2, 3, S, S) and ours.shape == (S, S, 3) and ours.dtype == np.float32
+    squashed = I.normalize(I.tower_frames(frame[None], S, qwen=False), *I.pixel_stats(True))[0]
+    np.testing.assert_allclose(squashed, views[0].transpose(1, 2, 0), rtol=0, atol=1e-6)
+    g = I.fit_pad_geometry(hw, S)
+    if not g.stretched:
+        np.testing.assert_allclose(ours, views[1].transpose(1, 2, 0), rtol=0, atol=1e-6)
+        return
+    resized = proc._resize_for_patching(frame.transpose(2, 0, 1), (S, S), proc.resample)
+    assert resized.shape[1:] == g.resized_hw
+    py, px = (S - resized.shape[1]) // 2, (S - resized.shape[2]) // 2
+    assert (py, px) == (g.pad_rows, g.pad_cols) and g.padded_hw != (S, S)
+    padded = np.pad(resized, ((0, 0), (py, py), (px, px)))
+    stretched = proc.resize(padded, SizeDict(height=S, width=S), proc.resample)
+    expected = I.normalize(np.asarray(stretched).transpose(1, 2, 0), *I.pixel_stats(True))
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+    assert np.abs(ours - views[1].transpose(1, 2, 0)).max() > 1e-3  # not today's one-sided pad
+
+
+def test_tower_frames_picks_the_family_rule_and_keeps_lists():
+    """Vicuna squashes, Qwen fits and pads; differently sized images (multi-image) each."""
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in ((8, 20), (30, 12))]
+    squash, fit = I.tower_frames(images, S, qwen=False), I.tower_frames(images, S, qwen=True)
+    assert squash.shape == fit.shape == (2, S, S, 3) and fit.dtype == np.uint8
+    np.testing.assert_array_equal(squash, I.resize_frames(images, S))
+    for i, image in enumerate(images):
+        np.testing.assert_array_equal(fit[i], I.fit_pad_frame(image, S))
+        g = I.fit_pad_geometry(image.shape[:2], S)
+        assert (fit[i, : g.pad_rows] == 0).all() and (fit[i, :, : g.pad_cols] == 0).all()
+    with pytest.raises(ValueError, match="H, W, 3"):
+        I.fit_pad_frame(np.zeros((4, 4), np.uint8), S)

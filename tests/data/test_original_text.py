@@ -1,11 +1,13 @@
 """The original's training samples (data/original_text.py): text, pieces and label rule."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from ppllava_jax.data import original_text as O
 from ppllava_jax.data.errors import DataError
-from ppllava_jax.data.templates import VICUNA_SYSTEM, Turn
+from ppllava_jax.data.templates import VICUNA_SYSTEM, Turn, get_template
 from ppllava_jax.data.tokenizers import load_llm_tokenizer, train_llama_tokenizer
 from ppllava_jax.layout import IGNORE_INDEX
 
@@ -27,10 +29,23 @@ def test_process_qa_writes_the_original_conversation():
     )
     assert O.process_qa(TURNS[:1], "vicuna_v1").startswith(VICUNA_SYSTEM + " USER: <image>\n")
     assert O.process_qa(TURNS[:1], "plain_v1", system="Be brief.").startswith("Be brief. USER:")
+    mine = dataclasses.replace(get_template("plain_v1"), name="mine")
     with pytest.raises(ValueError, match="text_encoding='offsets'"):
-        O.process_qa(TURNS, "plain_qwen")
+        O.process_qa(TURNS, mine)
     with pytest.raises(DataError, match="empty"):
         O.process_qa([], "plain_v1")
+
+
+def test_process_qa_writes_the_original_qwen_conversation():
+    """conv_plain_qwen: roles '<|im_start|>user\\n' / '<|im_start|>assistant\\n', both separators
+    '<|im_end|>\\n' (also after a system text, which gets no '<|im_start|>system\\n'), text kept
+    verbatim (not stripped)."""
+    turns = [Turn(" What is it? ", "\nA red cat. "), Turn("Where?", "Left.")]
+    assert O.process_qa(turns, "plain_qwen", system="Be brief.") == (
+        "Be brief.<|im_end|>\n<|im_start|>user\n<image>\n What is it? <|im_end|>\n"
+        "<|im_start|>assistant\n\nA red cat. <|im_end|>\n"
+        "<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\nLeft.<|im_end|>\n"
+    )
 
 
 def test_first_question_image_placeholders():

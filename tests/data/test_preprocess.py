@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from ppllava_jax.data import annotations as ann
+from ppllava_jax.data import frame_index as F
 from ppllava_jax.data import image as img
 from ppllava_jax.data import templates as tpl
 from ppllava_jax.data import video as vid
@@ -112,14 +113,50 @@ def test_images_and_multi_images(data, tmp_path):
     rec = pre.decode(two, 0, 0)
     assert rec["kind"] == "multi" and rec["pixels"].shape == (2, 32, 32, 3)
     assert int((rec["input_ids"] == pre.model_cfg.image_token_index).sum()) == 2
-    three = ann.parse_sample(
-        {"image": ["sq.png", "wide.png", "c.png"], "QA": [{"q": "q?", "a": "a"}]},
-        "f",
-        2,
-        str(tmp_path),
+    # more than data.max_images: sorted, then max_images of them by the frame rule (a random
+    # subset in training, seeded by [seed, epoch, position]; the segments' middles in evaluation)
+    # and one image token each; the original's own key ("multi-image", ann[media_type]) as well
+    names = ["sq.png", "wide.png", "c.png"]
+    loaded = {n: img.load_image(tmp_path / n) for n in names}
+    for key in ("image", "multi-image"):
+        three = ann.parse_sample({key: names, "QA": [{"q": "q?", "a": "a"}]}, "f", 2, str(tmp_path))
+        assert three.media_type == "multi-image"
+        for training, mode in ((True, "rand"), (False, "middle")):
+            pre3, _ = _pre(data, max_images=2, training=training)
+            picked = set()
+            for position in range(12):
+                rec = pre3.decode(three, 0, position)
+                rng = np.random.default_rng([1, 0, position])
+                keep = F.frame_indices(2, 3, mode, rng)
+                assert len(set(keep.tolist())) == 2 and (np.diff(keep) > 0).all()
+                want = [loaded[sorted(names)[i]] for i in keep]
+                np.testing.assert_array_equal(rec["pixels"], img.resize_frames(want, 32))
+                assert int((rec["input_ids"] == pre.model_cfg.image_token_index).sum()) == 2
+                picked.add(tuple(keep.tolist()))
+            assert len(picked) > 1 if training else picked == {(0, 1)}
+
+
+def test_multi_image_keeps_32_by_default(data, tmp_path):
+    """The default data.max_images is the original's 32: 32 images are all read, in sorted
+    order; a question holding fewer <image> placeholders than kept images is a DataError."""
+    pre, _ = _pre(data, max_length=512, buckets=[512])
+    assert pre.max_images == 32
+    names = [f"im{k}.png" for k in range(32)]
+    for k, n in enumerate(names):
+        Image.fromarray(np.full((8, 8, 3), 4 * k, np.uint8)).save(tmp_path / n)
+    s = ann.parse_sample(
+        {"multi-image": names[::-1], "QA": [{"q": "q?", "a": "a"}]}, "f", 0, str(tmp_path)
     )
-    with pytest.raises(DataError, match="3 images > data.max_images=2"):
-        pre.decode(three, 0, 0)
+    rec = pre.decode(s, 0, 0)
+    assert rec["pixels"].shape[0] == 32
+    np.testing.assert_array_equal(
+        rec["pixels"][:, 0, 0, 0], [4 * int(n[2:-4]) for n in sorted(names)]
+    )
+    bad = ann.parse_sample(
+        {"multi-image": names, "QA": [{"q": "<image> <image> q?", "a": "a"}]}, "f", 1, str(tmp_path)
+    )
+    with pytest.raises(DataError, match="2 <image> placeholders but the sample has 32"):
+        pre.decode(bad, 0, 0)
 
 
 def test_exact_evaluation_sample(data):

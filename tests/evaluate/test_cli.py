@@ -44,12 +44,21 @@ def test_every_benchmark_name_makes_its_benchmark(tmp_path, recorded):
     assert made["mvbench"].root == data and made["synthetic"].root == data
     assert made["synthetic"].split == "eval" and made["mvbench"].system_llm is False
     assert made["videomme"].args == (data, 0, 64)
-    assert made["videomme"].kw == dict(video_dir="", subtitle_dir="", subtitles=False)
-    assert made["openqa"].args == (data, 32) and made["openqa"].kw == dict(video_dir="", dataset="")
+    assert made["videomme"].kw == dict(video_dir="", subtitle_dir="", subtitles=False, qwen=False)
+    assert made["openqa"].args == (data, 32)
+    assert made["openqa"].kw == dict(video_dir="", dataset="", qwen=False)
     assert made["vcgbench"].args == (data, 32)
     assert made["vcgbench"].kw == dict(
-        video_dir="", system_vcg=False, legacy_consistency_labels=False
+        video_dir="", system_vcg=False, legacy_consistency_labels=False, qwen=False
     )
+    assert made["mvbench"].family == "vicuna"
+
+
+def test_the_model_family_reaches_every_exact_benchmark(tmp_path, recorded):
+    d = str(tmp_path)
+    assert cli.make_benchmark("mvbench", d, qwen=True).family == "qwen"
+    for name in ("videomme", "openqa", "vcgbench"):
+        assert cli.make_benchmark(name, d, qwen=True).kw["qwen"] is True
 
 
 def test_benchmark_flags_reach_the_benchmark(tmp_path, recorded):
@@ -61,16 +70,18 @@ def test_benchmark_flags_reach_the_benchmark(tmp_path, recorded):
         use_subtitles=True,
     )  # fmt: skip
     assert vm.args == (d, 8, 48) and vm.kw == dict(
-        video_dir="/v", subtitle_dir="/s", subtitles=True
+        video_dir="/v", subtitle_dir="/s", subtitles=True, qwen=False
     )
     # --subtitles is an alias of --use_subtitles
     assert cli.make_benchmark("videomme", d, subtitles=True).kw["subtitles"] is True
     syn = cli.make_benchmark("synthetic", d, num_frames=4, split="train", mvbench_system=True)
     assert (syn.num_frames, syn.split) == (4, "train")  # flags of other benchmarks ignored
     qa = cli.make_benchmark("openqa", d, num_frames=16, qa_dataset="msrvtt", video_dir="/clips")
-    assert qa.args == (d, 16) and qa.kw == dict(video_dir="/clips", dataset="msrvtt")
+    assert qa.args == (d, 16) and qa.kw == dict(video_dir="/clips", dataset="msrvtt", qwen=False)
     vcg = cli.make_benchmark("vcgbench", d, vcg_system=True, vcg_legacy_labels=True)
-    assert vcg.kw == dict(video_dir="", system_vcg=True, legacy_consistency_labels=True)
+    assert vcg.kw == dict(video_dir="", system_vcg=True, legacy_consistency_labels=True, qwen=False)
+    # a negative frame count is the original's per-video 32 / 64 (get_index), kept as given
+    assert cli.make_benchmark("mvbench", d, num_frames=-1).num_frames == -1
 
 
 def test_unknown_benchmark_is_refused_naming_the_known_ones(tmp_path):
@@ -112,7 +123,8 @@ def calls(monkeypatch):
 
     def load_setup(checkpoint, **kw):
         seen["setup"] = dict(checkpoint=checkpoint, **kw)
-        return SimpleNamespace(defaults={"num_frames": 6}, checkpoint=checkpoint)
+        cfg = SimpleNamespace(qwen=seen.get("qwen", False))  # the checkpoint's model config
+        return SimpleNamespace(defaults={"num_frames": 6}, checkpoint=checkpoint, cfg=cfg)
 
     def run(bench, setup, out, **kw):
         seen["run"] = dict(bench=bench, setup=setup, out=out, **kw)
@@ -141,6 +153,13 @@ def test_main_hands_the_flags_on(calls, tmp_path):
     assert (r["out"], r["batch_size"], r["max_new_tokens"], r["num_workers"]) == ("o.json", 4, 9, 2)
     assert (r["save_attention"], r["max_attention"]) == ("att", 3)
     assert r["progress"] is False and r["fresh"] is True
+
+
+@pytest.mark.parametrize("qwen", [False, True])
+def test_main_takes_the_family_from_the_checkpoint(calls, tmp_path, qwen):
+    calls["qwen"] = qwen
+    cli.main(checkpoint="ck", benchmark="mvbench", data=str(tmp_path), out="o.json")
+    assert calls["run"]["bench"].family == ("qwen" if qwen else "vicuna")
 
 
 def test_main_defaults(calls, tmp_path):

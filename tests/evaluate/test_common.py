@@ -115,3 +115,26 @@ def test_scalar_metrics_for_tensorboard():
 def test_results_are_named_after_the_split(tmp_path):
     assert results_path(tmp_path, "eval") == str(tmp_path / "results_eval.json")
     assert results_path(str(tmp_path), "train") == str(tmp_path / "results_train.json")
+
+
+def test_resolve_frame_rule_reads_the_media_for_a_negative_count(tmp_path):
+    from ppllava_jax.data.frame_index import eval_num_segments
+    from ppllava_jax.evaluate.common import UNREADABLE_FRAMES, resolve_frame_rule
+
+    rule = FrameRule(32, folder_fps=3.0)
+    assert resolve_frame_rule("missing.mp4", rule) is rule  # a positive count: as given
+    assert resolve_frame_rule("missing.mp4", FrameRule(0), assigned_frame=64).num_segments == 64
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(1, 121):  # 120 files at 3 fps: 40 s
+        (folder / f"{i:05d}.jpg").touch()
+    for n in (-1, -2):
+        got = resolve_frame_rule(str(folder), FrameRule(n, folder_fps=3.0))
+        assert got.num_segments == eval_num_segments(n, 120, 3.0) and got.folder_fps == 3.0
+    assert {resolve_frame_rule(str(folder), FrameRule(n)).num_segments for n in (-1, -2)} == {
+        32,
+        64,
+    }
+    # media that cannot be read: a positive count, so the pipeline reports the video unreadable
+    got = resolve_frame_rule(str(tmp_path / "missing.mp4"), FrameRule(-1))
+    assert got.num_segments == UNREADABLE_FRAMES

@@ -85,3 +85,24 @@ def test_missing_checkpoint_is_said_before_loading(tmp_path):
     (tmp_path / "inference.json").write_text(json.dumps({"num_frames": 8}))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         model_setup.load_setup(str(tmp_path))
+
+
+@pytest.mark.parametrize("qwen", [False, True])
+def test_template_defaults_to_the_checkpoints_family(tmp_path, monkeypatch, qwen):
+    """Without inference.json (a converted checkpoint) the chat and template questions use the
+    family's template; inference.json and the flag beat it."""
+    from ppllava_jax.models.config import ppllava_qwen7b_config
+
+    cfg = ppllava_qwen7b_config() if qwen else tiny_config(64, 63, 32)
+    monkeypatch.setattr(model_setup.checkpoint_check, "check_checkpoint", lambda *a: None)
+    monkeypatch.setattr(
+        model_setup.sharding, "restore_params_onto_mesh", lambda *a, **k: (cfg, {}, None)
+    )
+    monkeypatch.setattr(model_setup, "per_layer", lambda c, p: (c, p))
+    for name in ("tokenizer", "clip_tokenizer"):
+        (tmp_path / name).mkdir()
+    want = "plain_qwen" if qwen else "plain_v1"
+    assert model_setup.load_setup(str(tmp_path)).template == want
+    assert model_setup.load_setup(str(tmp_path), template="vicuna_v1").template == "vicuna_v1"
+    (tmp_path / "inference.json").write_text(json.dumps({"template": "vicuna_v1"}))
+    assert model_setup.load_setup(str(tmp_path)).template == "vicuna_v1"

@@ -256,6 +256,16 @@ def test_eval_videomme(ckpt, tmp_path):
         saved = json.load(f)
     assert [v["video_id"] for v in saved] == ["vidS", "vidM"]
     assert [q["question_id"] for q in saved[0]["questions"]] == ["001-1", "001-2"]
+    # the setting is named in the summary and the original-layout file's name
+    assert s["use_subtitles"] is True and s["setting"].startswith("with subtitles")
+    assert s["videomme_results_file"].endswith("vm_videomme_results_with_subtitles.json")
+    # the other setting into the same --out is refused, naming the setting
+    from ppllava_jax.evaluate.answers import AnswersMismatchError
+
+    with pytest.raises(AnswersMismatchError, match="subtitles"):
+        _eval(ckpt, "videomme", tmp_path, tmp_path / "out" / "vm.json")
+    res = _eval(ckpt, "videomme", tmp_path, tmp_path / "nosub.json")
+    assert res["summary"]["videomme_results_file"].endswith("_without_subtitles.json")
 
 
 def test_eval_openqa_and_vcgbench(ckpt, tmp_path):

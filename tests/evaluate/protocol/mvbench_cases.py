@@ -19,7 +19,7 @@ import os
 import numpy as np
 import pytest
 
-from ppllava_jax.data.frame_index import FrameRule, frame_rule_indices
+from ppllava_jax.data.frame_index import FrameRule, eval_num_segments, frame_rule_indices
 from ppllava_jax.evaluate import mvbench, scoring
 from ppllava_jax.evaluate.conversation import reply_after
 from tests.evaluate.protocol.fixture import (
@@ -133,25 +133,6 @@ def test_mvbench_save_results_acc_dict():
 
 
 FRAME_CASES = MV["frame_index_cases"]
-
-
-def eval_num_segments(
-    num_segments: int,
-    max_frame: int,
-    fps: float,
-    bound: tuple[float, float] | None = None,
-    assigned_frame: int = 16,
-) -> int:
-    """T of the original's ``EvalDataset.get_index`` for a driver's ``num_segments``: itself
-    when > 0; ``assigned_frame`` when 0; when < 0, 32 if the clip's length (``end - start``
-    of the bound, else ``max_frame / fps`` seconds) divided by ``|num_segments|`` is at most
-    32, else 64."""
-    if num_segments > 0:
-        return int(num_segments)
-    if num_segments == 0:
-        return int(assigned_frame)
-    length = (bound[1] - bound[0]) if bound else max_frame / fps
-    return 32 if length / abs(num_segments) <= 32 else 64
 
 
 @pytest.mark.parametrize("case", FRAME_CASES, ids=case_ids(FRAME_CASES))

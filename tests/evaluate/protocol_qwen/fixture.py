@@ -51,3 +51,17 @@ def llm_tokenizer():
 
 def case_ids(cases: list[dict]) -> list[str]:
     return [str(c.get("id", i)) for i, c in enumerate(cases)]
+
+
+def eval_tokenizer(legacy: bool = True):
+    """The fixture's Qwen2 tokenizer as eval.py loads it (``Setup.eval_tokenizer``: the
+    project's ``load_llm_tokenizer(dir, legacy)``; the Llama pre-tokenization switch leaves a
+    byte-level BPE unchanged)."""
+    return _eval_tokenizer(bool(legacy))
+
+
+@functools.lru_cache(maxsize=2)
+def _eval_tokenizer(legacy: bool):
+    from ppllava_jax.data.tokenizers import load_llm_tokenizer
+
+    return load_llm_tokenizer(tokenizer_dir(), legacy=legacy)
