@@ -41,22 +41,42 @@ class _SaveFailureLogs(logging.Filter):
 SAVE_FAILURE_LOGS = _SaveFailureLogs()
 
 
+# orbax's per-array read coroutine: abandoned when another array's read failed, it raises
+# its own read error when closed
+_ORBAX_READS = ("_read_array_index_and_device_put",)
+
+
 def _is_late_read_callback(unraisable: object) -> bool:
     error = getattr(unraisable, "exc_value", None)
-    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    code = getattr(getattr(unraisable, "object", None), "cr_code", None)
+    return code is not None and code.co_name in _ORBAX_READS
+
+
+class _UnretrievedReads(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" records of those abandoned reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "exception was never retrieved" not in text:
+            return True
+        return not any(r in text for r in ("Error reading", "reading array index"))
 
 
 def quiet_late_read_callbacks() -> None:
-    """Stops the tracebacks TensorStore prints after a failed restore (idempotent).
+    """Stops the tracebacks TensorStore and orbax print after a failed restore (idempotent).
 
     When one array of a damaged checkpoint fails to read, orbax's restore returns at once and
     closes its event loop; the other reads still in flight then finish and their completion
     callbacks (``loop.call_soon_threadsafe``) raise ``RuntimeError('Event loop is closed')``,
-    which TensorStore hands to ``sys.unraisablehook``: tracebacks on stderr, from other threads,
-    after the one-line report. Only that error is dropped; every other goes to the hook that
-    was installed before."""
+    and the abandoned read coroutines raise their own read errors when closed (both reach
+    ``sys.unraisablehook``) or leave them in futures nobody reads (asyncio logs "exception was
+    never retrieved"): tracebacks on stderr, from other threads, around the one-line report.
+    Only those are dropped; everything else is printed as before."""
     if getattr(sys.unraisablehook, "_ppllava_quiet", False):
         return
+    logging.getLogger("asyncio").addFilter(_UnretrievedReads())
     previous = sys.unraisablehook
 
     def hook(unraisable: object) -> None:
