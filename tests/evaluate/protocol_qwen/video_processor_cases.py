@@ -193,6 +193,24 @@ def _video_pixels(pipe: pl.Pipeline) -> np.ndarray:
     return np.asarray(batch["video_pixels"][0])
 
 
+def _training_data(tmp_path, clip_dir: str, frames: int, length: int, **extra) -> dict:
+    """A Qwen training data section over ``tmp_path/train.json``: one row, one bucket."""
+    return dict(
+        sources=[dict(path=str(tmp_path / "train.json"), data_root=str(tmp_path))],
+        template="plain_qwen",
+        tokenizer=tokenizer_dir(),
+        clip_tokenizer=clip_dir,
+        num_frames=frames,
+        max_length=length,
+        buckets=[length],
+        batch_size=1,
+        prefetch_batches=0,
+        training=True,
+        on_error="raise",
+        **extra,
+    )
+
+
 @pytest.mark.parametrize("case", SAME_SIZE, ids=case_ids(SAME_SIZE))
 def test_training_pipeline_pixels(case, tmp_path, qwen_clip_dir):
     """A Qwen config's training pipeline (decode, normalise, collate) on the case's frames
@@ -202,19 +220,7 @@ def test_training_pipeline_pixels(case, tmp_path, qwen_clip_dir):
     qa = [{"q": "What is shown in the video?", "a": "A ramp."}]
     with open(tmp_path / "train.json", "w") as f:
         json.dump([{"video": "clip.mkv", "QA": qa}], f)
-    cfg = dict(
-        sources=[dict(path=str(tmp_path / "train.json"), data_root=str(tmp_path))],
-        template="plain_qwen",
-        tokenizer=tokenizer_dir(),
-        clip_tokenizer=qwen_clip_dir,
-        num_frames=len(frames),
-        max_length=256,
-        buckets=[256],
-        batch_size=1,
-        prefetch_batches=0,
-        training=True,
-        on_error="raise",
-    )
+    cfg = _training_data(tmp_path, qwen_clip_dir, len(frames), 256)
     got = _video_pixels(pl.Pipeline(cfg, _qwen_model()))
     np.testing.assert_allclose(got, _expected(case), rtol=0, atol=ATOL)
 
@@ -282,20 +288,7 @@ def test_training_multi_image_pixels(case, tmp_path, qwen_clip_dir):
     qa = [{"q": "What differs between the pictures?", "a": "The ramps."}]
     with open(tmp_path / "train.json", "w") as f:
         json.dump([{"image": names, "QA": qa}], f)
-    cfg = dict(
-        sources=[dict(path=str(tmp_path / "train.json"), data_root=str(tmp_path))],
-        template="plain_qwen",
-        tokenizer=tokenizer_dir(),
-        clip_tokenizer=qwen_clip_dir,
-        num_frames=len(frames),
-        max_images=len(frames),
-        max_length=8192,
-        buckets=[8192],
-        batch_size=1,
-        prefetch_batches=0,
-        training=True,
-        on_error="raise",
-    )
+    cfg = _training_data(tmp_path, qwen_clip_dir, len(frames), 8192, max_images=len(frames))
     pipe = pl.Pipeline(cfg, _qwen_model())
     rec = pipe.preprocess.finalize(pipe.preprocess.decode(pipe.samples[0][0], 0, 0))
     pipe.close()
